@@ -1,0 +1,100 @@
+"""EngineArgs (the user's knobs) and the configs the engine is built from.
+
+Bad values raise ValueError naming the field, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # HF dir, hub cache repo id, .gguf file; None = the default model
+    tokenizer: str | None = None
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    seed: int = 0
+    max_model_len: int | None = None  # None: the model's own limit, capped at 8192
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes of KV cache (CPU default: 512 MiB)
+    gpu_memory_utilization: float = 0.90
+    num_kv_blocks: int | None = None  # overrides both memory knobs (tests use it)
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    enforce_eager: bool = False  # no CUDA graphs
+    trust_remote_code: bool = False
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two <= 128, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise ValueError(f"unknown engine arguments: {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    num_blocks: int  # filled in once memory is measured
+    enable_prefix_caching: bool
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class ModelConfig:
+    path: str  # local directory holding config.json (or the converted GGUF)
+    hf_config: Any = field(repr=False)
+    dtype: Any  # torch.dtype
+    device: Any  # torch.device
+    max_model_len: int
+    served_model_name: str
+    gguf_file: str | None = None
