@@ -1,0 +1,131 @@
+"""Tiny random models of every supported architecture, built with transformers, with a trained
+byte-level BPE tokenizer, saved as a Hugging Face directory. Tests compare against transformers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "Hello world! The sky is blue and the grass is green.",
+    "Once upon a time there was a little model that could generate text.",
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "Café, naïve, résumé, façade, jalapeño, Zürich, São Paulo.",
+    "日本語のテキスト、中文文本，한국어 텍스트。",
+    "Emoji: 😀 🚀 🎉 👍🏽 ❤️ 🇫🇷",
+    "def f(x):\n    return x * 2  # code\n",
+    "Numbers 0123456789 and symbols !@#$%^&*()[]{}<>?/\\|",
+] * 20
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ARCHITECTURES = ("llama", "llama3_scaled_untied", "mistral", "qwen2", "qwen3")
+
+
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos_id,
+        bos_token_id=bos_id,
+        pad_token_id=bos_id,
+        rms_norm_eps=1e-6,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0)
+    if arch == "llama3_scaled_untied":
+        cfg = LlamaConfig(**common, tie_word_embeddings=False)
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        if hasattr(cfg, "rope_parameters"):
+            cfg.rope_parameters = rope
+        else:
+            cfg.rope_scaling = rope
+            cfg.rope_theta = rope["rope_theta"]
+        return cfg
+    if arch == "mistral":
+        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    raise ValueError(arch)
+
+
+def build_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random `arch` model with its tokenizer to out_dir and return the path."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    cfg = _config(arch, len(tok), tok.eos_token_id, tok.bos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        # Larger-than-default weights make the logits peaked enough that greedy ties are rare.
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def hf_greedy(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy continuation: the reference every test compares against."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
+    return out[0, len(prompt_ids) :].tolist()
