@@ -1,0 +1,173 @@
+"""Paged KV blocks: reference counts, copy-on-write, and a prefix cache.
+
+A full block is identified by a chained hash (hash of the parent block's hash and this block's
+tokens), so a block's identity covers the whole prefix before it. Freed blocks keep their hash and
+stay in the free queue; a later request with the same prefix revives them in O(1). Allocation takes
+the least recently freed block, evicting its cached identity (LRU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from asyncllm.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None  # checked on a hit, so a hash collision cannot alias
+
+
+def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent_hash, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, least recently freed first. Values unused: an ordered set.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_hit_tokens = 0
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence references (cached-but-unreferenced blocks count as free)."""
+        return len(self.free_queue)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        need = -(-total // self.block_size) - len(seq.block_table)
+        if self._needs_cow(seq, num_new_tokens):
+            need += 1
+        return max(need, 0)
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _pop_free(self) -> Block:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            # Evict its cached identity: it is about to hold other tokens.
+            if self.hash_to_block.get(block.block_hash) == block_id:
+                del self.hash_to_block[block.block_hash]
+            block.block_hash = None
+            block.token_ids = None
+        block.ref_count = 1
+        return block
+
+    def _needs_cow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        # Writing into a partially filled last block that another sequence also references.
+        if num_new_tokens == 0 or seq.num_computed_tokens % self.block_size == 0:
+            return False
+        idx = seq.num_computed_tokens // self.block_size
+        return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Give `seq` room for `num_new_tokens` more tokens. Returns (src, dst) block copies that
+        must happen before the step's forward (copy-on-write). Caller checked can_allocate."""
+        copies: list[tuple[int, int]] = []
+        if self._needs_cow(seq, num_new_tokens):
+            idx = seq.num_computed_tokens // self.block_size
+            src = seq.block_table[idx]
+            self.blocks[src].ref_count -= 1  # still > 0: another sequence holds it
+            dst = self._pop_free().block_id
+            seq.block_table[idx] = dst
+            copies.append((src, dst))
+        total = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) * self.block_size < total:
+            seq.block_table.append(self._pop_free().block_id)
+        return copies
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks first, so they are evicted before the shared prefix blocks.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        seq.block_table = []
+        seq.num_hashed_blocks = 0
+        seq.block_hashes = []
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        child.block_table = list(parent.block_table)
+        child.num_hashed_blocks = parent.num_hashed_blocks
+        child.block_hashes = list(parent.block_hashes)
+        for block_id in child.block_table:
+            self.blocks[block_id].ref_count += 1
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _hash_of_block(self, seq: Sequence, i: int) -> int:
+        """The chained hash of `seq`'s i-th full block (computed once per sequence)."""
+        while len(seq.block_hashes) <= i:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[j - 1] if j else None
+            toks = tuple(seq.token_ids[j * self.block_size : (j + 1) * self.block_size])
+            seq.block_hashes.append(chain_hash(parent, toks))
+        return seq.block_hashes[i]
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach every cached block of `seq`'s prefix; returns the number of tokens reused.
+
+        At least one token is always left to compute, so the step has logits to sample from."""
+        if not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for i in range(max_blocks):
+            h = self._hash_of_block(seq, i)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            toks = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            if block.token_ids != toks:
+                break
+            if block.ref_count == 0:
+                del self.free_queue[block_id]  # revive: O(1)
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        n = len(seq.block_table)
+        seq.num_hashed_blocks = n
+        seq.num_computed_tokens = n * self.block_size
+        self.prefix_hit_tokens += seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Publish `seq`'s newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        for i in range(seq.num_hashed_blocks, num_full):
+            h = self._hash_of_block(seq, i)
+            block = self.blocks[seq.block_table[i]]
+            if block.block_hash is None and h not in self.hash_to_block:
+                block.block_hash = h
+                block.token_ids = tuple(
+                    seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+                )
+                self.hash_to_block[h] = block.block_id
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.blocks:
+            block.block_hash = None
+            block.token_ids = None
+        self.hash_to_block.clear()

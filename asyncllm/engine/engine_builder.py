@@ -1,0 +1,158 @@
+"""EngineArgs -> the engine's parts: resolve and load the model, pick device, dtype and attention
+backend, size the KV cache from the memory budget."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 512 * 1024**2
+_DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available; use 'cpu'")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
+    from asyncllm.engine.loader import load_hf_config, load_tokenizer, resolve_model
+
+    resolved = resolve_model(args.model, args.revision)
+    hf_config = load_hf_config(resolved)
+    tokenizer = load_tokenizer(resolved)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+    if args.max_model_len is not None:
+        if args.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len {args.max_model_len} is longer than the model's "
+                f"max_position_embeddings ({model_max})"
+            )
+        max_len = args.max_model_len
+    else:
+        max_len = min(model_max, _DEFAULT_MAX_MODEL_LEN_CAP)
+    name = args.served_model_name or (args.model if args.model else "SmolLM2-135M-Instruct")
+    mc = ModelConfig(
+        path=resolved.path,
+        hf_config=hf_config,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_len,
+        served_model_name=name,
+        gguf_file=resolved.gguf_file,
+    )
+    return mc, tokenizer
+
+
+def _num_blocks(args: EngineArgs, mc: ModelConfig, runner: Any, max_batched: int) -> int:
+    from asyncllm.engine.model_runner import kv_bytes_per_block
+
+    if args.num_kv_blocks is not None:
+        return args.num_kv_blocks
+    per_block = kv_bytes_per_block(mc.hf_config, args.block_size, mc.dtype)
+    if mc.device.type != "cuda":
+        return max(1, (args.kv_cache_memory or _CPU_DEFAULT_KV_BYTES) // per_block)
+    if args.kv_cache_memory is not None:
+        return max(1, args.kv_cache_memory // per_block)
+    budget = profile_free_gpu_memory(runner, mc, max_batched, args.gpu_memory_utilization)
+    return max(1, budget // per_block)
+
+
+def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util: float) -> int:
+    """Bytes left for the KV cache after a forward pass at the largest batch: the activations'
+    peak is measured, not guessed."""
+    from asyncllm.engine.layers.attention import AttentionMetadata
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    runner.allocate_kv_cache(1)
+    dev = mc.device
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+    pos = torch.arange(num_tokens, device=dev) % mc.max_model_len
+    chunk = min(num_tokens, mc.max_model_len)
+    n_seqs = -(-num_tokens // chunk)
+    qsl = [min(i * chunk, num_tokens) for i in range(n_seqs + 1)]
+    lens = [qsl[i + 1] - qsl[i] for i in range(n_seqs)]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
+        block_tables=torch.zeros((n_seqs, 1), dtype=torch.int32, device=dev),
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=lens,
+        decode_only=False,
+    )
+    with torch.inference_mode():
+        hidden = runner.model(ids, pos, runner.kv_caches, meta)
+        runner.model.compute_logits(hidden[-min(num_tokens, 256) :])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    runner.kv_caches = []
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    used_by_others = total - free - torch.cuda.memory_allocated()
+    budget = int(total * util) - peak - max(used_by_others, 0)
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache at gpu_memory_utilization={util}: raise it"
+        )
+    return budget
+
+
+def build_engine_parts(args: EngineArgs):
+    from asyncllm.engine.layers.attention import get_attention_backend
+    from asyncllm.engine.loader import load_model
+
+    from asyncllm.engine.model_runner import ModelRunner
+
+    torch.manual_seed(args.seed)
+    mc, tokenizer = build_model_config(args)
+    backend = args.attention_backend
+    if backend == "auto":
+        backend = "triton" if mc.device.type == "cuda" else "torch"
+    attn = get_attention_backend(backend, mc.device)
+    model = load_model(mc, attn)
+    max_batched = args.max_num_batched_tokens or (8192 if mc.device.type == "cuda" else 2048)
+    sc = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max_batched,
+        max_model_len=mc.max_model_len,
+    )
+    cc = CacheConfig(args.block_size, 0, args.enable_prefix_caching)
+    runner = ModelRunner(mc, cc, sc, model, attn)
+    cc.num_blocks = _num_blocks(args, mc, runner, max_batched)
+    runner.allocate_kv_cache(cc.num_blocks)
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%d tokens) on %s",
+        cc.num_blocks,
+        cc.block_size,
+        cc.num_blocks * cc.block_size,
+        mc.device,
+    )
+    if mc.device.type == "cuda" and not args.enforce_eager:
+        try:
+            from asyncllm.engine.cuda_graphs import enable_cuda_graphs
+        except ImportError:
+            logger.warning("CUDA graphs unavailable; decoding eagerly")
+        else:
+            enable_cuda_graphs(runner)
+    return mc, cc, sc, tokenizer, runner

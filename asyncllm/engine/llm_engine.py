@@ -1,0 +1,444 @@
+"""The synchronous engine core: add_request / abort_request / step.
+
+Each step: the scheduler picks tokens to compute, the model runner computes them, the sampler picks
+the next token of every sequence whose tokens are all computed, the detokenizer turns tokens into
+text and checks stop strings, and the step's RequestOutputs are built per each request's
+output_kind. Nothing here is thread-safe: AsyncLLMEngine drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
+from asyncllm.engine.sampler import Sampler, SamplerRow, compute_prompt_logprobs
+
+from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.model_runner import ModelRunner
+from asyncllm.engine.scheduler import ScheduledSeq, Scheduler
+from asyncllm.engine.sequence import Request, Sequence
+from asyncllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_hit_tokens: int
+    num_steps: int
+    num_requests: int
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return ids
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        tokenizer: Any,
+        runner: ModelRunner,
+    ):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.vocab_size = int(model_config.hf_config.vocab_size)
+        self.eos_token_ids = _eos_ids(model_config.hf_config, tokenizer)
+        self.block_manager = BlockManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_steps = 0
+        self.num_requests = 0
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        from asyncllm.engine.engine_builder import build_engine_parts
+
+        return cls(*build_engine_parts(args))
+
+    # ---- requests ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"unknown prompt fields {sorted(unknown)}")
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+            if text is None and ids is None:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string, a dict or token ids, got {type(prompt)}")
+        if ids is None:
+            if not isinstance(text, str):
+                raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+            if not text:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(text)
+        else:
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            ids = list(ids)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt_token_ids has ids outside the vocabulary [0, {self.vocab_size}): "
+                    f"{bad[:5]}"
+                )
+        if not ids:
+            raise ValueError("prompt is empty (no tokens)")
+        return text, ids
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError("each message must be a dict with a string 'role'")
+            if not isinstance(m.get("content"), str):
+                raise ValueError("each message must have a string 'content'")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
+        kwargs.setdefault("add_generation_prompt", True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        # The template already holds any BOS token.
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = (params or SamplingParams()).clone()
+        if not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        params.verify_vocab(self.vocab_size)
+        text, ids = self.encode_prompt(prompt)
+        max_len = self.model_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens; max_model_len is {max_len}, which leaves no room "
+                "to generate: shorten the prompt or raise max_model_len"
+            )
+        total = min(len(ids) + (params.max_tokens or max_len), max_len)
+        blocks = -(-total // self.cache_config.block_size) * params.n
+        if blocks > self.cache_config.num_blocks:
+            raise ValueError(
+                f"this request needs up to {blocks} KV blocks but the cache has "
+                f"{self.cache_config.num_blocks}: lower max_tokens or n, or enlarge the KV cache"
+            )
+        params._eos_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
+        req = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority,
+        )
+        seq = self._new_seq(req, 0, list(ids))
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        self.num_requests += 1
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(
+            request=req,
+            index=index,
+            token_ids=token_ids,
+            num_prompt_tokens=len(req.prompt_token_ids),
+        )
+        p = req.params
+        if p.seed is not None:
+            seq.generator = torch.Generator(device=self.model_config.device)
+            seq.generator.manual_seed((p.seed * 1_000_003 + index) % (2**63))
+        if p.detokenize:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p)
+        if p.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish_reason = "abort"
+                    if seq.detokenizer is not None:
+                        seq.detokenizer.finish()
+            req.forked = True  # an aborted n>1 parent will never fork
+            req.finished_time = time.monotonic()
+            outputs.append(self._make_output(req, final=True))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            kv_blocks_cached=bm.num_cached_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_hit_tokens=bm.prefix_hit_tokens,
+            num_steps=self.num_steps,
+            num_requests=self.num_requests,
+        )
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        self.num_steps += 1
+        self.runner.copy_blocks(sched.block_copies)
+        want_prompt_lp = [
+            s.seq.request.params.prompt_logprobs is not None
+            and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
+            and s.seq.num_output_tokens == 0
+            for s in sched.scheduled
+        ]
+        logits = self.runner.execute(sched.scheduled, want_prompt_lp)
+
+        for i, (lg, start) in logits.prompt_logits.items():
+            self._add_prompt_logprobs(sched.scheduled[i].seq, lg, start)
+
+        # Account the computed tokens before sampling appends new ones.
+        for s in sched.scheduled:
+            seq = s.seq
+            if seq.num_output_tokens == 0:
+                self.prompt_tokens_total += s.num_new_tokens
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.register_computed(seq)
+
+        touched: dict[str, Request] = {}
+        if logits.sample_logits is not None:
+            rows, row_seqs = self._sampling_rows(sched.scheduled, logits.sample_index)
+            lg = logits.sample_logits
+            row_src = [r[0] for r in rows]
+            if row_src != list(range(lg.shape[0])):
+                lg = lg[torch.tensor(row_src, device=lg.device)]
+            out = self.sampler(lg, [r[1] for r in rows])
+            now = time.monotonic()
+            for j, seq in enumerate(row_seqs):
+                tok = out.token_ids[j]
+                self._append_token(seq, tok, out.logprobs[j], out.ranks[j], out.top_logprobs[j])
+                req = seq.request
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                touched[req.request_id] = req
+        return self._collect_outputs(touched)
+
+    def _sampling_rows(
+        self, scheduled: list[ScheduledSeq], sample_index: list[int]
+    ) -> tuple[list[tuple[int, SamplerRow]], list[Sequence]]:
+        """One sampler row per sequence that samples; an n>1 request that just finished its
+        prompt forks here into n sequences sharing the prompt's blocks, each with its own row."""
+        rows: list[tuple[int, SamplerRow]] = []
+        seqs: list[Sequence] = []
+        for row, i in enumerate(sample_index):
+            seq = scheduled[i].seq
+            req = seq.request
+            family = [seq]
+            if req.params.n > 1 and not req.forked:
+                req.forked = True
+                for k in range(1, req.params.n):
+                    child = self._new_seq(req, k, list(seq.token_ids))
+                    child.num_computed_tokens = seq.num_computed_tokens
+                    self.block_manager.fork(seq, child)
+                    req.seqs.append(child)
+                    self.scheduler.add_running(child)
+                    family.append(child)
+            for s in family:
+                rows.append((row, self._row(s)))
+                seqs.append(s)
+        return rows, seqs
+
+    def _row(self, seq: Sequence) -> SamplerRow:
+        return SamplerRow(
+            params=seq.request.params,
+            prompt_token_ids=seq.request.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            generator=seq.generator,
+        )
+
+    def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        req = seq.request
+        k = req.params.prompt_logprobs or 0
+        targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
+        entries: list[dict[int, Logprob] | None] = [] if req.prompt_logprobs else [None]
+        for d in compute_prompt_logprobs(logits, targets, k):
+            entries.append(
+                {
+                    tid: Logprob(lp, rank, decode_token(self.tokenizer, tid))
+                    for tid, (lp, rank) in d.items()
+                }
+            )
+        req.add_prompt_logprobs(entries)
+
+    def _append_token(
+        self,
+        seq: Sequence,
+        tok: int,
+        logprob: float,
+        rank: int,
+        top: list[tuple[int, float]] | None,
+    ) -> None:
+        p = seq.request.params
+        seq.token_ids.append(tok)
+        self.generation_tokens_total += 1
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            entry = {tok: Logprob(logprob, rank, decode_token(self.tokenizer, tok))}
+            for r, (tid, lp) in enumerate(top or [], start=1):
+                if tid not in entry:
+                    entry[tid] = Logprob(lp, r, decode_token(self.tokenizer, tid))
+            seq.logprobs.append(entry)
+
+        n_out = seq.num_output_tokens
+        reason: str | None = None
+        stop_reason: int | str | None = None
+        stop_token = False
+        if n_out >= p.min_tokens:
+            if tok in p._eos_token_ids:
+                reason, stop_token = "stop", True
+            elif tok in p.stop_token_ids:
+                reason, stop_reason, stop_token = "stop", tok, True
+        if seq.detokenizer is not None and not (stop_token and not p.include_stop_str_in_output):
+            matched = seq.detokenizer.add_tokens([tok])
+            if matched is not None and reason is None:
+                reason, stop_reason = "stop", matched
+        if reason is None:
+            if p.max_tokens is not None and n_out >= p.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.model_config.max_model_len:
+                reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            if seq.detokenizer is not None and not isinstance(stop_reason, str):
+                seq.detokenizer.finish()
+            self.scheduler.finish(seq)
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def _collect_outputs(self, touched: dict[str, Request]) -> list[RequestOutput]:
+        outputs = []
+        for rid, req in touched.items():
+            finished = req.finished
+            if finished:
+                req.finished_time = time.monotonic()
+                self.requests.pop(rid, None)
+            if req.params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
+                continue
+            outputs.append(self._make_output(req, final=finished))
+        return outputs
+
+    def _make_output(self, req: Request, final: bool) -> RequestOutput:
+        delta = req.params.output_kind is RequestOutputKind.DELTA
+        comps = []
+        for seq in req.seqs:
+            text = seq.output_text
+            out_ids = seq.output_token_ids
+            if delta:
+                new_text = text[seq.num_sent_chars :]
+                new_ids = out_ids[seq.num_sent_tokens :]
+                lps = seq.logprobs[seq.num_sent_logprobs :] if seq.logprobs is not None else None
+                if not new_ids and not new_text and not (final and seq.finish_reason):
+                    continue
+                comps.append(
+                    CompletionOutput(
+                        seq.index,
+                        new_text,
+                        new_ids,
+                        seq.cumulative_logprob,
+                        lps,
+                        seq.finish_reason,
+                        seq.stop_reason,
+                    )
+                )
+            else:
+                comps.append(
+                    CompletionOutput(
+                        seq.index,
+                        text,
+                        list(out_ids),
+                        seq.cumulative_logprob,
+                        list(seq.logprobs) if seq.logprobs is not None else None,
+                        seq.finish_reason,
+                        seq.stop_reason,
+                    )
+                )
+            seq.num_sent_chars = len(text)
+            seq.num_sent_tokens = len(out_ids)
+            seq.num_sent_logprobs = len(seq.logprobs) if seq.logprobs is not None else 0
+        prompt_lp = req.prompt_logprobs
+        if delta and req.extra.get("prompt_logprobs_sent"):
+            prompt_lp = None
+        req.extra["prompt_logprobs_sent"] = True
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=sorted(comps, key=lambda c: c.index),
+            finished=final,
+            prompt_logprobs=prompt_lp,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
+        )

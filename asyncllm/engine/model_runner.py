@@ -1,0 +1,151 @@
+"""Turns a scheduled step into tensors, runs the model, and returns the logits to sample from.
+
+One flattened batch per step: the new tokens of every scheduled sequence, concatenated. Inputs are
+built on the host and copied once (pinned, non-blocking on CUDA). Decode-only batches may replay a
+captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from asyncllm.engine.layers.attention import AttentionMetadata
+
+from asyncllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from asyncllm.engine.scheduler import ScheduledSeq
+
+
+@dataclass
+class StepLogits:
+    # Logits of the last token of each sequence that samples this step, in `sample_seqs` order.
+    sample_logits: torch.Tensor | None
+    sample_index: list[int]  # index into the scheduled list for each row of sample_logits
+    # For sequences that asked for prompt logprobs: scheduled index -> (logits [k,V], first position)
+    prompt_logits: dict[int, tuple[torch.Tensor, int]]
+
+
+def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+    from asyncllm.engine.models import kv_cache_shape
+
+    layers, kv_heads, head_dim = kv_cache_shape(hf_config)
+    return (
+        2 * layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        model: torch.nn.Module,
+        attn_backend,
+    ):
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.model = model
+        self.attn_backend = attn_backend
+        self.device = model_config.device
+        self.dtype = model_config.dtype
+        self.block_size = cache_config.block_size
+        self.pin = self.device.type == "cuda"
+        self.kv_caches: list[torch.Tensor] = []
+        self.graph_runner = None  # set by enable_cuda_graphs on CUDA
+
+    # ---- KV cache ---------------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        from asyncllm.engine.models import kv_cache_shape
+
+        layers, kv_heads, head_dim = kv_cache_shape(self.model_config.hf_config)
+        shape = (2, num_blocks, self.block_size, kv_heads, head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)
+        ]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _to_device(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self.pin)
+        return t.to(self.device, non_blocking=True) if self.pin else t
+
+    def prepare(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        width = max(len(s.seq.block_table) for s in scheduled)
+        tables: list[int] = []
+        for s in scheduled:
+            seq = s.seq
+            start = seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            tables += table + [0] * (width - len(table))
+        meta = AttentionMetadata(
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._to_device(tables, torch.int32).view(len(scheduled), width),
+            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+            decode_only=all(s.num_new_tokens == 1 for s in scheduled),
+        )
+        ids = self._to_device(input_ids, torch.int64)
+        pos = self._to_device(positions, torch.int64)
+        return ids, pos, meta
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq], prompt_logprob_mask: list[bool]) -> StepLogits:
+        """Run one forward over `scheduled`. `prompt_logprob_mask[i]`: sequence i wants the logits
+        of every prompt position it computes this step."""
+        ids, pos, meta = self.prepare(scheduled)
+        if self.graph_runner is not None and meta.decode_only and self.graph_runner.can_run(meta):
+            hidden = self.graph_runner.run(ids, pos, meta)
+        else:
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+
+        sample_index = [i for i, s in enumerate(scheduled) if s.completes]
+        last_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_index]
+        sample_logits = None
+        if last_rows:
+            rows = last_rows
+            if len(rows) != hidden.shape[0]:
+                hidden_sel = hidden[self._to_device(rows, torch.int64)]
+            else:
+                hidden_sel = hidden
+            sample_logits = self.model.compute_logits(hidden_sel)
+
+        prompt_logits: dict[int, tuple[torch.Tensor, int]] = {}
+        for i, want in enumerate(prompt_logprob_mask):
+            if not want:
+                continue
+            s = scheduled[i]
+            start = s.seq.num_computed_tokens
+            # Only positions inside the prompt predict prompt tokens: position p predicts p+1.
+            last = min(start + s.num_new_tokens, s.seq.num_prompt_tokens - 1)
+            if last <= start:
+                continue
+            a = meta.query_start_loc_cpu[i]
+            prompt_logits[i] = (self.model.compute_logits(hidden[a : a + last - start]), start)
+        return StepLogits(sample_logits, sample_index, prompt_logits)

@@ -1,0 +1,140 @@
+"""Continuous batching: one token budget per step, spent on running sequences first (decodes and
+unfinished prompt chunks), then on chunks of waiting prompts. There is no prefill or decode phase.
+
+When KV blocks run out, the lowest-priority, latest-arrived running sequence is preempted: its
+blocks are freed and it waits to be recomputed (its generated tokens are kept, so it resumes with
+the same output).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from asyncllm.config import SchedulerConfig
+from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token of the sequence is computed: it samples a new one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def add_running(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove `seq` from whichever queue holds it and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self.add(seq)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        scheduled_ids: set[int] = set()
+
+        # 1. Running sequences, highest priority first; preempt from the back when out of blocks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while not bm.can_allocate(seq, num_new):
+                victim = self.running[-1]
+                if victim.seq_id in scheduled_ids:
+                    # Everything behind `seq` is gone; scheduled ones keep their room this step.
+                    victim = seq
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.block_copies += bm.allocate(seq, num_new)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                scheduled_ids.add(seq.seq_id)
+                budget -= num_new
+                i += 1
+                continue
+            # `seq` itself was preempted: whatever follows it has lower priority and is gone too.
+            break
+
+        # 2. Waiting sequences, only if nothing had to be preempted (memory is tight otherwise).
+        while self.waiting and budget > 0 and not out.preempted:
+            seq = self.waiting[0]
+            width = 1 if seq.request.forked else seq.request.params.n
+            if len(self.running) + width > self.config.max_num_seqs:
+                break
+            if not seq.block_table and seq.num_computed_tokens == 0:
+                if seq.request.params.prompt_logprobs is None:
+                    cached = bm.match_prefix(seq)
+                    if seq.request.num_cached_tokens == 0 and seq.num_output_tokens == 0:
+                        seq.request.num_cached_tokens = cached
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not bm.can_allocate(seq, num_new):
+                if not self.running and not out.scheduled:
+                    # Nothing will ever free a block for it: the request cannot fit in the cache.
+                    raise RuntimeError(
+                        f"request {seq.request.request_id} needs more KV blocks than the cache "
+                        f"has ({bm.num_blocks}); raise kv_cache_memory or lower max_model_len"
+                    )
+                break
+            self.waiting.pop(0)
+            out.block_copies += bm.allocate(seq, num_new)
+            self.add_running(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return out

@@ -1,0 +1,106 @@
+"""One request, and the sequences (samples) it generates.
+
+A request with `n > 1` is prefilled once as a single sequence; when its prompt is computed it forks
+into `n` sequences that share the prompt's KV blocks (copy-on-write at divergence).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from asyncllm.outputs import Logprob, PromptLogprobs, SampleLogprobs
+from asyncllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+    from asyncllm.engine.detokenizer import IncrementalDetokenizer
+
+_seq_counter = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # sample index within the request (CompletionOutput.index)
+    token_ids: list[int]  # prompt + generated
+    num_prompt_tokens: int
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    cumulative_logprob: float = 0.0
+    logprobs: SampleLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # How much of the output has been handed to the user already (DELTA outputs).
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    num_sent_logprobs: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def output_text(self) -> str:
+        return self.detokenizer.output_text if self.detokenizer is not None else ""
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        # Lower priority value first; ties by arrival, then by creation.
+        return (self.request.priority, self.request.arrival_time, self.seq_id)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False  # n > 1: the children exist
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
+
+    def add_prompt_logprobs(self, entries: list[dict[int, Logprob] | None]) -> None:
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = []
+        self.prompt_logprobs.extend(entries)
