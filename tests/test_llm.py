@@ -1,0 +1,256 @@
+"""Issue 2's proofs: the engine's greedy tokens equal transformers' generate for every
+architecture, through chunked prefill, prefix caching and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncllm import LLM, SamplingParams
+from tests.tiny_models import ARCHITECTURES, hf_greedy
+
+PROMPTS = [
+    "Hello world",
+    "The capital of France is",
+    "Once upon a time there was a little model that could",
+    "Café, naïve, résumé",
+    "def f(x):\n    return",
+]
+MAX_NEW = 12
+
+
+def _prompt_ids(llm: LLM) -> list[list[int]]:
+    tok = llm.get_tokenizer()
+    return [tok.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dirs) -> dict[str, list[list[int]]]:
+    from transformers import AutoTokenizer
+
+    refs = {}
+    for arch, path in tiny_model_dirs.items():
+        tok = AutoTokenizer.from_pretrained(path)
+        refs[arch] = [hf_greedy(path, tok.encode(p), MAX_NEW) for p in PROMPTS]
+    return refs
+
+
+CONFIGS = {
+    "default": {},
+    "no_prefix_cache": {"enable_prefix_caching": False},
+    "chunked": {"max_num_batched_tokens": 5},  # every prompt is split across steps
+    "preempting": {"num_kv_blocks": 10, "block_size": 4},  # 40 tokens for 5 sequences of ~20
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_greedy_matches_transformers(tiny_model_dirs, references, arch, config):
+    llm = LLM(tiny_model_dirs[arch], **CONFIGS[config])
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == references[arch]
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    stats = llm.llm_engine.get_stats()
+    if config == "preempting":
+        assert stats.num_preemptions > 0
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+    assert stats.num_running == stats.num_waiting == 0
+
+
+def test_logprobs_match_transformers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(tiny_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    out = llm.generate({"prompt_token_ids": [5, 17, 42, 99]}, params, use_tqdm=False)[0]
+    comp = out.outputs[0]
+    ids = [5, 17, 42, 99] + comp.token_ids
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    for k, (tok, entry) in enumerate(zip(comp.token_ids, comp.logprobs, strict=True)):
+        row = ref[3 + k]
+        assert abs(entry[tok].logprob - row[tok].item()) < 1e-4
+        assert entry[tok].rank == 1  # greedy picks the best token
+        assert len(entry) >= 3
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - row[tid].item()) < 1e-4
+    assert comp.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs, strict=True)), abs=1e-4
+    )
+
+
+def test_prompt_logprobs_match_transformers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(tiny_model_dir, max_num_batched_tokens=4)  # chunked: logprobs span chunks
+    ids = [5, 17, 42, 99, 7, 8, 9, 10, 11]
+    out = llm.generate(
+        {"prompt_token_ids": ids},
+        SamplingParams(max_tokens=1, prompt_logprobs=2),
+        use_tqdm=False,
+    )[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    lps = out.prompt_logprobs
+    assert lps is not None and len(lps) == len(ids) and lps[0] is None
+    for p in range(1, len(ids)):
+        assert abs(lps[p][ids[p]].logprob - ref[p - 1, ids[p]].item()) < 1e-4
+
+
+def test_prefix_cache_computes_only_new_tokens(tiny_model_dir):
+    llm = LLM(tiny_model_dir, block_size=4)
+    engine = llm.llm_engine
+    prefix = list(range(10, 50))  # 40 tokens = 10 full blocks
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": prefix + [60, 61]}, params, use_tqdm=False)[0]
+    before = engine.prompt_tokens_total
+    second = llm.generate({"prompt_token_ids": prefix + [70, 71, 72]}, params, use_tqdm=False)[0]
+    computed = engine.prompt_tokens_total - before
+    assert second.num_cached_tokens == 40
+    assert computed == 3  # only the new tokens
+    assert first.outputs[0].token_ids  # both generated
+    # The same prompt again gives the same tokens from the cache as it did computed.
+    again = llm.generate({"prompt_token_ids": prefix + [60, 61]}, params, use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_batch_and_list_forms(tiny_model_dir):
+    llm = LLM(tiny_model_dir)
+    one = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(one) == 1 and len(one[0].outputs[0].token_ids) == 3
+    many = llm.generate(
+        ["a", "b"],
+        [
+            SamplingParams(max_tokens=2, ignore_eos=True),
+            SamplingParams(max_tokens=4, ignore_eos=True),
+        ],
+        use_tqdm=False,
+    )
+    assert [len(o.outputs[0].token_ids) for o in many] == [2, 4]
+    assert many[0].prompt == "a" and many[0].request_id != many[1].request_id
+    with pytest.raises(ValueError, match="sampling params"):
+        llm.generate(["a", "b"], [SamplingParams()], use_tqdm=False)
+
+
+def test_chat_uses_the_template(tiny_model_dir):
+    llm = LLM(tiny_model_dir)
+    msgs = [{"role": "user", "content": "Hi"}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    expected = tok.encode(
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    assert out.prompt_token_ids == expected
+    two = llm.chat([msgs, msgs], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(two) == 2
+
+
+def test_n_samples_share_prompt_blocks(tiny_model_dir):
+    llm = LLM(tiny_model_dir, block_size=4, seed=1)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True, seed=3)
+    out = llm.generate({"prompt_token_ids": list(range(5, 19))}, params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    engine = llm.llm_engine
+    # Only one prompt's worth of prompt tokens was computed for the four samples.
+    assert engine.prompt_tokens_total == 14
+    stats = engine.get_stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+    # Greedy n=2 gives two identical samples.
+    g = llm.generate("Hello", SamplingParams(n=2, temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert g.outputs[0].token_ids == g.outputs[1].token_ids
+
+
+def test_stops_on_eos_and_stop_token_ids(tiny_model_dir):
+    llm = LLM(tiny_model_dir)
+    ref = llm.generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
+    toks = ref[0].outputs[0].token_ids
+    stop_at = toks[3]
+    out = llm.generate(
+        "Hello",
+        SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    assert out.token_ids == toks[: toks.index(stop_at) + 1]
+
+
+def test_abort_frees_blocks(tiny_model_dir):
+    llm = LLM(tiny_model_dir)
+    engine = llm.llm_engine
+    engine.add_request("a", "Hello world", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("b", "The sky", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    outs = engine.abort_request(["a", "b", "unknown"])
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort", "abort"]
+    assert all(o.finished for o in outs)
+    stats = engine.get_stats()
+    assert not engine.has_unfinished_requests()
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_user_errors_are_value_errors(tiny_model_dir, tmp_path):
+    llm = LLM(tiny_model_dir, max_model_len=32)
+    engine = llm.llm_engine
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [1] * 40}, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate({"prompt_token_ids": [10**7]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    engine.add_request("dup", "hi", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", "hi", SamplingParams(max_tokens=2))
+    engine.abort_request("dup")
+    with pytest.raises(ValueError):
+        LLM(str(tmp_path / "does-not-exist"))
+    stats = engine.get_stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total and not engine.has_unfinished_requests()
+
+
+def test_unknown_architecture_is_a_clear_error(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "weird"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        LLM(str(d))
+
+
+def test_max_model_len_ends_with_length(tiny_model_dir):
+    llm = LLM(tiny_model_dir, max_model_len=16)
+    out = llm.generate(
+        {"prompt_token_ids": list(range(5, 15))},
+        SamplingParams(max_tokens=100, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 6
+
+
+@pytest.mark.slow
+def test_default_model_answers_paris():
+    llm = LLM()
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=32),
+        use_tqdm=False,
+    )[0]
+    assert "Paris" in out.outputs[0].text
