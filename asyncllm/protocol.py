@@ -1,11 +1,18 @@
 """WebSocket protocol v1 (`/v1/ws`), shared by the gateway and the client. No torch here.
 
 Frames are JSON text, one object each, with a `type`. The names and fields are public: browser
-pages and bots are written against them (docs/PROTOCOL.md).
+pages and bots are written against them (docs/PROTOCOL.md is the user-facing write-up).
+
+Client -> server frames are parsed with `parse_client_frame`, which either returns a typed frame
+or raises `ProtocolError(code, message, id)`; it never raises anything else, whatever the input.
+Server -> client frames are built with `session_frame`, `delta_frame`, `done_frame`,
+`error_frame` and read back (by the client) with `parse_server_frame`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -18,11 +25,13 @@ CHAT = "chat"
 COMPLETE = "complete"
 CANCEL = "cancel"
 RESUME = "resume"
+CLIENT_TYPES = (CHAT, COMPLETE, CANCEL, RESUME)
 # server -> client
 SESSION = "session"
 DELTA = "delta"
 DONE = "done"
 ERROR = "error"
+SERVER_TYPES = (SESSION, DELTA, DONE, ERROR)
 
 # error codes
 INVALID_REQUEST = "invalid_request"
@@ -35,6 +44,422 @@ ERROR_CODES = (INVALID_REQUEST, UNAUTHORIZED, NOT_FOUND, TOO_LARGE, OVERLOADED, 
 
 # finish reasons on `done`
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+# WebSocket close codes the server uses when it ends a socket itself (4000-4999 are free for
+# applications; 1008/1013 are the standard "policy violation" / "try again later").
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_SESSION_TAKEN = 4409  # another socket reconnected with this session
+CLOSE_OVERLOADED = 1013
+CLOSE_GOING_AWAY = 1001
+
+MAX_ID_LENGTH = 256
+MAX_STOP_STRINGS = 16
+MAX_N = 128
+
+StreamId = str | int
+
+
+class ProtocolError(ValueError):
+    """A frame the server cannot act on. `id` is the stream it names, when that could be read."""
+
+    def __init__(self, code: str, message: str, id: StreamId | None = None):
+        super().__init__(message)
+        assert code in ERROR_CODES, code
+        self.code = code
+        self.message = message
+        self.id = id
+
+    def frame(self) -> dict[str, Any]:
+        return error_frame(self.id, self.code, self.message)
+
+
+# ---- generation parameters ----------------------------------------------------------------------
+
+
+@dataclass
+class GenParams:
+    """The `params` object of chat/complete frames: OpenAI chat fields plus `priority`.
+
+    None means "not given": the server's defaults apply. Types and plain ranges are checked here;
+    SamplingParams checks the rest again on the server.
+    """
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    n: int = 1
+    priority: int = 0
+    # extensions (not OpenAI): also send the generated token ids on each delta; stop token ids
+    return_token_ids: bool = False
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int | None = None
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `asyncllm.SamplingParams` (only the fields that were given)."""
+        out: dict[str, Any] = {"n": self.n}
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "stop_token_ids",
+            "min_tokens",
+        ):
+            v = getattr(self, name)
+            if v is not None:
+                out[name] = v
+        if self.ignore_eos:
+            out["ignore_eos"] = True
+        if self.logprobs or self.top_logprobs is not None:
+            out["logprobs"] = self.top_logprobs or 0
+        return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+_INT_FIELDS = {
+    # name: minimum value
+    "max_tokens": 1,
+    "top_k": -1,
+    "seed": None,
+    "top_logprobs": 0,
+    "n": 1,
+    "priority": None,
+    "min_tokens": 0,
+}
+_FLOAT_FIELDS = {
+    # name: (minimum, maximum) inclusive; None = open
+    "temperature": (0.0, None),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "repetition_penalty": (0.0, None),
+}
+_BOOL_FIELDS = ("logprobs", "return_token_ids", "ignore_eos")
+PARAM_FIELDS = frozenset([*_INT_FIELDS, *_FLOAT_FIELDS, *_BOOL_FIELDS, "stop", "stop_token_ids"])
+
+
+def parse_params(
+    obj: Any, id: StreamId | None = None, ignore: frozenset[str] = frozenset()
+) -> GenParams:
+    """Check a `params` object; unknown fields are an error (a typo must not pass silently),
+    except those named in `ignore`. JSON null counts as "not given"."""
+    if obj is None:
+        return GenParams()
+    if not isinstance(obj, dict):
+        raise ProtocolError(INVALID_REQUEST, "params must be an object", id)
+    unknown = sorted(k for k in obj if k not in PARAM_FIELDS and k not in ignore)
+    if unknown:
+        raise ProtocolError(
+            INVALID_REQUEST,
+            f"unknown params {unknown}; known: {sorted(PARAM_FIELDS)}",
+            id,
+        )
+    kw: dict[str, Any] = {}
+    for name, lo in _INT_FIELDS.items():
+        v = obj.get(name)
+        if v is None:
+            continue
+        if not _is_int(v):
+            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be an integer", id)
+        if lo is not None and v < lo:
+            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be >= {lo}, got {v}", id)
+        kw[name] = v
+    if kw.get("n", 1) > MAX_N:
+        raise ProtocolError(TOO_LARGE, f"params.n must be <= {MAX_N}", id)
+    if kw.get("top_logprobs", 0) > 20:
+        raise ProtocolError(INVALID_REQUEST, "params.top_logprobs must be <= 20", id)
+    for name, (lo, hi) in _FLOAT_FIELDS.items():
+        v = obj.get(name)
+        if v is None:
+            continue
+        if not _is_num(v):
+            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be a number", id)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be in {rng}, got {v}", id)
+        kw[name] = float(v)
+    for name in _BOOL_FIELDS:
+        v = obj.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, bool):
+            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be true or false", id)
+        kw[name] = v
+    stop = obj.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if (
+            not isinstance(stop, list)
+            or not all(isinstance(s, str) and s for s in stop)
+            or len(stop) > MAX_STOP_STRINGS
+        ):
+            raise ProtocolError(
+                INVALID_REQUEST,
+                f"params.stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS}",
+                id,
+            )
+        kw["stop"] = stop
+    sti = obj.get("stop_token_ids")
+    if sti is not None:
+        if not isinstance(sti, list) or not all(_is_int(t) and t >= 0 for t in sti):
+            raise ProtocolError(
+                INVALID_REQUEST, "params.stop_token_ids must be a list of token ids", id
+            )
+        kw["stop_token_ids"] = sti
+    return GenParams(**kw)
+
+
+# ---- client -> server frames ------------------------------------------------------------------
+
+
+@dataclass
+class ChatFrame:
+    id: StreamId
+    messages: list[dict[str, str]]
+    params: GenParams = field(default_factory=GenParams)
+    model: str | None = None
+    type: str = CHAT
+
+
+@dataclass
+class CompleteFrame:
+    id: StreamId
+    prompt: str | list[int]
+    params: GenParams = field(default_factory=GenParams)
+    model: str | None = None
+    type: str = COMPLETE
+
+
+@dataclass
+class CancelFrame:
+    id: StreamId
+    type: str = CANCEL
+
+
+@dataclass
+class ResumeFrame:
+    id: StreamId
+    after: int
+    type: str = RESUME
+
+
+ClientFrame = ChatFrame | CompleteFrame | CancelFrame | ResumeFrame
+
+
+def valid_id(v: Any) -> bool:
+    if isinstance(v, str):
+        return 0 < len(v) <= MAX_ID_LENGTH
+    return _is_int(v) and abs(v) < 2**53  # exact in JavaScript
+
+
+def parse_messages(obj: Any, id: StreamId | None = None) -> list[dict[str, str]]:
+    """OpenAI chat messages: [{"role": str, "content": str | [{"type":"text","text":str}]}].
+    Text parts are joined; other part types are refused."""
+    if not isinstance(obj, list) or not obj:
+        raise ProtocolError(INVALID_REQUEST, "messages must be a non-empty list", id)
+    out = []
+    for i, m in enumerate(obj):
+        if not isinstance(m, dict):
+            raise ProtocolError(INVALID_REQUEST, f"messages[{i}] must be an object", id)
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise ProtocolError(INVALID_REQUEST, f"messages[{i}].role must be a string", id)
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if not (isinstance(p, dict) and p.get("type") == "text"):
+                    raise ProtocolError(
+                        INVALID_REQUEST, f"messages[{i}].content: only text parts are supported", id
+                    )
+                if not isinstance(p.get("text"), str):
+                    raise ProtocolError(INVALID_REQUEST, f"messages[{i}] text must be a string", id)
+                parts.append(p["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise ProtocolError(INVALID_REQUEST, f"messages[{i}].content must be a string", id)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_prompt(obj: Any, id: StreamId | None = None) -> str | list[int]:
+    if isinstance(obj, str):
+        if not obj:
+            raise ProtocolError(INVALID_REQUEST, "prompt is empty", id)
+        return obj
+    if isinstance(obj, list) and obj and all(_is_int(t) and t >= 0 for t in obj):
+        return obj
+    raise ProtocolError(INVALID_REQUEST, "prompt must be a non-empty string or token id list", id)
+
+
+def _frame_id(obj: dict[str, Any]) -> StreamId | None:
+    v = obj.get("id")
+    return v if valid_id(v) else None
+
+
+def parse_client_frame(data: str | bytes, max_bytes: int | None = None) -> ClientFrame:
+    """Parse and check one client frame. Raises only ProtocolError (never anything else)."""
+    try:
+        return _parse_client_frame(data, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as e:  # a bug here must still be an error frame, not a dead socket
+        raise ProtocolError(INVALID_REQUEST, f"malformed frame ({type(e).__name__})") from e
+
+
+def _parse_client_frame(data: str | bytes, max_bytes: int | None) -> ClientFrame:
+    if not isinstance(data, (str, bytes)):
+        raise ProtocolError(INVALID_REQUEST, "frames must be JSON text")
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    if max_bytes is not None and size > max_bytes:
+        raise ProtocolError(TOO_LARGE, f"frame is {size} bytes; the limit is {max_bytes}")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(INVALID_REQUEST, f"frame is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(INVALID_REQUEST, "a frame must be a JSON object")
+    ftype = obj.get("type")
+    fid = _frame_id(obj)
+    if ftype not in CLIENT_TYPES:
+        raise ProtocolError(
+            INVALID_REQUEST,
+            f"unknown frame type {ftype!r}; expected one of {list(CLIENT_TYPES)}",
+            fid,
+        )
+    if "id" not in obj:
+        raise ProtocolError(INVALID_REQUEST, f"{ftype} frame needs an id")
+    if fid is None:
+        raise ProtocolError(
+            INVALID_REQUEST,
+            f"id must be a non-empty string (up to {MAX_ID_LENGTH} chars) or an integer",
+        )
+    allowed = {
+        CHAT: {"type", "id", "messages", "params", "model"},
+        COMPLETE: {"type", "id", "prompt", "params", "model"},
+        CANCEL: {"type", "id"},
+        RESUME: {"type", "id", "after"},
+    }[ftype]
+    unknown = sorted(k for k in obj if k not in allowed)
+    if unknown:
+        raise ProtocolError(INVALID_REQUEST, f"unknown fields in {ftype} frame: {unknown}", fid)
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError(INVALID_REQUEST, "model must be a string", fid)
+    if ftype == CHAT:
+        if "messages" not in obj:
+            raise ProtocolError(INVALID_REQUEST, "chat frame needs messages", fid)
+        return ChatFrame(
+            fid, parse_messages(obj["messages"], fid), parse_params(obj.get("params"), fid), model
+        )
+    if ftype == COMPLETE:
+        if "prompt" not in obj:
+            raise ProtocolError(INVALID_REQUEST, "complete frame needs a prompt", fid)
+        return CompleteFrame(
+            fid, parse_prompt(obj["prompt"], fid), parse_params(obj.get("params"), fid), model
+        )
+    if ftype == CANCEL:
+        return CancelFrame(fid)
+    after = obj.get("after")
+    if not _is_int(after) or after < 0:
+        raise ProtocolError(INVALID_REQUEST, "resume frame needs after: an integer >= 0", fid)
+    return ResumeFrame(fid, after)
+
+
+# ---- server -> client frames ------------------------------------------------------------------
+
+
+def session_frame(session: str, resume_ttl: float) -> dict[str, Any]:
+    return {"type": SESSION, "session": session, "resume_ttl": resume_ttl}
+
+
+def delta_frame(
+    id: StreamId,
+    seq: int,
+    text: str,
+    index: int = 0,
+    token_ids: list[int] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    f: dict[str, Any] = {"type": DELTA, "id": id, "seq": seq, "text": text, "index": index}
+    if token_ids is not None:
+        f["token_ids"] = token_ids
+    if logprobs is not None:
+        f["logprobs"] = logprobs
+    return f
+
+
+def done_frame(
+    id: StreamId,
+    seq: int,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reasons: list[str] | None = None,
+    error: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    f: dict[str, Any] = {
+        "type": DONE,
+        "id": id,
+        "seq": seq,
+        "finish_reason": finish_reason,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+    if finish_reasons is not None:
+        f["finish_reasons"] = finish_reasons
+    if error is not None:
+        f["error"] = error
+    return f
+
+
+def error_frame(id: StreamId | None, code: str, message: str) -> dict[str, Any]:
+    return {"type": ERROR, "id": id, "code": code, "message": message}
+
+
+def parse_server_frame(data: str | bytes) -> dict[str, Any]:
+    """For clients: decode a server frame and check the fields its type promises.
+    Raises ValueError on anything else (a server bug or a non-asyncllm peer)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"server frame is not JSON: {e}") from None
+    if not isinstance(obj, dict) or obj.get("type") not in SERVER_TYPES:
+        raise ValueError(f"not an asyncllm server frame: {str(data)[:200]!r}")
+    t = obj["type"]
+    need: dict[str, tuple[str, ...]] = {
+        SESSION: ("session", "resume_ttl"),
+        DELTA: ("id", "seq", "text", "index"),
+        DONE: ("id", "seq", "finish_reason", "usage"),
+        ERROR: ("id", "code", "message"),
+    }
+    missing = [k for k in need[t] if k not in obj]
+    if missing:
+        raise ValueError(f"{t} frame lacks {missing}")
+    return obj
 
 
 def encode(msg: dict[str, Any]) -> str:
