@@ -1,0 +1,142 @@
+"""Incremental detokenization with stop strings.
+
+Each step decodes only a small window of recent tokens (the prefix/read offset technique): the
+text of `ids[prefix:read]` was already emitted; the text of `ids[prefix:]` minus it is new. A window
+whose text ends in U+FFFD stops at an incomplete multi-byte character (byte-level BPE splits one
+across tokens), so nothing is emitted until a later token completes it.
+
+Stop strings are matched on the decoded text, across token boundaries. Text that could be the
+start of a stop string is held back from `output_text` until it is either completed (then cut)
+or ruled out (then released), so `output_text` only ever grows.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from asyncllm.sampling_params import SamplingParams
+
+# Prompt tokens kept as left context: tokenizers that drop a leading space when a token is decoded
+# alone (SentencePiece) then decode the first generated token as they would in the full text.
+_PROMPT_CONTEXT = 5
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.skip_special_tokens = params.skip_special_tokens
+        self.stop: list[str] = list(params.stop or [])
+        self.include_stop = params.include_stop_str_in_output
+        self._max_stop = max((len(s) for s in self.stop), default=0)
+
+        ctx = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        if ctx and self._decode(ctx).endswith(_REPLACEMENT):
+            # The prompt ends inside a character: diffing against its text would misalign.
+            ctx = []
+        self._ids: list[int] = ctx  # a window: left context + output tokens not yet settled
+        self._prefix = 0  # ids[_prefix:_read] is context whose text was already accounted
+        self._read = len(ctx)
+        self._prefix_text: str | None = None  # cached decode of ids[_prefix:_read]
+        self._text = ""  # all decoded output text so far (complete characters only)
+        self._searched = 0  # _text[:_searched] has been searched for stop strings
+        self.output_text = ""  # APPEND-ONLY: text safe to show
+        self.stop_reason: str | None = None
+        self.finished = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _decode_new(self) -> str:
+        """Text of the tokens after the read offset, or "" while it ends mid-character."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full = self._decode(self._ids[self._prefix :])
+        if len(full) <= len(self._prefix_text) or full.endswith(_REPLACEMENT):
+            return ""
+        new = full[len(self._prefix_text) :]
+        # The emitted tokens become the next window's context; older ones are no longer needed.
+        del self._ids[: self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        self._prefix_text = None
+        return new
+
+    def add_tokens(self, token_ids: list[int]) -> str | None:
+        """Decode new tokens; return the stop string matched, if any (then generation is over)."""
+        if self.finished:
+            return None
+        self._ids.extend(token_ids)
+        new = self._decode_new()
+        if not new:
+            return None
+        self._text += new
+        if not self.stop:
+            self.output_text = self._text
+            return None
+        return self._check_stop()
+
+    def _check_stop(self) -> str | None:
+        # A match can start up to max_stop - 1 characters before the new text.
+        start = max(0, self._searched - self._max_stop + 1)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            pos = self._text.find(s, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        self._searched = len(self._text)
+        if best is not None:
+            pos, s = best
+            end = pos + len(s) if self.include_stop else pos
+            # Held-back text guarantees end >= len(output_text); max() keeps it append-only anyway.
+            self.output_text = self._text[: max(end, len(self.output_text))]
+            self.stop_reason = s
+            self.finished = True
+            return s
+        if self.include_stop:
+            # The stop string would be shown anyway, so a possible prefix of it need not wait.
+            self.output_text = self._text
+        else:
+            self.output_text = self._text[: len(self._text) - self._held_back()]
+        return None
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the unreleased text that starts some stop string."""
+        pending = len(self._text) - len(self.output_text)
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, pending), hold, -1):
+                if self._text.endswith(s[:n]):
+                    hold = n
+                    break
+        return hold
+
+    def finish(self) -> None:
+        """Generation ended for another reason (EOS, length, abort): release what was held back,
+        including an incomplete trailing character (shown as U+FFFD, as a full decode would)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._read < len(self._ids):
+            if self._prefix_text is None:
+                self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+            full = self._decode(self._ids[self._prefix :])
+            self._text += full[len(self._prefix_text) :]
+        self.output_text = self._text
+
+
+_token_cache: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def decode_token(tokenizer: Any, token_id: int) -> str:
+    """One token's text, as vLLM's Logprob.decoded_token (special tokens included)."""
+    try:
+        cache = _token_cache.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    text = cache.get(token_id)
+    if text is None:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        cache[token_id] = text
+    return text
