@@ -103,7 +103,7 @@ class Sampler:
 
         device = logits.device
         raw = logits if logits.dtype == torch.float32 else logits.float()
-        x = _process(raw, rows, processed, device)
+        x = _process(raw, rows) if any(processed) else raw
 
         sample_rows = [i for i, g in enumerate(greedy) if not g]
         if not sample_rows:
@@ -121,13 +121,16 @@ class Sampler:
         return _with_logprobs(raw, tokens, rows, want_lp)
 
 
-def _process(
-    raw: torch.Tensor, rows: list[SamplerRow], processed: list[bool], device: torch.device
-) -> torch.Tensor:
-    """Everything before temperature; returns a new tensor when anything applies (the caller's
-    logits, and the raw ones needed for logprobs, are never modified)."""
-    if not any(processed):
-        return raw
+def process_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """Everything before temperature (masks, bias, min_tokens, penalties), as a new tensor."""
+    processed = [_needs_processing(r) for r in rows]
+    return _process(logits.float(), rows) if any(processed) else logits.float().clone()
+
+
+def _process(raw: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """Returns a new tensor: the caller's logits, and the raw ones logprobs need, stay as they are.
+    Each step touches only the rows it applies to."""
+    device = raw.device
     x = raw.clone()
     params = [r.params for r in rows]
 
