@@ -62,12 +62,15 @@ StreamId = str | int
 class ProtocolError(ValueError):
     """A frame the server cannot act on. `id` is the stream it names, when that could be read."""
 
-    def __init__(self, code: str, message: str, id: StreamId | None = None):
+    def __init__(
+        self, code: str, message: str, id: StreamId | None = None, *, type: str | None = None
+    ):
         super().__init__(message)
         assert code in ERROR_CODES, code
         self.code = code
         self.message = message
         self.id = id
+        self.type = type  # the frame's type when it was readable (chat/complete/cancel/resume)
 
     def frame(self) -> dict[str, Any]:
         return error_frame(self.id, self.code, self.message)
@@ -345,6 +348,15 @@ def _parse_client_frame(data: str | bytes, max_bytes: int | None) -> ClientFrame
         raise ProtocolError(INVALID_REQUEST, "a frame must be a JSON object")
     ftype = obj.get("type")
     fid = _frame_id(obj)
+    try:
+        return _parse_typed(obj, ftype, fid)
+    except ProtocolError as e:
+        if ftype in CLIENT_TYPES:
+            e.type = ftype
+        raise
+
+
+def _parse_typed(obj: dict[str, Any], ftype: Any, fid: StreamId | None) -> ClientFrame:
     if ftype not in CLIENT_TYPES:
         raise ProtocolError(
             INVALID_REQUEST,

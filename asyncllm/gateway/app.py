@@ -1,0 +1,178 @@
+"""build_app(engine, settings) -> Starlette: the gateway's routes, guards and lifespan.
+
+The lifespan starts the engine (when the app manages it), runs the app's task group (WebSocket
+streams live there, so they outlive their socket) and the session reaper, and on the way out
+cancels every stream and shuts the engine down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from asyncllm.gateway.auth import authorized, origin_allowed
+from asyncllm.gateway.engine_io import EngineIO
+from asyncllm.gateway.limits import GatewayError
+from asyncllm.gateway.metrics import Metrics
+from asyncllm.gateway.openai import OpenAIRoutes, error_response, json_response
+from asyncllm.gateway.sessions import SessionManager
+from asyncllm.gateway.settings import GatewaySettings
+from asyncllm.gateway.ws import WebSocketGateway
+from asyncllm.protocol import INVALID_REQUEST, NOT_FOUND, UNAUTHORIZED, WS_PATH, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(settings: GatewaySettings, handler: Handler) -> Handler:
+    """Origin and API key checks, then the handler; protocol errors become OpenAI error bodies."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            if not origin_allowed(request, settings.allowed_origins):
+                return error_response(GatewayError(UNAUTHORIZED, "origin not allowed", status=403))
+            if not authorized(request, settings.api_keys):
+                return error_response(
+                    GatewayError(UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)")
+                )
+            return await handler(request)
+        except GatewayError as e:
+            return error_response(e)
+        except ProtocolError as e:
+            return error_response(GatewayError(e.code, e.message))
+
+    return endpoint
+
+
+def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette:
+    settings = settings or GatewaySettings()
+    metrics = Metrics(stats=engine.stats)
+    io = EngineIO(engine, settings, metrics)
+    manager = SessionManager(settings.resume_ttl, settings.finished_streams_kept)
+    wsg = WebSocketGateway(io, manager)
+    oa = OpenAIRoutes(io)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.manage_engine and hasattr(engine, "start"):
+            await engine.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                wsg.task_group = tg
+                tg.start_soon(_reap, manager, settings.resume_ttl)
+                yield
+                manager.close_all()
+                tg.cancel_scope.cancel()
+        finally:
+            wsg.task_group = None
+            if settings.manage_engine and hasattr(engine, "shutdown"):
+                await engine.shutdown()
+
+    async def health(request: Request) -> Response:
+        if io.alive:
+            return json_response({"status": "ok"})
+        return json_response({"status": "dead"}, 503)
+
+    async def metrics_route(request: Request) -> Response:
+        metrics.sessions.set(len(manager.sessions))
+        return Response(metrics.render(io.alive), media_type=metrics.content_type)
+
+    async def index(request: Request) -> Response:
+        f = settings.ui_file
+        if settings.ui and f and Path(f).is_file():
+            return FileResponse(f, media_type="text/html")
+        raise GatewayError(NOT_FOUND, "no chat page here (started with --no-ui, or not installed)")
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", _guarded(settings, metrics_route), methods=["GET"]),
+        Route("/v1/models", _guarded(settings, oa.models), methods=["GET"]),
+        Route("/v1/chat/completions", _guarded(settings, oa.chat_completions), methods=["POST"]),
+        Route("/v1/completions", _guarded(settings, oa.completions), methods=["POST"]),
+        WebSocketRoute(WS_PATH, wsg.endpoint),
+        # The chat page holds no data and no key (it asks for one and sends it as ?api_key=
+        # on the socket), so it is served without auth, like /health.
+        Route("/", _unguarded_errors(index), methods=["GET"]),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = NOT_FOUND if exc.status_code == 404 else INVALID_REQUEST
+        e = GatewayError(code, str(exc.detail), status=exc.status_code)
+        return error_response(e)
+
+    middleware = []
+    if settings.allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.allowed_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error},
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.io = io
+    app.state.sessions = manager
+    app.state.metrics = metrics
+    return app
+
+
+def _unguarded_errors(handler: Handler) -> Handler:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except GatewayError as e:
+            return error_response(e)
+
+    return endpoint
+
+
+async def _reap(manager: SessionManager, ttl: float) -> None:
+    interval = min(1.0, max(0.05, ttl / 4))
+    while True:
+        await anyio.sleep(interval)
+        try:
+            manager.reap()
+        except Exception:  # the reaper must not die and leave streams running forever
+            logger.exception("session reaper failed")
+
+
+def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
+    """The uvicorn Config `asyncllm serve` (and the tests) run the app with."""
+    import uvicorn
+
+    # Frames over max_frame_bytes get a too_large error frame; uvicorn itself closes the socket
+    # (1009) only for frames far beyond it, which the gateway could not even parse cheaply.
+    ws_max = max(settings.max_frame_bytes * 4, 1 << 16)
+    kw.setdefault("log_level", "info")
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=ws_max,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
+        lifespan="on",
+        **kw,
+    )

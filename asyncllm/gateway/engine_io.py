@@ -1,0 +1,250 @@
+"""The one path from a checked request to the engine, shared by the WebSocket and HTTP sides:
+model name check, prompt encoding (chat template), admission limits, SamplingParams, then
+`engine.generate` turned into per-sequence pieces, with metrics and a guaranteed abort."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from asyncllm.gateway.limits import GatewayError, Limits, engine_dead_error
+from asyncllm.gateway.metrics import Metrics
+from asyncllm.gateway.settings import GatewaySettings
+from asyncllm.protocol import (
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    GenParams,
+    ProtocolError,
+    StreamId,
+)
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+# engine finish reasons -> protocol/OpenAI ones
+_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+@dataclass
+class Piece:
+    """What one output adds to sequence `index`."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] | None
+    finish_reason: str | None  # set on the sequence's last piece
+
+
+def format_logprobs(token_ids: list[int], entries: list[dict[int, Any]], k: int) -> list[dict]:
+    """Engine logprobs (token id -> Logprob per position) -> JSON: the chosen token and its top-k."""
+    out = []
+    for tid, entry in zip(token_ids, entries, strict=False):
+        chosen = entry.get(tid)
+        top = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+        out.append(
+            {
+                "id": tid,
+                "token": chosen.decoded_token if chosen else None,
+                "logprob": chosen.logprob if chosen else None,
+                "top_logprobs": [
+                    {"id": t, "token": lp.decoded_token, "logprob": lp.logprob} for t, lp in top
+                ],
+            }
+        )
+    return out
+
+
+class EngineIO:
+    def __init__(self, engine: Any, settings: GatewaySettings, metrics: Metrics):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        mc = engine.model_config
+        self.model_name: str = settings.served_model_name or mc.served_model_name
+        self.max_model_len: int = mc.max_model_len
+        max_prompt = self.max_model_len - 1
+        if settings.max_prompt_tokens is not None:
+            max_prompt = min(max_prompt, settings.max_prompt_tokens)
+        self.limits = Limits(
+            settings.max_connections, settings.max_queue, max_prompt, settings.retry_after
+        )
+        self._ids = itertools.count()
+
+    # ---- checks -------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return not getattr(self.engine, "errored", False)
+
+    def check_alive(self, id: StreamId | None = None) -> None:
+        if not self.alive:
+            raise engine_dead_error(id, self.settings.retry_after)
+
+    def check_model(self, model: str | None, id: StreamId | None = None) -> None:
+        if model is not None and model != self.model_name:
+            raise GatewayError(
+                NOT_FOUND,
+                f"model {model!r} is not served here; this server has {self.model_name!r}",
+                id,
+            )
+
+    def sampling_params(
+        self, gp: GenParams, id: StreamId | None = None, default_max_tokens: int | None = None
+    ) -> SamplingParams:
+        """No max_tokens means `default_max_tokens` (None: up to max_model_len)."""
+        kw = gp.sampling_kwargs()
+        kw.setdefault("max_tokens", default_max_tokens)
+        try:
+            sp = SamplingParams(**kw)
+        except (ValueError, TypeError) as e:
+            raise GatewayError(INVALID_REQUEST, str(e), id) from None
+        sp.output_kind = RequestOutputKind.DELTA
+        return sp
+
+    # ---- prompts ------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def _encode_chat_sync(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already holds any BOS token.
+        return list(tok.encode(text, add_special_tokens=False))
+
+    def _encode_text_sync(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            vocab = getattr(self.engine, "vocab_size", None) or len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                )
+            return list(prompt)
+        return list(self.tokenizer.encode(prompt))
+
+    async def encode(
+        self,
+        messages: list[dict[str, str]] | None,
+        prompt: str | list[int] | None,
+        id: StreamId | None,
+    ) -> list[int]:
+        """Token ids of a chat (messages) or a plain prompt, checked against the prompt limit.
+        Tokenizing runs in a worker thread: a long prompt must not stall every other stream."""
+        try:
+            if messages is not None:
+                ids = await anyio.to_thread.run_sync(self._encode_chat_sync, messages)
+            else:
+                assert prompt is not None
+                ids = await anyio.to_thread.run_sync(self._encode_text_sync, prompt)
+        except ProtocolError:
+            raise
+        except Exception as e:  # template errors, bad ids: the user's input, not our crash
+            raise GatewayError(INVALID_REQUEST, f"cannot encode the prompt: {e}", id) from None
+        if not ids:
+            raise GatewayError(INVALID_REQUEST, "the prompt encodes to no tokens", id)
+        self.limits.check_prompt(len(ids), id)
+        return ids
+
+    def admit(self, id: StreamId | None = None) -> None:
+        self.check_alive(id)
+        self.limits.check_queue(id)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        api: str,
+        request_id: str,
+        id: StreamId | None = None,
+    ) -> AsyncIterator[list[Piece]]:
+        """Yield the pieces of each engine output. Leaving early (break, cancel, disconnect)
+        aborts the request. Engine failures come out as GatewayError(internal)."""
+        m = self.metrics
+        m.prompt_tokens.inc(len(prompt_ids))
+        self.limits.queued += 1
+        queued = True
+        start = time.monotonic()
+        last: dict[int, float] = {}
+        finished = False
+        outcome = "error"
+        k = params.logprobs or 0
+        try:
+            gen = self.engine.generate(
+                {"prompt_token_ids": prompt_ids}, params, request_id=request_id, priority=priority
+            )
+            async with aclosing(gen):
+                async for out in gen:
+                    now = time.monotonic()
+                    pieces = []
+                    for c in out.outputs:
+                        n_new = len(c.token_ids)
+                        if n_new:
+                            if queued:
+                                self.limits.queued -= 1
+                                queued = False
+                                m.ttft.observe(now - start)
+                            prev = last.get(c.index)
+                            if prev is not None:
+                                gap = (now - prev) / n_new
+                                for _ in range(n_new):
+                                    m.itl.observe(gap)
+                            last[c.index] = now
+                            m.generation_tokens.inc(n_new)
+                        lps = None
+                        if params.logprobs is not None and c.logprobs:
+                            lps = format_logprobs(c.token_ids, c.logprobs, k)
+                        fr = (
+                            _FINISH.get(c.finish_reason, c.finish_reason)
+                            if c.finish_reason
+                            else None
+                        )
+                        pieces.append(Piece(c.index, c.text, list(c.token_ids), lps, fr))
+                    if out.finished:
+                        finished = True
+                        outcome = _summary_outcome(pieces)
+                    yield pieces
+        except GeneratorExit:
+            outcome = "cancelled"
+            raise
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            raise
+        except ValueError as e:  # the engine refused the request (add_request's checks)
+            raise GatewayError(INVALID_REQUEST, str(e), id) from None
+        except ProtocolError:
+            raise
+        except Exception as e:
+            if not self.alive:
+                raise engine_dead_error(id, self.settings.retry_after) from None
+            raise GatewayError(INTERNAL, f"generation failed: {type(e).__name__}: {e}", id) from e
+        finally:
+            if queued:
+                self.limits.queued -= 1
+            if not finished:
+                # The generator's own cleanup should abort; make sure, even when cancelled.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.engine.abort(request_id)
+                    except Exception:
+                        pass
+            m.requests.labels(api, outcome).inc()
+
+
+def _summary_outcome(pieces: list[Piece]) -> str:
+    reasons = {p.finish_reason for p in pieces if p.finish_reason}
+    if not reasons:
+        return "stop"
+    return sorted(reasons)[0] if len(reasons) > 1 else reasons.pop()

@@ -1,0 +1,78 @@
+"""GatewaySettings: everything the gateway takes besides the engine. Bad values raise ValueError."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_ui_file() -> str | None:
+    """The chat page: packaged next to the gateway, or examples/chat.html in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for p in (here / "static" / "chat.html", here.parent.parent / "examples" / "chat.html"):
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    raw = os.environ.get("ASYNCLLM_API_KEYS", "")
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+@dataclass
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no auth (serve warns)
+    # Browsers' Origin header. Same-origin requests and requests without an Origin (non-browser
+    # clients) are always allowed; "*" allows every origin.
+    allowed_origins: tuple[str, ...] = ()
+    resume_ttl: float = 30.0  # seconds a dropped socket's streams wait for a resume
+    max_frame_bytes: int = 1 << 20  # one WebSocket frame / one HTTP body
+    max_streams_per_connection: int = 64  # unfinished streams of one session
+    max_connections: int = 1024  # open WebSockets
+    max_prompt_tokens: int | None = None  # None: the model's max_model_len - 1
+    max_queue: int = 1024  # requests admitted but not yet given a first token
+    replay_buffer_bytes: int = 4 << 20  # per stream: frames kept for a resume
+    finished_streams_kept: int = 256  # per session: finished streams still resumable
+    retry_after: int = 1  # seconds, on 429/503
+    ws_ping_interval: float | None = 20.0  # protocol-level ping from the server
+    ws_ping_timeout: float | None = 20.0
+    ui: bool = True  # serve the chat page at / when the file exists
+    ui_file: str | None = field(default_factory=_default_ui_file)
+    manage_engine: bool = True  # the app's lifespan starts and shuts down the engine
+    served_model_name: str | None = None  # None: the engine's model_config.served_model_name
+
+    def __post_init__(self) -> None:
+        self.api_keys = tuple(self.api_keys)
+        self.allowed_origins = tuple(o.rstrip("/") for o in self.allowed_origins)
+        if any(not isinstance(k, str) or not k for k in self.api_keys):
+            raise ValueError("api keys must be non-empty strings")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.resume_ttl >= 0:
+            raise ValueError(f"resume_ttl must be >= 0 seconds, got {self.resume_ttl}")
+        for name in (
+            "max_frame_bytes",
+            "max_streams_per_connection",
+            "max_connections",
+            "max_queue",
+            "replay_buffer_bytes",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.finished_streams_kept < 0:
+            raise ValueError(
+                f"finished_streams_kept must be >= 0, got {self.finished_streams_kept}"
+            )
+        if self.retry_after < 0:
+            raise ValueError(f"retry_after must be >= 0, got {self.retry_after}")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)

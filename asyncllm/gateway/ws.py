@@ -1,0 +1,304 @@
+"""WebSocket /v1/ws: many independent streams per socket, sessions that survive a dropped socket.
+
+Per socket: a reader (parses frames, starts/cancels streams, queues resumes) and a single writer
+(the only task that sends, so the order of frames is exactly the order they were numbered in).
+Streams run in the app's task group, not the socket's: a dropped socket leaves them generating
+into their session until a resume re-attaches them or the TTL cancels them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from asyncllm.gateway.auth import authorized, origin_allowed, presented_key
+from asyncllm.gateway.engine_io import EngineIO
+from asyncllm.gateway.sessions import Session, SessionManager, Stream
+from asyncllm.protocol import (
+    CHAT,
+    CLOSE_GOING_AWAY,
+    CLOSE_OVERLOADED,
+    CLOSE_SESSION_TAKEN,
+    CLOSE_UNAUTHORIZED,
+    COMPLETE,
+    INTERNAL,
+    OVERLOADED,
+    UNAUTHORIZED,
+    CancelFrame,
+    ChatFrame,
+    CompleteFrame,
+    ProtocolError,
+    ResumeFrame,
+    encode,
+    error_frame,
+    parse_client_frame,
+    session_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Connection:
+    """One open socket: the writer side a session is attached to."""
+
+    def __init__(self, ws: WebSocket, manager: SessionManager):
+        self.ws = ws
+        self.manager = manager
+        self.session: Session | None = None
+        self.control: deque[Any] = deque()  # encoded frames and ("resume", id, after) items
+        self.dirty: dict[Stream, None] = {}  # ordered set of streams with frames to take
+        self._wakeup = anyio.Event()
+        self.taken_over = False
+
+    # ---- Writer protocol (called by the session) ---------------------------------------------
+    def wake(self, stream: Stream) -> None:
+        self.dirty[stream] = None
+        self._wakeup.set()
+
+    def take_over(self) -> None:
+        self.taken_over = True
+        self._wakeup.set()
+
+    # ---- queueing ------------------------------------------------------------------------------
+    def send(self, frame: dict[str, Any]) -> None:
+        self.control.append(encode(frame))
+        self._wakeup.set()
+
+    def queue_resume(self, frame: ResumeFrame) -> None:
+        self.control.append(("resume", frame.id, frame.after))
+        self._wakeup.set()
+
+    # ---- the writer task -----------------------------------------------------------------------
+    async def write_loop(self) -> None:
+        ws = self.ws
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            while self.control or self.dirty:
+                if self.taken_over:
+                    break
+                if self.control:
+                    item = self.control.popleft()
+                    if isinstance(item, str):
+                        await ws.send_text(item)
+                    else:
+                        await self._resume(item[1], item[2])
+                    continue
+                stream = next(iter(self.dirty))
+                del self.dirty[stream]
+                sess = self.session
+                if sess is None or sess.writer is not self or not stream.attached:
+                    continue
+                was_done = stream.done_sent
+                for data in stream.take_frames():
+                    await ws.send_text(data)
+                if stream.done_sent and not was_done:
+                    sess.on_done_sent(stream)
+            if self.taken_over:
+                await ws.close(CLOSE_SESSION_TAKEN, "session resumed on another socket")
+                return
+
+    async def _resume(self, id: Any, after: int) -> None:
+        sess = self.session
+        assert sess is not None
+        try:
+            stream, frames = self.manager.resume(sess, id, after)
+        except ProtocolError as e:
+            await self.ws.send_text(encode(e.frame()))
+            return
+        was_done = stream.done_sent
+        for data in frames:
+            await self.ws.send_text(data)
+        # Live from here: whatever piled up while detached goes out coalesced, numbered next.
+        for data in stream.take_frames():
+            await self.ws.send_text(data)
+        if stream.done_sent and not was_done:
+            sess.on_done_sent(stream)
+
+
+class WebSocketGateway:
+    """The /v1/ws endpoint of one app."""
+
+    def __init__(self, io: EngineIO, manager: SessionManager):
+        self.io = io
+        self.manager = manager
+        self.settings = io.settings
+        self.task_group: anyio.abc.TaskGroup | None = None  # the app's, set by the lifespan
+
+    async def endpoint(self, ws: WebSocket) -> None:
+        s = self.settings
+        if not origin_allowed(ws, s.allowed_origins):
+            await ws.close(code=1008)  # before accept: the upgrade gets HTTP 403
+            return
+        await ws.accept()
+        # Browsers cannot read an HTTP status from a failed upgrade, so refusals after the
+        # handshake are an error frame and a close code.
+        if not authorized(ws, s.api_keys):
+            await self._refuse(ws, UNAUTHORIZED, "missing or wrong API key", CLOSE_UNAUTHORIZED)
+            return
+        limits = self.io.limits
+        if not limits.open_connection():
+            await self._refuse(
+                ws,
+                OVERLOADED,
+                f"too many open sockets (limit {limits.max_connections})",
+                CLOSE_OVERLOADED,
+            )
+            return
+        metrics = self.io.metrics
+        metrics.open_sockets.inc()
+        conn = Connection(ws, self.manager)
+        key = presented_key(ws)
+        owner = hashlib.sha256(key.encode()).hexdigest() if key and s.api_keys else None
+        sess = self.manager.attach(ws.query_params.get("session"), owner, conn)
+        conn.session = sess
+        conn.send(session_frame(sess.key, s.resume_ttl))
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def write() -> None:
+                    try:
+                        await conn.write_loop()
+                    except (WebSocketDisconnect, RuntimeError, OSError):
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(write)
+                try:
+                    await self._read_loop(ws, conn, sess)
+                except (WebSocketDisconnect, RuntimeError, OSError):
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            self.manager.detach(sess, conn)
+            limits.close_connection()
+            metrics.open_sockets.dec()
+            if ws.application_state == WebSocketState.CONNECTED and not conn.taken_over:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    try:
+                        await ws.close(CLOSE_GOING_AWAY)
+                    except Exception:
+                        pass
+
+    async def _refuse(self, ws: WebSocket, code: str, message: str, close_code: int) -> None:
+        try:
+            await ws.send_text(encode(error_frame(None, code, message)))
+            await ws.close(close_code, message[:120])
+        except Exception:
+            pass
+
+    async def _read_loop(self, ws: WebSocket, conn: Connection, sess: Session) -> None:
+        max_bytes = self.settings.max_frame_bytes
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data = msg.get("text")
+            if data is None:
+                data = msg.get("bytes")
+            try:
+                frame = parse_client_frame(data, max_bytes)
+            except ProtocolError as e:
+                self._reject_frame(conn, sess, e)
+                continue
+            try:
+                self._handle(conn, sess, frame)
+            except ProtocolError as e:
+                conn.send(e.frame())
+            except Exception as e:  # a bug must cost one frame, not the socket
+                logger.exception("error handling a frame")
+                conn.send(error_frame(getattr(frame, "id", None), INTERNAL, f"internal error: {e}"))
+
+    def _reject_frame(self, conn: Connection, sess: Session, e: ProtocolError) -> None:
+        """A chat/complete frame with a readable, unused id still gets its done (finish_reason
+        "error") after the error frame, so a client waits for exactly one done per stream."""
+        if e.type in (CHAT, COMPLETE) and e.id is not None:
+            stream = Stream(e.id, "", replay_limit=self.settings.replay_buffer_bytes)
+            try:
+                sess.add(stream)
+            except ProtocolError as dup:
+                conn.send(e.frame())
+                conn.send(dup.frame())
+                return
+            stream.finish(error={"code": e.code, "message": e.message})
+            sess.notify(stream)
+        else:
+            conn.send(e.frame())
+
+    def _handle(self, conn: Connection, sess: Session, frame: Any) -> None:
+        if isinstance(frame, (ChatFrame, CompleteFrame)):
+            self._start(conn, sess, frame)
+        elif isinstance(frame, CancelFrame):
+            stream = sess.get(frame.id)
+            if stream is None:
+                raise ProtocolError("not_found", f"no stream {frame.id!r} to cancel", frame.id)
+            stream.cancel()
+        elif isinstance(frame, ResumeFrame):
+            conn.queue_resume(frame)
+
+    def _start(self, conn: Connection, sess: Session, frame: ChatFrame | CompleteFrame) -> None:
+        io = self.io
+        stream = Stream(
+            frame.id,
+            io.new_request_id("ws"),
+            n=frame.params.n,
+            return_token_ids=frame.params.return_token_ids,
+            replay_limit=self.settings.replay_buffer_bytes,
+        )
+        sess.add(stream)  # raises for an id in use: the running stream is untouched
+        try:
+            io.check_model(frame.model, frame.id)
+            if sess.active() > self.settings.max_streams_per_connection:
+                raise ProtocolError(
+                    OVERLOADED,
+                    f"too many open streams on this session "
+                    f"(limit {self.settings.max_streams_per_connection})",
+                    frame.id,
+                )
+            io.admit(frame.id)
+            params = io.sampling_params(frame.params, frame.id)
+            assert self.task_group is not None, "the app's lifespan has not run"
+        except ProtocolError as e:
+            stream.finish(error={"code": e.code, "message": e.message})
+            sess.notify(stream)
+            return
+        self.task_group.start_soon(self._run, sess, stream, frame, params)
+
+    async def _run(self, sess: Session, stream: Stream, frame: Any, params: Any) -> None:
+        io = self.io
+        self.io.metrics.open_streams.inc()
+        try:
+            with anyio.CancelScope() as scope:
+                stream.canceller = scope.cancel
+                if stream.cancel_requested:
+                    scope.cancel()
+                try:
+                    if isinstance(frame, ChatFrame):
+                        ids = await io.encode(frame.messages, None, frame.id)
+                    else:
+                        ids = await io.encode(None, frame.prompt, frame.id)
+                    stream.prompt_tokens = len(ids)
+                    io.admit(frame.id)
+                    gen = io.generate(
+                        ids, params, frame.params.priority, "ws", stream.request_id, frame.id
+                    )
+                    async with aclosing(gen):
+                        async for pieces in gen:
+                            if stream.add(pieces):
+                                sess.notify(stream)
+                except ProtocolError as e:
+                    stream.finish(error={"code": e.code, "message": e.message})
+                except Exception as e:
+                    logger.exception("stream %r failed", stream.id)
+                    stream.finish(error={"code": INTERNAL, "message": f"{type(e).__name__}: {e}"})
+            stream.finish("cancelled" if scope.cancel_called else None)
+            sess.notify(stream)
+        finally:
+            stream.canceller = None
+            self.io.metrics.open_streams.dec()

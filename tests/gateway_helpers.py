@@ -1,0 +1,207 @@
+"""Test helpers for the gateway: a real uvicorn on 127.0.0.1 in a background thread, a socket
+client that records frames, and a small fake engine with the AsyncLLMEngine interface (for the
+session/limit logic, independent of the model)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import orjson
+import uvicorn
+from websockets.sync.client import ClientConnection, connect
+
+from asyncllm.gateway import GatewaySettings, build_app, uvicorn_config
+from asyncllm.outputs import CompletionOutput, RequestOutput
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+@dataclass
+class Server:
+    host: str
+    port: int
+    app: Any
+    server: uvicorn.Server
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def ws_url(self, query: str = "") -> str:
+        return f"ws://{self.host}:{self.port}/v1/ws" + (f"?{query}" if query else "")
+
+
+@contextmanager
+def run_server(engine: Any, settings: GatewaySettings | None = None) -> Iterator[Server]:
+    """build_app + uvicorn on a random free port, in a thread; stopped (lifespan exit) after."""
+    settings = settings or GatewaySettings()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    settings.port = port
+    app = build_app(engine, settings)
+    config = uvicorn_config(app, settings, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield Server("127.0.0.1", port, app, server)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+class WS:
+    """A blocking socket client that keeps every frame it got, by stream."""
+
+    def __init__(self, url: str, **kw: Any):
+        self.conn: ClientConnection = connect(url, open_timeout=10, max_size=None, **kw)
+        self.frames: list[dict[str, Any]] = []
+        self.session = self.recv()
+        assert self.session["type"] == "session", self.session
+
+    def send(self, obj: Any) -> None:
+        self.conn.send(obj if isinstance(obj, (str, bytes)) else orjson.dumps(obj).decode())
+
+    def recv(self, timeout: float = 10) -> dict[str, Any]:
+        f = orjson.loads(self.conn.recv(timeout=timeout))
+        self.frames.append(f)
+        return f
+
+    def until(self, pred, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self.recv(max(0.01, deadline - time.monotonic()))
+            if pred(f):
+                return f
+
+    def until_done(self, ids, timeout: float = 30) -> None:
+        left = set(ids)
+        deadline = time.monotonic() + timeout
+        while left:
+            f = self.recv(max(0.01, deadline - time.monotonic()))
+            if f["type"] == "done":
+                left.discard(f["id"])
+
+    def of(self, id: Any, type: str | None = None) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("id") == id and (type is None or f["type"] == type)]
+
+    def text(self, id: Any, index: int = 0) -> str:
+        return "".join(f["text"] for f in self.of(id, "delta") if f["index"] == index)
+
+    def done(self, id: Any) -> dict[str, Any]:
+        (d,) = self.of(id, "done")
+        return d
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---- a fake engine -----------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """One token per character (ids = code points mod 4096)."""
+
+    chat_template = "fake"
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) % 4096 for c in text]
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        s = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return s + ("<assistant>" if add_generation_prompt else "")
+
+    def __len__(self) -> int:
+        return 4096
+
+
+def fake_text(prompt_ids: list[int], index: int, length: int) -> str:
+    base = sum(prompt_ids) + 7 * index
+    return "".join(chr(ord("a") + (base + i) % 26) for i in range(length))
+
+
+@dataclass
+class FakeStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+
+
+@dataclass
+class FakeEngine:
+    """Generates fake_text, one character per step of `step_s` seconds; DELTA outputs."""
+
+    step_s: float = 0.005
+    max_model_len: int = 512
+    errored: bool = False
+    active: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    started: bool = False
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokenizer = CharTokenizer()
+        self.model_config = SimpleNamespace(
+            served_model_name="fake-model", max_model_len=self.max_model_len
+        )
+        self.vocab_size = 4096
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.stopped = True
+
+    def stats(self) -> FakeStats:
+        return FakeStats(len(self.active), 0, 100, 100 - len(self.active))
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.active:
+            self.active.discard(request_id)
+            self.aborted.append(request_id)
+
+    async def generate(
+        self, prompt: Any, params: SamplingParams, request_id: str | None = None, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
+        if self.errored:
+            raise RuntimeError("engine dead")
+        ids = prompt["prompt_token_ids"]
+        assert params.output_kind is RequestOutputKind.DELTA
+        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
+        texts = [fake_text(ids, k, max_tokens) for k in range(params.n)]
+        rid = request_id or "r"
+        self.active.add(rid)
+        try:
+            for i in range(max_tokens):
+                await anyio.sleep(self.step_s)
+                if rid not in self.active:
+                    return
+                if self.errored:
+                    raise RuntimeError("engine died mid-stream")
+                last = i == max_tokens - 1
+                outs = [
+                    CompletionOutput(
+                        k, texts[k][i], [ord(texts[k][i])], None, None, "length" if last else None
+                    )
+                    for k in range(params.n)
+                ]
+                yield RequestOutput(rid, None, ids, outs, finished=last)
+        finally:
+            self.active.discard(rid)
