@@ -1,0 +1,29 @@
+"""RMSNorm, with the residual add fused in (one pass instead of two in the decoder layer)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def _norm(self, x: Tensor) -> Tensor:
+        # float32 statistics and the cast back before the weight, exactly as transformers does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (norm(x + residual), x + residual); without a residual, x is the residual."""
+        if residual is not None:
+            x = x + residual
+        return self._norm(x), x
+
+    def plain(self, x: Tensor) -> Tensor:
+        return self._norm(x)

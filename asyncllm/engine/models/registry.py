@@ -1,0 +1,26 @@
+"""Architecture name (config.architectures[0]) -> our model class."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architecture: str) -> type:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"unsupported model architecture {architecture!r}; "
+            f"supported: {', '.join(supported_architectures())}"
+        )
+    module, cls = _MODELS[architecture]
+    return getattr(importlib.import_module(f"asyncllm.engine.models.{module}"), cls)
