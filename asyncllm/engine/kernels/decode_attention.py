@@ -1,0 +1,245 @@
+"""Paged decode attention: one new query token per sequence over its whole cached context.
+
+GQA-aware: a program owns one KV head of one sequence and all G query heads that share it, so each
+K/V tile is read from memory once for the whole group (the G query rows, padded to 16 for the
+tensor cores, form the M side of the products). Split along the context: a sequence's context is
+cut into `num_splits` equal chunks handled by separate programs, whose partial results (output and
+log-sum-exp per head) a second kernel merges. The split count depends only on the batch size, never
+on the context lengths, so a CUDA graph captured for a batch size stays valid for every length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from asyncllm.engine.kernels._common import check_cache, next_pow2, upcast_flag
+
+_LOG2E = 1.4426950408889634
+_TARGET_PROGRAMS = 528  # about four per multiprocessor on an H100 (132)
+_MAX_SPLITS = 16
+
+
+def choose_num_splits(batch: int, num_kv_heads: int) -> int:
+    """Enough splits that small batches still fill the GPU; none once the batch does."""
+    programs = max(1, batch * num_kv_heads)
+    return max(1, min(_MAX_SPLITS, -(-_TARGET_PROGRAMS // programs)))
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,  # softmax scale * log2(e): the kernel works in base 2
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cblk,
+    stride_ctok,
+    num_splits,
+    G: tl.constexpr,  # query heads per KV head
+    GP: tl.constexpr,  # G padded to a tensor-core M (>= 16)
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BS: tl.constexpr,  # KV block size (tokens)
+    BLOCK_N: tl.constexpr,  # context tokens per tile
+    DIRECT: tl.constexpr,  # one split: write the output, not partials
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not tf32
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    g = tl.arange(0, GP)
+    gmask = g < G
+    d = tl.arange(0, DP)
+    dmask = d < D
+    heads = kvh * G + g
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    head_off = kvh * D
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        blk = tl.load(bt_row + n // BS, mask=nmask, other=0)
+        off = blk.to(tl.int64) * stride_cblk + (n % BS) * stride_ctok + head_off
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(nmask[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if DIRECT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None] & dmask[None, :],
+        )
+    else:
+        # partials: [B, Hq, num_splits, DP] and [B, Hq, num_splits]; an empty chunk leaves
+        # lse = -inf and weighs nothing in the merge
+        row = (b * (tl.num_programs(1) * G) + heads).to(tl.int64) * num_splits + split
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(part_out_ptr + row[:, None] * DP + d[None, :], o, mask=gmask[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    num_splits,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    SP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SP)
+    smask = s < num_splits
+    d = tl.arange(0, DP)
+    row0 = (b * H + h).to(tl.int64) * num_splits
+    lse = tl.load(part_lse_ptr + row0 + s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # all chunks empty (a padding row): no inf - inf
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
+    parts = tl.load(part_out_ptr + (row0 + s)[:, None] * DP + d[None, :], mask=smask[:, None])
+    total = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=d < D,
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """q [B,Hq,D] (one token per sequence, already in the cache) -> [B,Hq,D].
+
+    block_tables int32 [B,W]; seq_lens int32 [B] (0 = padding row: output zeros)."""
+    bsz, hq, d = q.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    check_cache(kv_cache, hkv, d)
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous per row")
+    if out is None:
+        out = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
+    if bsz == 0:
+        return out
+    group = hq // hkv
+    splits = num_splits or choose_num_splits(bsz, hkv)
+    dp = next_pow2(d)
+    gp = max(16, next_pow2(group))
+    if block_n is None:
+        block_n = 64 if dp <= 128 else 32
+    direct = splits == 1
+    if direct:
+        part_out = part_lse = out  # unused
+    else:
+        part_out = torch.empty(bsz, hq, splits, dp, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(bsz, hq, splits, dtype=torch.float32, device=q.device)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _decode_kernel[(bsz, hkv, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        splits,
+        G=group,
+        GP=gp,
+        D=d,
+        DP=dp,
+        BS=bs,
+        BLOCK_N=block_n,
+        DIRECT=direct,
+        UPCAST=upcast_flag(q.dtype),
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+        num_stages=3,
+    )
+    if not direct:
+        _merge_kernel[(bsz, hq)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            splits,
+            H=hq,
+            D=d,
+            DP=dp,
+            SP=next_pow2(splits),
+            num_warps=1 if dp <= 64 else 2,
+        )
+    return out

@@ -1,0 +1,63 @@
+"""Plain-torch references for the Triton kernels: slow, obvious, and computed in float32.
+
+Tests compare every kernel against these on random inputs; nothing on the hot path calls them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_cache_ref(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k/v [T,Hkv,D] into kv_cache [2,NB,BS,Hkv,D] at flat slots; slot -1 means skip."""
+    _, nb, bs, h, d = kv_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    kv_cache[0].view(nb * bs, h, d)[slots] = k[keep].to(kv_cache.dtype)
+    kv_cache[1].view(nb * bs, h, d)[slots] = v[keep].to(kv_cache.dtype)
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `seq_len` cached K and V, each [seq_len,Hkv,D]."""
+    _, _, bs, h, d = kv_cache.shape
+    n_blocks = -(-seq_len // bs)
+    blocks = block_table[:n_blocks].long()
+    k = kv_cache[0, blocks].reshape(-1, h, d)[:seq_len]
+    v = kv_cache[1, blocks].reshape(-1, h, d)[:seq_len]
+    return k, v
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [T,Hq,D] over each sequence's paged context, in float32.
+
+    The new tokens of sequence b are the last `query_len` positions of its `seq_lens[b]`.
+    Returns float32 [T,Hq,D]."""
+    t, hq, d = q.shape
+    hkv = kv_cache.shape[3]
+    group = hq // hkv
+    out = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
+    for b, seq_len in enumerate(seq_lens):
+        a, e = query_start_loc[b], query_start_loc[b + 1]
+        if e == a or seq_len == 0:
+            continue
+        k, v = gather_context(kv_cache, block_tables[b], seq_len)
+        k = k.float().repeat_interleave(group, dim=1)  # [S,Hq,D]
+        v = v.float().repeat_interleave(group, dim=1)
+        qb = q[a:e].float()  # [L,Hq,D]
+        scores = torch.einsum("lhd,shd->hls", qb, k) * scale
+        qpos = torch.arange(seq_len - (e - a), seq_len, device=q.device)
+        kpos = torch.arange(seq_len, device=q.device)
+        scores = scores.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
+        out[a:e] = torch.einsum("hls,shd->lhd", scores.softmax(-1), v)
+    return out

@@ -1,0 +1,76 @@
+"""The `triton` attention backend: paged attention straight from the block table on the GPU.
+
+Contract (docs/INTERFACES.md, Attention): write this step's K/V into the cache first, then every
+query token attends causally to its sequence's context. Decode-only batches take the GQA-aware
+split-context decode kernel (the only path inside CUDA graphs: it reads no host-side lengths);
+anything else takes the varlen prefill kernel over a host-built tile list.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from asyncllm.engine.kernels.cache_write import write_kv_cache
+from asyncllm.engine.kernels.decode_attention import paged_decode_attention
+from asyncllm.engine.kernels.prefill_attention import (
+    build_prefill_work,
+    paged_prefill_attention,
+    prefill_block_m,
+)
+from asyncllm.engine.layers.attention import AttentionBackend
+
+if TYPE_CHECKING:
+    from asyncllm.engine.layers.attention import AttentionMetadata
+
+_WORK_ATTR = "_triton_prefill_work"
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+
+    def _prefill_work(
+        self, meta: AttentionMetadata, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        # Built once per step and shared by every layer: the metadata object is per step.
+        cached = getattr(meta, _WORK_ATTR, None)
+        if cached is not None:
+            return cached
+        block_m = prefill_block_m(meta.max_query_len)
+        work = build_prefill_work(meta.query_start_loc_cpu, block_m)
+        pin = device.type == "cuda"
+        t = torch.tensor(work, dtype=torch.int32, pin_memory=pin).view(-1, 2)
+        t = t.to(device, non_blocking=pin)
+        cached = (t, block_m)
+        setattr(meta, _WORK_ATTR, cached)
+        return cached
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        if meta.decode_only:
+            return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+        work, block_m = self._prefill_work(meta, q.device)
+        return paged_prefill_attention(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            work,
+            block_m,
+        )
+
+    __call__ = forward

@@ -1,0 +1,287 @@
+"""Triton kernels against their float32 torch references on random paged inputs.
+
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before any kernel
+module is imported), on small shapes so the file stays fast; the larger sweeps are marked gpu.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from asyncllm.engine.kernels.cache_write import write_kv_cache  # noqa: E402
+from asyncllm.engine.kernels.decode_attention import (  # noqa: E402
+    choose_num_splits,
+    paged_decode_attention,
+)
+from asyncllm.engine.kernels.prefill_attention import (  # noqa: E402
+    build_prefill_work,
+    paged_prefill_attention,
+)
+from asyncllm.engine.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# bf16 inputs: the reference is float32 on the same inputs; the kernel's error is the bf16 rounding
+# of its output (and of the softmax weights fed to the tensor cores on the GPU).
+TOL = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (4e-3, 1e-2), torch.float32: (2e-5, 1e-4)}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not torch.isnan(out).any(), "output has NaN (unwritten or bad masking)"
+    rel, atol = TOL[dtype]
+    err = rel_err(out, ref)
+    worst = float((out.float() - ref).abs().max())
+    assert err < rel and worst < atol, f"relative error {err:.2e}, max abs error {worst:.2e}"
+
+
+def make_case(
+    seq_lens: list[int],
+    query_lens: list[int],
+    hq: int,
+    hkv: int,
+    d: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int,
+):
+    """A random paged batch: blocks scattered through a cache larger than needed, random context
+    already cached, new tokens' K/V to be written at their slots."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 5
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(blocks_per_seq + [1])
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
+        used += n
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, generator=g).to(dtype)
+    t = sum(query_lens)
+    q = torch.randn(t, hq, d, generator=g).to(dtype)
+    k = torch.randn(t, hkv, d, generator=g).to(dtype)
+    v = torch.randn(t, hkv, d, generator=g).to(dtype)
+    slots = []
+    qsl = [0]
+    for b, (n, ql) in enumerate(zip(seq_lens, query_lens, strict=True)):
+        for p in range(n - ql, n):
+            slots.append(int(tables[b, p // block_size]) * block_size + p % block_size)
+        qsl.append(qsl[-1] + ql)
+    dev = DEVICE
+    return dict(
+        q=q.to(dev),
+        k=k.to(dev),
+        v=v.to(dev),
+        cache=cache.to(dev),
+        tables=tables.to(dev),
+        slots=torch.tensor(slots, dtype=torch.int64, device=dev),
+        qsl=qsl,
+        qsl_t=torch.tensor(qsl, dtype=torch.int32, device=dev),
+        seq_lens=seq_lens,
+        seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+    )
+
+
+# ---- cache write ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_cache_matches_reference_and_skips_padding(dtype):
+    c = make_case([5, 17, 3], [2, 17, 1], hq=4, hkv=2, d=64, block_size=4, dtype=dtype, seed=0)
+    slots = c["slots"].clone()
+    slots[1] = -1  # a padding row writes nothing
+    ours, ref = c["cache"].clone(), c["cache"].clone()
+    write_kv_cache(c["k"], c["v"], ours, slots)
+    write_kv_cache_ref(c["k"], c["v"], ref, slots)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, c["cache"])  # something was written
+
+
+def test_write_kv_cache_strided_views_of_fused_qkv():
+    # Models slice k and v out of one fused projection: rows are strided, heads contiguous.
+    t, hkv, d = 6, 2, 64
+    qkv = torch.randn(t, (4 + 2 * hkv) * d, device=DEVICE).to(torch.bfloat16)
+    k = qkv[:, 4 * d : (4 + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (4 + hkv) * d :].view(t, hkv, d)
+    cache = torch.zeros(2, 4, 4, hkv, d, dtype=torch.bfloat16, device=DEVICE)
+    ref = cache.clone()
+    slots = torch.tensor([3, 0, 15, 7, 8, 9], device=DEVICE)
+    write_kv_cache(k, v, cache, slots)
+    write_kv_cache_ref(k, v, ref, slots)
+    assert torch.equal(cache, ref)
+
+
+def test_write_kv_cache_rejects_bad_shapes():
+    cache = torch.zeros(2, 4, 4, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="heads"):
+        write_kv_cache(torch.zeros(3, 4, 64), torch.zeros(3, 4, 64), cache, torch.zeros(3).long())
+    with pytest.raises(ValueError, match="slot_mapping"):
+        k = torch.zeros(3, 2, 64, device=DEVICE)
+        write_kv_cache(k, k, cache, torch.zeros(2, dtype=torch.long, device=DEVICE))
+
+
+# ---- decode -------------------------------------------------------------------------------------
+DECODE_CASES = [
+    # seq_lens, hq, hkv, d, block_size, num_splits (None = the launcher's choice)
+    ([1, 7, 33], 4, 4, 64, 4, None),  # MHA, lengths not multiples of the block
+    ([70, 5], 8, 2, 128, 16, 1),  # GQA 4, one split: direct output path
+    ([40, 129, 2], 14, 2, 64, 8, 3),  # GQA 7 (Qwen2-0.5B), uneven splits, some empty
+    ([3, 64], 16, 8, 128, 32, 16),  # Qwen3-0.6B's heads; more splits than tiles
+    ([300, 3], 8, 2, 64, 16, 1),  # many tiles in one split: the running max moves
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seq_lens,hq,hkv,d,bs,splits", DECODE_CASES)
+def test_decode_matches_reference(seq_lens, hq, hkv, d, bs, splits, dtype):
+    c = make_case(seq_lens, [1] * len(seq_lens), hq, hkv, d, bs, dtype, seed=len(seq_lens) + d)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    out = torch.full_like(c["q"], float("nan"))
+    paged_decode_attention(
+        c["q"], c["cache"], c["tables"], c["seq_lens_t"], 0.125, out=out, num_splits=splits
+    )
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.125)
+    assert_close(out, ref, dtype)
+
+
+def test_decode_padding_rows_give_zeros():
+    # CUDA-graph padding rows have seq_len 0: they must read nothing and produce no NaN.
+    c = make_case([9, 1], [1, 1], 4, 2, 64, 4, torch.bfloat16, seed=3)
+    lens = torch.tensor([9, 0], dtype=torch.int32, device=DEVICE)
+    for splits in (1, 4):
+        out = paged_decode_attention(c["q"], c["cache"], c["tables"], lens, 0.1, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        ref = paged_attention_ref(c["q"][:1], c["cache"], c["tables"], [0, 1], [9], 0.1)
+        assert_close(out[:1], ref, torch.bfloat16)
+
+
+def test_choose_num_splits_fills_the_gpu_then_stops_splitting():
+    assert choose_num_splits(1, 8) == 16
+    assert choose_num_splits(8, 8) == 9
+    assert choose_num_splits(256, 8) == 1
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+PREFILL_CASES = [
+    # seq_lens, query_lens, hq, hkv, d, block_size, block_m
+    ([20, 7], [20, 7], 4, 2, 64, 4, 16),  # fresh prompts, no cached prefix
+    ([45, 30, 9], [13, 1, 9], 8, 2, 128, 16, 16),  # cached prefix + chunk, a decode, a prompt
+    ([70], [70], 14, 2, 64, 8, 64),  # GQA 7, several query tiles and key tiles
+    ([37, 80], [1, 17], 16, 8, 128, 32, 16),  # Qwen3-0.6B heads, prefix longer than the block
+    ([290], [3], 4, 1, 64, 16, 16),  # MQA, a long cached prefix: the running max moves
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seq_lens,query_lens,hq,hkv,d,bs,block_m", PREFILL_CASES)
+def test_prefill_matches_reference(seq_lens, query_lens, hq, hkv, d, bs, block_m, dtype):
+    c = make_case(seq_lens, query_lens, hq, hkv, d, bs, dtype, seed=sum(seq_lens))
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    work = torch.tensor(build_prefill_work(c["qsl"], block_m), dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(c["q"], float("nan"))
+    paged_prefill_attention(
+        c["q"],
+        c["cache"],
+        c["tables"],
+        c["qsl_t"],
+        c["seq_lens_t"],
+        0.09,
+        work.view(-1, 2),
+        block_m,
+        out=out,
+    )
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.09)
+    assert_close(out, ref, dtype)
+
+
+def test_build_prefill_work_covers_every_row_once():
+    work = build_prefill_work([0, 3, 3, 40, 41], 16)
+    pairs = list(zip(work[::2], work[1::2], strict=True))
+    assert pairs == [(0, 0), (2, 0), (2, 16), (2, 32), (3, 0)]
+
+
+# ---- the backend, against the torch reference backend -------------------------------------------
+def _meta(c, decode_only: bool):
+    from asyncllm.engine.layers.attention import AttentionMetadata
+
+    qsl = c["qsl"]
+    return AttentionMetadata(
+        query_start_loc=c["qsl_t"],
+        seq_lens=c["seq_lens_t"],
+        slot_mapping=c["slots"],
+        block_tables=c["tables"],
+        max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)),
+        max_seq_len=max(c["seq_lens"]),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=c["seq_lens"],
+        decode_only=decode_only,
+    )
+
+
+@pytest.mark.parametrize(
+    "seq_lens,query_lens", [([30, 12, 5], [1, 1, 1]), ([30, 12, 5], [1, 12, 3])]
+)
+def test_backend_matches_torch_backend(seq_lens, query_lens):
+    from asyncllm.engine.layers.attention import TorchAttentionBackend
+    from asyncllm.engine.layers.triton_attention import TritonAttentionBackend
+
+    dtype = torch.float32
+    c = make_case(seq_lens, query_lens, 8, 2, 64, 8, dtype, seed=11)
+    decode_only = all(n == 1 for n in query_lens)
+    ours_cache, ref_cache = c["cache"].clone(), c["cache"].clone()
+    ours = TritonAttentionBackend().forward(
+        c["q"], c["k"], c["v"], ours_cache, _meta(c, decode_only), 0.125
+    )
+    ref = TorchAttentionBackend().forward(
+        c["q"], c["k"], c["v"], ref_cache, _meta(c, decode_only), 0.125
+    )
+    assert torch.equal(ours_cache, ref_cache)
+    assert_close(ours, ref.float(), dtype)
+
+
+# ---- larger sweeps: GPU only --------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv", [(16, 8), (32, 8), (14, 2), (12, 12)])
+@pytest.mark.parametrize("bs", [1, 16, 64])
+def test_gpu_sweep_decode_and_prefill(dtype, d, hq, hkv, bs):
+    g = torch.Generator().manual_seed(d + hq + bs)
+    n = 24
+    seq_lens = torch.randint(1, 1500, (n,), generator=g).tolist()
+    # a third decode, a third fresh prompts, a third chunks over a cached prefix
+    query_lens = [
+        1 if i % 3 == 0 else (s if i % 3 == 1 else max(1, s // 3)) for i, s in enumerate(seq_lens)
+    ]
+    c = make_case(seq_lens, query_lens, hq, hkv, d, bs, dtype, seed=d * bs)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, d**-0.5)
+    for block_m in (16, 64):
+        work = torch.tensor(build_prefill_work(c["qsl"], block_m), dtype=torch.int32)
+        out = paged_prefill_attention(
+            c["q"],
+            c["cache"],
+            c["tables"],
+            c["qsl_t"],
+            c["seq_lens_t"],
+            d**-0.5,
+            work.view(-1, 2).to(DEVICE),
+            block_m,
+        )
+        assert_close(out, ref, dtype)
+    # decode over the same contexts: each sequence's last token as its query
+    last = torch.tensor([c["qsl"][i + 1] - 1 for i in range(n)], device=DEVICE)
+    for splits in (None, 1, 7):
+        out = paged_decode_attention(
+            c["q"][last], c["cache"], c["tables"], c["seq_lens_t"], d**-0.5, num_splits=splits
+        )
+        assert_close(out, ref[last], dtype)
