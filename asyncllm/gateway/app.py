@@ -68,7 +68,8 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if settings.manage_engine and hasattr(engine, "start"):
-            await engine.start()
+            await engine.start()  # loads the model (off the event loop) before serving
+        io.bind()
         try:
             async with anyio.create_task_group() as tg:
                 wsg.task_group = tg

@@ -65,16 +65,31 @@ class EngineIO:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
-        mc = engine.model_config
-        self.model_name: str = settings.served_model_name or mc.served_model_name
-        self.max_model_len: int = mc.max_model_len
-        max_prompt = self.max_model_len - 1
-        if settings.max_prompt_tokens is not None:
-            max_prompt = min(max_prompt, settings.max_prompt_tokens)
+        # The prompt limit needs the model's length, known once the engine has loaded (bind()).
         self.limits = Limits(
-            settings.max_connections, settings.max_queue, max_prompt, settings.retry_after
+            settings.max_connections,
+            settings.max_queue,
+            settings.max_prompt_tokens or 1 << 62,
+            settings.retry_after,
         )
         self._ids = itertools.count()
+        if getattr(engine, "model_config", None) is not None:
+            self.bind()
+
+    def bind(self) -> None:
+        """Read what the loaded model decides: its name and length (the prompt limit)."""
+        max_prompt = self.max_model_len - 1
+        if self.settings.max_prompt_tokens is not None:
+            max_prompt = min(max_prompt, self.settings.max_prompt_tokens)
+        self.limits.max_prompt_tokens = max_prompt
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or self.engine.model_config.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.model_config.max_model_len)
 
     # ---- checks -------------------------------------------------------------------------------
     @property
@@ -235,7 +250,8 @@ class EngineIO:
                 self.limits.queued -= 1
             if not finished:
                 # The generator's own cleanup should abort; make sure, even when cancelled.
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + 10  # a hung engine cannot hang us
                     try:
                         await self.engine.abort(request_id)
                     except Exception:
