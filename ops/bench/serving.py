@@ -266,17 +266,23 @@ class WSDriver:
     async def _socket(self) -> _Socket:
         async with self._lock:
             for s in self.sockets:
-                if s.alive and len(s.streams) < self.per_socket:
+                if s.alive and s.reserved < self.per_socket:
+                    s.reserved += 1
                     return s
             s = await _Socket.open(self.url, self.headers)
             self.sockets.append(s)
+            s.reserved += 1
             return s
 
     async def __call__(self, i: int, prompt: str, r: RequestResult) -> None:
         self._n += 1
         sid = f"b{self._n}"
         sock = await self._socket()
-        await sock.run(sid, {"type": "complete", "id": sid, "prompt": prompt, "params": self.params}, r)
+        try:
+            frame = {"type": "complete", "id": sid, "prompt": prompt, "params": self.params}
+            await sock.run(sid, frame, r)
+        finally:
+            sock.reserved -= 1
 
     async def close(self) -> None:
         for s in self.sockets:
@@ -289,6 +295,7 @@ class _Socket:
         self.conn = conn
         self.streams: dict[str, tuple[RequestResult, asyncio.Future[None]]] = {}
         self.alive = True
+        self.reserved = 0  # streams placed on this socket, including ones not sent yet
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -590,7 +597,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     color=colors[mode],
                     label=f"{mode} {q}",
                 )
-        axes[2].plot(xs, [r["delivered_tok_s"] for r in runs], marker="o", color=colors[mode], label=mode)
+        axes[2].plot(
+            xs, [r["delivered_tok_s"] for r in runs], marker="o", color=colors[mode], label=mode
+        )
         for ax in axes:
             ax.set_xlabel("concurrent streams" if use_conc else "achieved requests/s")
             if use_conc:
@@ -641,7 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="asyncllm bench serving",
         description="The gateway (WebSocket, OpenAI HTTP) under load vs the engine driven directly.",
     )
-    p.add_argument("--model", default=None, help="HF dir, hub id, .gguf (default: the default model)")
+    p.add_argument(
+        "--model", default=None, help="HF dir, hub id, .gguf (default: the default model)"
+    )
     p.add_argument("--url", default=None, help="a running server (http://host:port): ws/http only")
     p.add_argument("--api-key", default=os.environ.get("ASYNCLLM_API_KEY"))
     p.add_argument("--modes", default="engine,ws,http", help="of engine, ws, http")
@@ -719,7 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "serving",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": hardware(),
-        "model": model_info.get("served_model_name") or ns.model or "default (SmolLM2-135M-Instruct)",
+        "model": model_info.get("served_model_name")
+        or ns.model
+        or "default (SmolLM2-135M-Instruct)",
         "model_info": model_info,
         "engine_args": {
             k: v for k, v in dataclasses.asdict(engine_args).items() if not k.startswith("_")
