@@ -1,4 +1,4 @@
-"""python -m ops.bench throughput|latency|cpu [--baseline hf] [...]
+"""python -m ops.bench throughput|latency|cpu [--baseline hf] [...]   (serving: ops.bench.serving)
 
 Writes ops/bench/results/<benchmark>-<gpu>-<date>.json (cpu: cpu-<date>.json) and prints a table.
 """
@@ -115,6 +115,11 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serving"]:  # the gateway benchmark has its own options
+        from ops.bench import serving
+
+        return serving.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
     p.add_argument("benchmark", choices=["throughput", "latency", "cpu"])
     p.add_argument("--baseline", choices=["hf", "none"], default="none")
