@@ -70,6 +70,7 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
         if settings.manage_engine and hasattr(engine, "start"):
             await engine.start()  # loads the model (off the event loop) before serving
         io.bind()
+        logger.info("serving %s (max_model_len %d)", io.model_name, io.max_model_len)
         try:
             async with anyio.create_task_group() as tg:
                 wsg.task_group = tg
@@ -81,6 +82,7 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
             wsg.task_group = None
             if settings.manage_engine and hasattr(engine, "shutdown"):
                 await engine.shutdown()
+                logger.info("engine shut down")
 
     async def health(request: Request) -> Response:
         if io.alive:

@@ -1,0 +1,115 @@
+"""`asyncllm serve` as a real process: flags, keys from flags and the environment, Ctrl-C."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from asyncllm.cli import build_parser, engine_args_from, settings_from
+from asyncllm.config import EngineArgs
+from tests.gateway_helpers import WS
+
+
+def test_every_engine_arg_is_a_flag():
+    names = [f.name for f in dataclasses.fields(EngineArgs) if f.name != "model"]
+    argv = ["serve", "m"]
+    ns = build_parser().parse_args(argv)
+    assert engine_args_from(ns) == EngineArgs(model="m")  # unset flags keep the defaults
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for n in names:
+        assert "--" + n.replace("_", "-") in help_text, n
+    ns = build_parser().parse_args(
+        [
+            "serve",
+            "--block-size",
+            "8",
+            "--no-enable-prefix-caching",
+            "--gpu-memory-utilization",
+            "0.5",
+        ]
+    )
+    ea = engine_args_from(ns)
+    assert ea.model is None and ea.block_size == 8 and ea.enable_prefix_caching is False
+    assert ea.gpu_memory_utilization == 0.5
+
+
+def test_gateway_flags(monkeypatch):
+    monkeypatch.setenv("ASYNCLLM_API_KEYS", "e1, e2")
+    ns = build_parser().parse_args(
+        ["serve", "--api-key", "c1", "--allowed-origin", "https://x.example", "--resume-ttl", "2.5"]
+        + ["--max-queue", "7", "--no-ui"]
+    )
+    s = settings_from(ns)
+    assert s.api_keys == ("c1", "e1", "e2") and s.allowed_origins == ("https://x.example",)
+    assert s.resume_ttl == 2.5 and s.max_queue == 7 and s.ui is False
+
+
+def test_bench_hook_forwards_or_explains(capsys, monkeypatch):
+    from asyncllm import cli
+
+    got = []
+    monkeypatch.setattr(cli, "BENCH_ENTRY_POINTS", ("asyncllm_no_such_module:main", "json:loads"))
+    monkeypatch.setattr("json.loads", lambda argv: got.append(argv) or 0)
+    assert cli.main(["bench", "--whatever", "x"]) == 0
+    assert got == [["--whatever", "x"]]
+    monkeypatch.setattr(cli, "BENCH_ENTRY_POINTS", ("asyncllm_no_such_module:main",))
+    assert cli.main(["bench"]) == 2
+    assert "not importable" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_and_ctrl_c(tiny_model_dir):
+    port = _free_port()
+    env = {**os.environ, "ASYNCLLM_API_KEYS": "envkey"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncllm.cli", "serve", tiny_model_dir, "--port", str(port)]
+        + ["--api-key", "clikey", "--num-kv-blocks", "32", "--max-model-len", "128"]
+        + ["--log-level", "info"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        assert httpx.get(base + "/v1/models").status_code == 401
+        for key in ("clikey", "envkey"):
+            r = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+        ws = WS(f"ws://127.0.0.1:{port}/v1/ws?api_key=clikey")
+        ws.send({"type": "complete", "id": 1, "prompt": "Hello", "params": {"max_tokens": 4}})
+        ws.until_done([1])
+        assert ws.done(1)["usage"]["completion_tokens"] >= 1
+        ws.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "engine shut down" in err  # the lifespan ran to its end
