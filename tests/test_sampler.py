@@ -205,7 +205,9 @@ def test_greedy_is_argmax_mixed_with_sampled_rows():
     assert fast.top_logprobs == [None] * 16
 
 
-def _run_seeded(seed: int, neighbours: int, steps: int = 25, greedy_neighbours: bool = False):
+def _run_seeded(
+    seed: int, neighbours: int, vocab: int, steps: int = 25, greedy_neighbours: bool = False
+):
     """The seeded row's tokens over `steps` steps, placed in the middle of a batch."""
     torch.manual_seed(999 + neighbours)  # neighbours' noise differs from run to run
     gen = torch.Generator().manual_seed(seed)
@@ -213,8 +215,8 @@ def _run_seeded(seed: int, neighbours: int, steps: int = 25, greedy_neighbours: 
     toks = []
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
-        row_logits = torch.randn(1, 64, generator=g) * 2
-        others = torch.randn(neighbours, 64) * 2
+        row_logits = torch.randn(1, vocab, generator=g) * 2
+        others = torch.randn(neighbours, vocab) * 2
         logits = torch.cat([others[: neighbours // 2], row_logits, others[neighbours // 2 :]])
         rows = []
         for k in range(neighbours):
@@ -229,12 +231,37 @@ def _run_seeded(seed: int, neighbours: int, steps: int = 25, greedy_neighbours: 
     return toks
 
 
-def test_seeded_rows_do_not_depend_on_the_batch():
-    alone = _run_seeded(seed=42, neighbours=0)
-    assert _run_seeded(seed=42, neighbours=7) == alone
-    assert _run_seeded(seed=42, neighbours=10, greedy_neighbours=True) == alone
-    assert _run_seeded(seed=43, neighbours=0) != alone
+@pytest.mark.parametrize("vocab", [64, 3000])  # 3000: the CPU's top-p candidate path
+def test_seeded_rows_do_not_depend_on_the_batch(vocab):
+    alone = _run_seeded(seed=42, neighbours=0, vocab=vocab)
+    assert _run_seeded(seed=42, neighbours=7, vocab=vocab) == alone
+    assert _run_seeded(seed=42, neighbours=10, vocab=vocab, greedy_neighbours=True) == alone
+    assert _run_seeded(seed=43, neighbours=0, vocab=vocab) != alone
     assert len(set(alone)) > 3  # it really samples
+
+
+def test_cpu_candidates_cut_exactly_like_a_full_sort(monkeypatch):
+    """Top-k/top-p on the CPU look at the best few hundred tokens first, and sort everything for
+    rows whose candidates hold less than top_p: the same seeded draws pick the same tokens."""
+    from asyncllm.engine import sampler as sampler_mod
+
+    torch.manual_seed(8)
+    vocab, n = 3000, 120
+    scale = torch.tensor([0.05 if i % 3 == 0 else 4.0 for i in range(n)])[:, None]
+    logits = torch.randn(n, vocab) * scale  # every third row nearly flat: the fallback runs
+    params = [
+        SamplingParams(top_p=[0.5, 0.9, 0.99][i % 3], top_k=[0, 0, 0, 40, 900][i % 5], seed=i)
+        for i in range(n)
+    ]
+    flat_p = torch.softmax(logits[0], -1).topk(sampler_mod._CPU_CANDIDATES).values.sum()
+    assert flat_p < 0.5  # the candidates of a flat row really do not cover its top_p
+
+    def run(candidates: int) -> list[int]:
+        monkeypatch.setattr(sampler_mod, "_CPU_CANDIDATES", candidates)
+        rows = [_row(p, seed=p.seed) for p in params]
+        return Sampler()(logits, rows).token_ids
+
+    assert run(256) == run(vocab)
 
 
 def test_logprobs_and_ranks_are_raw_log_softmax():

@@ -7,8 +7,9 @@ vocabulary-sized operation runs once over the batch. The only device-to-host tra
 
 Processing order (vLLM/OpenAI definitions): allowed_token_ids mask, logit_bias, min_tokens masking,
 repetition penalty (prompt + output), frequency/presence penalties (output), temperature, top-k,
-top-p, min-p, then sampling by the Gumbel-max trick (greedy rows take the argmax of the processed
-logits). Returned logprobs are the raw model log-softmax, before any processing, as vLLM's default.
+top-p, min-p, then one inverse-CDF draw per row from a single uniform (greedy rows take the argmax
+of the processed logits). Returned logprobs are the raw model log-softmax, before any processing,
+as vLLM's default.
 """
 
 from __future__ import annotations
@@ -194,69 +195,140 @@ def _process(raw: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     return x
 
 
+# On the CPU a full sort of the vocabulary costs more than the rest of the step; the nucleus nearly
+# always lies among the few hundred best tokens, so top-k/top-p rows first take that many
+# candidates (exactly: a row whose candidates hold less than its top_p is redone with the full
+# sort). On a GPU the sort is cheap and that data-dependent check would cost a host sync.
+_CPU_CANDIDATES = 256
+
+
 def _sample(x: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p and a Gumbel-max draw for rows that all sample."""
+    """Temperature, top-k, top-p, min-p and one inverse-CDF draw per row, for rows that sample."""
     device = x.device
+    n, vocab = x.shape
     params = [r.params for r in rows]
     temps = [p.temperature for p in params]
     if any(t != 1.0 for t in temps):
         x = x / _to_device(temps, x.dtype, device)[:, None]
+    u = _uniforms(rows, device)
+    trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    if len(trunc) == n:
+        return _sample_truncated(x, params, u)
+    if not trunc:
+        return _sample_full(x, params, u)
+    in_trunc = set(trunc)
+    plain = [i for i in range(n) if i not in in_trunc]
+    tokens = torch.empty(n, dtype=torch.long, device=device)
+    for group, fn in ((trunc, _sample_truncated), (plain, _sample_full)):
+        idx = _to_device(group, torch.long, device)
+        sub = fn(x.index_select(0, idx), [params[i] for i in group], u.index_select(0, idx))
+        tokens.index_copy_(0, idx, sub)
+    return tokens
 
-    top_k = [p.top_k if 0 < p.top_k < x.shape[1] else 0 for p in params]
-    top_p = [p.top_p for p in params]
-    if any(p < 1.0 for p in top_p):
-        x = _top_k_top_p(x, top_k, top_p)
-    elif any(top_k):
-        x = _top_k(x, top_k)
 
-    min_p = [p.min_p for p in params]
-    if any(m > 0.0 for m in min_p):
-        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed.
-        mp = _to_device(min_p, x.dtype, device)
-        limit = x.max(dim=-1, keepdim=True).values + torch.log(mp)[:, None]
-        x = x.masked_fill(x < limit, _NEG_INF)
-
-    u = torch.empty_like(x)
+def _uniforms(rows: list[SamplerRow], device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row: the whole randomness of a row's draw."""
+    u = torch.rand(len(rows), device=device)
     seeded = [i for i, r in enumerate(rows) if r.generator is not None]
-    if len(seeded) < len(rows):
-        u.uniform_()
-    # A loop over the seeded rows only: each draws its noise from its own generator, so a seeded
-    # request's tokens do not depend on what else is in the batch.
-    for i in seeded:
-        u[i].uniform_(generator=rows[i].generator)
-    # Gumbel-max: argmax(logits + G) with G = -log(-log(U)) is a draw from softmax(logits).
-    # U in [0, 1): U = 0 gives G = -inf (the token just loses); U never reaches 1, so G is finite.
-    g = u.log_().neg_().log_().neg_()
-    return (x + g).argmax(dim=-1)
+    if seeded:
+        # A loop over the seeded rows only: each draws from its own generator, so a seeded
+        # request's tokens do not depend on what else is in the batch.
+        draws = [torch.rand(1, generator=rows[i].generator, device=device) for i in seeded]
+        u.index_copy_(0, _to_device(seeded, torch.long, device), torch.cat(draws))
+    return u
 
 
-def _top_k(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    k_max = max(top_k)
-    vals = torch.topk(x, k_max, dim=-1).values
-    k = _to_device([max(k, 1) - 1 for k in top_k], torch.long, x.device)
-    kth = vals.gather(1, k[:, None])
-    off = _to_device([k == 0 for k in top_k], torch.bool, x.device)[:, None]
-    kth = kth.masked_fill(off, _NEG_INF)
-    return x.masked_fill(x < kth, _NEG_INF)
+def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first cumulative weight above u * total, per row: a draw from w / sum(w).
+    A zero weight never wins (its interval is empty)."""
+    c = w.cumsum(dim=-1)
+    total = c[:, -1:]
+    # u < 1, but u * total can round up to total: stay strictly below it.
+    r = (u[:, None] * total).minimum(torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(c, r, right=True).clamp_(max=w.shape[1] - 1)
 
 
-def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """One ascending sort serves both: top-k keeps values >= the k-th largest; top-p then drops
-    every token whose larger tokens already hold at least top_p of the (top-k) probability."""
-    device = x.device
+def _min_p_limit(params: list[SamplingParams], like: torch.Tensor) -> torch.Tensor | None:
+    """log(min_p) per row (-inf where off): p_i < min_p * p_max <=> logit_i < max + log(min_p)."""
+    min_p = [p.min_p for p in params]
+    if not any(m > 0.0 for m in min_p):
+        return None
+    return torch.log(_to_device(min_p, like.dtype, like.device))[:, None]
+
+
+def _sample_full(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    top = x.max(dim=-1, keepdim=True).values
+    w = x - top
+    log_min_p = _min_p_limit(params, x)
+    if log_min_p is not None:
+        w = w.masked_fill(w < log_min_p, _NEG_INF)
+    return _inverse_cdf(w.exp_(), u)[:, 0]
+
+
+def _sample_truncated(
+    x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor
+) -> torch.Tensor:
     vocab = x.shape[1]
-    srt, order = x.sort(dim=-1)
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    k_cand = vocab
+    if x.device.type == "cpu":
+        k_cand = min(vocab, max(max(top_k), _CPU_CANDIDATES))
+    if k_cand >= vocab:
+        vals, idx = x.sort(dim=-1, descending=True)
+        lse_full = None
+    else:
+        vals, idx = x.topk(k_cand, dim=-1)
+        needs_full = any(p.top_p < 1.0 and k == 0 for p, k in zip(params, top_k, strict=True))
+        lse_full = x.logsumexp(dim=-1) if needs_full else None
+    pos, covered = _truncate_and_draw(vals, params, top_k, u, lse_full)
+    tokens = idx.gather(1, pos)[:, 0]
+    if covered is not None and k_cand < vocab:
+        redo = (~covered).nonzero()[:, 0].tolist()  # a host check: CPU only, where it is free
+        if redo:
+            r = torch.tensor(redo)
+            sub_p = [params[i] for i in redo]
+            sub_x = x.index_select(0, r)
+            vals, idx = sub_x.sort(dim=-1, descending=True)
+            pos, _ = _truncate_and_draw(vals, sub_p, [top_k[i] for i in redo], u[r], None)
+            tokens[r] = idx.gather(1, pos)[:, 0]
+    return tokens
+
+
+def _truncate_and_draw(
+    vals: torch.Tensor,
+    params: list[SamplingParams],
+    top_k: list[int],
+    u: torch.Tensor,
+    lse_full: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """On candidates sorted best first: top-k keeps values >= the k-th; top-p drops every token
+    whose better tokens already hold top_p of the probability (over the top-k set, or over the
+    whole vocabulary, whose log-normaliser is `lse_full` when the candidates are not all of it);
+    min-p; then the draw. Returns the chosen position and, when top-p applies, whether the
+    candidates held enough probability for the cut to be exact."""
+    device = vals.device
+    has_k = _to_device([k > 0 for k in top_k], torch.bool, device)
     if any(top_k):
-        k = _to_device([vocab - k if k else 0 for k in top_k], torch.long, device)
-        kth = srt.gather(1, k[:, None])
-        srt = srt.masked_fill(srt < kth, _NEG_INF)
-    probs = srt.softmax(dim=-1)
-    cum = probs.cumsum(dim=-1)
-    p = _to_device(top_p, x.dtype, device)
-    drop = cum <= (1.0 - p)[:, None]
-    drop[:, -1] = False  # the most likely token always stays
-    srt = srt.masked_fill(drop, _NEG_INF)
-    return torch.empty_like(x).scatter_(1, order, srt)
+        k = _to_device([max(k, 1) - 1 for k in top_k], torch.long, device)
+        kth = vals.gather(1, k[:, None]).masked_fill(~has_k[:, None], _NEG_INF)
+        vals = vals.masked_fill(vals < kth, _NEG_INF)
+    covered = None
+    if any(p.top_p < 1.0 for p in params):
+        # top_p = 1 rows get a bound they cannot reach: rounding must not cut their tail.
+        tp = _to_device([p.top_p if p.top_p < 1.0 else 2.0 for p in params], vals.dtype, device)
+        lse = vals.logsumexp(dim=-1)
+        if lse_full is not None:
+            lse = torch.where(has_k, lse, lse_full)
+        prob = (vals - lse[:, None]).exp()
+        cum = prob.cumsum(dim=-1)
+        vals = vals.masked_fill((cum - prob) >= tp[:, None], _NEG_INF)
+        covered = (cum[:, -1] >= tp) | has_k | (tp > 1.0)
+    log_min_p = _min_p_limit(params, vals)
+    best = vals[:, :1]
+    w = vals - best
+    if log_min_p is not None:
+        w = w.masked_fill(w < log_min_p, _NEG_INF)
+    return _inverse_cdf(w.exp_(), u), covered
 
 
 def _with_logprobs(
