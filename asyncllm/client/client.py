@@ -141,6 +141,7 @@ class Client:
         self._conn: _Connection | None = None
         self._session: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._unserved: _Connection | None = None
         self._open = False
         self._closing = False
         self._fatal: BaseException | None = None  # the client cannot be used again
@@ -167,15 +168,22 @@ class Client:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._open = True
+        self._unserved = conn
         self._tg.start_soon(self._supervise, conn)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         await self.aclose()
         tg, self._tg = self._tg, None
-        if tg is not None:
-            return await tg.__aexit__(*exc_info)
-        return None
+        try:
+            if tg is not None:
+                return await tg.__aexit__(*exc_info)
+            return None
+        finally:
+            # closed before the supervisor ever ran: its first socket is still ours to close
+            if self._unserved is not None:
+                await self._unserved.ws.close()
+                self._unserved = None
 
     async def aclose(self) -> None:
         """Cancel every open stream (they raise ClientClosed) and close the socket."""
@@ -409,6 +417,7 @@ class Client:
             conn.send({"type": P.CANCEL, "id": sid})
 
     async def _serve(self, conn: _Connection) -> None:
+        self._unserved = None
         self._adopt(conn)
         self._conn = conn
         fatal: BaseException | None = None

@@ -10,7 +10,8 @@ from typing import Any
 
 import anyio
 
-from asyncllm.client.errors import AsyncLLMClientError, StreamLost
+from asyncllm.client.errors import AsyncLLMClientError, StreamLost, error_from_frame
+from asyncllm.protocol import INTERNAL
 
 StreamId = int | str
 
@@ -65,6 +66,7 @@ class ChatStream:
         self.usage: Usage | None = None
         # client bookkeeping
         self.last_seq = 0
+        self.done_seq: int | None = None  # the seq of the `done` frame, once it came
         self.submitted = False  # a frame starting it went to a socket of the current session
         self.resuming = False  # a resume frame is out; no frame has come back yet
         self._on_cancel = on_cancel
@@ -128,8 +130,10 @@ class ChatStream:
             return
         seq = frame["seq"]
         self.resuming = False
+        if not isinstance(seq, int) or seq <= self.last_seq:
+            return  # a stale replay; cannot be the end
         # `done` takes the seq after the last delta; a larger one means deltas went missing
-        if isinstance(seq, int) and seq > self.last_seq + 1:
+        if seq > self.last_seq + 1:
             self.fail(
                 StreamLost(
                     f"stream {self.id!r}: deltas {self.last_seq + 1}..{seq - 1} never arrived",
@@ -138,10 +142,25 @@ class ChatStream:
                 )
             )
             return
+        self.done_seq = seq
         self.finish_reason = frame.get("finish_reason")
         self.finish_reasons = frame.get("finish_reasons")
         u = frame.get("usage") or {}
         self.usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+        if self.finish_reason == "error":
+            # the request failed on the server (its error frame may have been lost in a drop;
+            # the done carries the same error)
+            err = frame.get("error") or {}
+            self.fail(
+                error_from_frame(
+                    {
+                        "id": self.id,
+                        "code": err.get("code", INTERNAL),
+                        "message": err.get("message", "the request failed on the server"),
+                    }
+                )
+            )
+            return
         self._done = True
         self._wake()
 
