@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +34,7 @@ from asyncllm.client import (
 )
 from tests.fault_proxy import Cut, FaultProxy, random_plan
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = dict(reconnect_attempts=12, backoff_initial=0.01, backoff_max=0.1, connect_timeout=3.0)
 
 
@@ -596,3 +599,24 @@ def test_sync_client(gw):
         assert "".join(d.text for d in s) == expected_text("sync", 3)
         assert s.finish_reason == "length"
         assert client.complete("p", max_tokens=2).text() == expected_text("p", 2)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_example_bot_answers_stdin_lines(gw, backend):
+    out = subprocess.run(
+        [sys.executable, "examples/bot.py", "--url", gw.url(), "--max-tokens", "3"]
+        + ["--temperature", "0", "--backend", backend],
+        input="hello\n\nworld\n",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines == ["bot> " + expected_text("hello", 3), "bot> " + expected_text("world", 3)]
+    chats = [f for f in gw.received if f["type"] == P.CHAT]
+    # the second chat carries the conversation: system, user, the bot's reply, user
+    assert [m["role"] for m in chats[1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert chats[1]["messages"][2]["content"] == expected_text("hello", 3)
