@@ -346,8 +346,7 @@ class AsyncLLMEngine:
             for rid, item in items.items():
                 prev = box.get(rid)
                 if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
-                    kind = self._thread_kinds.get(rid, RequestOutputKind.CUMULATIVE)
-                    box[rid] = merge_outputs(prev, item, kind)
+                    box[rid] = merge_outputs(prev, item, self._thread_kinds[rid])
                 else:
                     box[rid] = item
             if dead is not None:
@@ -391,7 +390,12 @@ class AsyncLLMEngine:
                 elif engine.has_unfinished_requests():
                     self._emit(items, engine.step())
                 self._stats = engine.get_stats()
-                if not self._post(items) or stop:
+                posted = self._post(items)
+                # Only now forget finished requests' kinds: _post merges with them.
+                for rid, item in items.items():
+                    if not isinstance(item, RequestOutput) or item.finished:
+                        kinds.pop(rid, None)
+                if not posted or stop:
                     return
         except BaseException as e:
             logger.exception("asyncllm: the engine thread died")
@@ -422,10 +426,8 @@ class AsyncLLMEngine:
             rid = out.request_id
             prev = items.get(rid)
             if isinstance(prev, RequestOutput):
-                out = merge_outputs(prev, out, kinds.get(rid, RequestOutputKind.CUMULATIVE))
+                out = merge_outputs(prev, out, kinds[rid])
             items[rid] = out
-            if out.finished:
-                kinds.pop(rid, None)
 
 
 def _loop_caller() -> Callable[[Callable[[], None]], None]:
