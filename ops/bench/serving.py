@@ -69,7 +69,7 @@ class RequestResult:
         return self.chunks[0] - self.start if self.chunks else None
 
     def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
+        return [b - a for a, b in zip(self.chunks, self.chunks[1:], strict=False)]
 
 
 def make_prompts(n: int, words: int, seed: int) -> list[str]:
@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--streams-per-socket", type=int, default=64)
     p.add_argument("--warmup", type=int, default=8, help="requests before each mode's runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload-seed", type=int, default=0, help="prompts and arrivals")
     p.add_argument("--out", default=None, help="JSON path (default ops/bench/results/...)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     p.add_argument("--no-plot", action="store_true")
@@ -696,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_words=ns.prompt_words,
         output_len=ns.output_len,
         per_socket=ns.streams_per_socket,
-        seed=ns.seed,
+        seed=ns.workload_seed,
         warmup=ns.warmup,
     )
     from asyncllm.cli import engine_args_from
