@@ -79,7 +79,8 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        # live connections -> their state ({"frozen": bool})
+        self._live: dict[tuple[asyncio.StreamWriter, asyncio.StreamWriter], dict] = {}
         self._ready = threading.Event()
 
     def url(self, path: str = "/v1/ws") -> str:
@@ -116,6 +117,18 @@ class FaultProxy:
         loop = self._loop
         assert loop is not None
         asyncio.run_coroutine_threadsafe(self._drop_all(), loop).result(10)
+
+    def freeze_all(self) -> None:
+        """Every live connection goes silent both ways but stays open: a half-open socket (a
+        NAT that forgot the flow, a dead peer) that only a keepalive can detect."""
+        loop = self._loop
+        assert loop is not None
+
+        async def freeze() -> None:
+            for state in self._live.values():
+                state["frozen"] = True
+
+        asyncio.run_coroutine_threadsafe(freeze(), loop).result(10)
 
     # ---- the loop thread --------------------------------------------------------------------
 
@@ -159,7 +172,8 @@ class FaultProxy:
             _abort(cw)
             return
         pair = (cw, uw)
-        self._live.add(pair)
+        state = {"frozen": False}
+        self._live[pair] = state
         done = asyncio.Event()
 
         async def pump(
@@ -170,6 +184,8 @@ class FaultProxy:
                     data = await r.read(65536)
                     if not data:
                         break
+                    if state["frozen"]:
+                        continue
                     if budget is not None and len(data) >= budget:
                         if budget:
                             w.write(data[:budget])
@@ -196,7 +212,7 @@ class FaultProxy:
         # whichever way ended (budget, EOF, reset), end both ways at once: the point is a drop
         _abort(cw)
         _abort(uw)
-        self._live.discard(pair)
+        self._live.pop(pair, None)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

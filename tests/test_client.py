@@ -620,3 +620,19 @@ def test_example_bot_answers_stdin_lines(gw, backend):
     # the second chat carries the conversation: system, user, the bot's reply, user
     assert [m["role"] for m in chats[1]["messages"]] == ["system", "user", "assistant", "user"]
     assert chats[1]["messages"][2]["content"] == expected_text("hello", 3)
+
+
+@pytest.mark.anyio
+async def test_keepalive_detects_a_silent_socket(gw):
+    gw.interval = 0.01
+    with FaultProxy(gw.port) as proxy:
+        async with Client(proxy.url(), **FAST, ping_interval=0.1, ping_timeout=0.2) as client:
+            got = []
+            with anyio.fail_after(10):
+                async for d in client.chat(msgs("ka"), max_tokens=60):
+                    got.append(d)
+                    if len(got) == 5:
+                        proxy.freeze_all()  # open but silent: no EOF will ever come
+            assert client.reconnects == 1
+    assert [d.seq for d in got] == list(range(1, 61))
+    assert "".join(d.text for d in got) == expected_text("ka", 60)
