@@ -82,11 +82,16 @@ def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util:
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    runner.allocate_kv_cache(1)
     dev = mc.device
     ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
     pos = torch.arange(num_tokens, device=dev) % mc.max_model_len
     chunk = min(num_tokens, mc.max_model_len)
+    # A paged backend reads every position of seq_lens through the block table, so the table
+    # must cover the chunk: all profiling sequences share the same few blocks (nothing is
+    # written: slots are -1), and their bytes are taken off the measured peak below.
+    table_blocks = -(-chunk // runner.block_size)
+    runner.allocate_kv_cache(table_blocks)
+    temp_kv_bytes = sum(c.numel() * c.element_size() for c in runner.kv_caches)
     n_seqs = -(-num_tokens // chunk)
     qsl = [min(i * chunk, num_tokens) for i in range(n_seqs + 1)]
     lens = [qsl[i + 1] - qsl[i] for i in range(n_seqs)]
@@ -94,7 +99,7 @@ def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util:
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
         slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
-        block_tables=torch.zeros((n_seqs, 1), dtype=torch.int32, device=dev),
+        block_tables=torch.arange(table_blocks, dtype=torch.int32, device=dev).repeat(n_seqs, 1),
         max_query_len=max(lens),
         max_seq_len=max(lens),
         query_start_loc_cpu=qsl,
@@ -105,7 +110,7 @@ def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util:
         hidden = runner.model(ids, pos, runner.kv_caches, meta)
         runner.model.compute_logits(hidden[-min(num_tokens, 256) :])
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - temp_kv_bytes
     runner.kv_caches = []
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
