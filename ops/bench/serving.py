@@ -579,7 +579,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for mode in MODES:
         runs = sorted(
             (r for r in result["runs"] if r["mode"] == mode and r["delivered_tok_s"]),
-            key=lambda r: r["delivered_tok_s"],
+            key=lambda r: (r["concurrency"], r["requests_per_s"]),
         )
         if not runs:
             continue
@@ -668,12 +668,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--note", default="", help="free text stored in the JSON")
+    p.add_argument("--replot", default=None, help="only redraw the PNG of this results JSON")
     add_engine_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.replot:
+        src = Path(ns.replot)
+        plot(json.loads(src.read_text()), Path(ns.plot) if ns.plot else src.with_suffix(".png"))
+        return 0
     modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
