@@ -126,7 +126,8 @@ def test_disconnect_aborts(srv):
     with httpx.stream(
         "POST", s.http + "/v1/completions", json={**body, "stream": True}, headers=h
     ) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+        next(lines)
         assert engine.active
     t = time.monotonic()
     while engine.active and time.monotonic() - t < 3:

@@ -4,6 +4,7 @@ resume and limit logic is tested apart from the model; test_gateway_engine.py us
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import time
@@ -449,7 +450,7 @@ def test_fuzz_live_socket(fake, frame):
             mt = frame["params"].get("max_tokens")
             if not isinstance(mt, int) or mt > 3:
                 frame["params"]["max_tokens"] = 3  # keep streams that start short
-        ws.send(orjson.dumps(frame).decode())
+        ws.send(json.dumps(frame))  # json, not orjson: it also writes integers past 64 bits
         # The socket still answers: a cancel of an unknown id gets its not_found.
         ws.send({"type": "cancel", "id": "probe"})
         ws.until(lambda f: f["type"] == "error" and f["id"] == "probe")
