@@ -7,10 +7,13 @@ GGUF tensors are dequantized at load and renamed to transformers' names.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,12 +125,48 @@ def resolve_model(model: str | None, revision: str | None = None) -> ResolvedMod
 
 
 # ---- config and tokenizer ----------------------------------------------------------------------
+def _gguf_cache_dir(resolved: ResolvedModel) -> Path:
+    """Where the config and tokenizer parsed from a GGUF file are kept as a plain transformers
+    directory: parsing the GGUF vocabulary takes seconds, reading the saved copy does not."""
+    f = Path(resolved.path) / str(resolved.gguf_file)
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    root = os.environ.get("ASYNCLLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "asyncllm"
+    )
+    return Path(root) / "gguf" / key
+
+
+def _cached_from_gguf(resolved: ResolvedModel, marker: str, auto_cls: Any) -> Any:
+    cache = _gguf_cache_dir(resolved) / marker.split(".")[0]
+    if (cache / marker).is_file():
+        try:
+            return auto_cls.from_pretrained(str(cache))
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            logger.warning("ignoring an unreadable GGUF conversion cache at %s", cache)
+    obj = auto_cls.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+        obj.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, cache)  # atomic: a concurrent loader sees all of it or none
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process got there first
+    except OSError as e:
+        logger.info("could not cache the GGUF conversion (%s); parsing it each time", e)
+    return obj
+
+
 def load_hf_config(resolved: ResolvedModel) -> Any:
     from transformers import AutoConfig
 
-    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
-        return AutoConfig.from_pretrained(resolved.path, **kwargs)
+        if resolved.gguf_file:
+            config = _cached_from_gguf(resolved, "config.json", AutoConfig)
+            config._name_or_path = resolved.path  # not the conversion cache's path
+            return config
+        return AutoConfig.from_pretrained(resolved.path)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the model config at {resolved.path}: {e}") from e
 
@@ -135,9 +174,10 @@ def load_hf_config(resolved: ResolvedModel) -> Any:
 def load_tokenizer(resolved: ResolvedModel) -> Any:
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+        if resolved.gguf_file:
+            return _cached_from_gguf(resolved, "tokenizer_config.json", AutoTokenizer)
+        return AutoTokenizer.from_pretrained(resolved.path)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot load the tokenizer at {resolved.path}: {e}") from e
 
@@ -217,24 +257,155 @@ def _undo_llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first), as transformers' shapes
+    qtype: int
+    data: Any  # uint8 view of the file: [*shape[:-1], bytes per row]
+
+
+_GGUF_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+def read_gguf(file: str) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    """The scalar metadata and the tensor table of a GGUF file (memory-mapped, not copied).
+
+    gguf's GGUFReader builds a numpy view per vocabulary string (~7 s for a 49k vocab); this
+    walks past arrays instead, since weights need only the header and the tensor table."""
+    import struct
+
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    # A plain ndarray view of the map: memmap subclasses cost a Python hook per slice.
+    buf = np.memmap(file, dtype=np.uint8, mode="r").view(np.ndarray)
+    raw = memoryview(buf)
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (val,) = struct.unpack_from(fmt, raw, pos)
+        pos += struct.calcsize(fmt)
+        return val
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        val = bytes(raw[pos : pos + n]).decode("utf-8", errors="replace")
+        pos += n
+        return val
+
+    def value(vtype: int) -> Any:
+        nonlocal pos
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            itype, count = take("<I"), take("<Q")
+            if itype == 8:
+                for _ in range(count):
+                    pos += 8 + struct.unpack_from("<Q", raw, pos)[0]
+            elif itype in _GGUF_SCALAR:
+                pos += count * struct.calcsize(_GGUF_SCALAR[itype])
+            else:
+                for _ in range(count):
+                    value(itype)
+            return None  # arrays (vocabulary, merges) are not needed here
+        return take(_GGUF_SCALAR[vtype])
+
+    if bytes(raw[:4]) != b"GGUF":
+        raise ValueError(f"{file} is not a GGUF file")
+    pos = 4
+    version = take("<I")
+    if version < 2:
+        raise ValueError(f"{file}: GGUF version {version} is not supported")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        qtype, offset = take("<I"), take("<Q")
+        infos.append((name, dims, qtype, offset))
+    align = int(meta.get("general.alignment") or 32)
+    start = -(-pos // align) * align
+    tensors = []
+    for name, dims, qtype, offset in infos:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        shape = tuple(reversed(dims))  # ggml lists the fastest-moving dimension first
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        row_bytes = shape[-1] // block * type_size
+        begin = start + offset
+        data = buf[begin : begin + rows * row_bytes].reshape(*shape[:-1], row_bytes)
+        tensors.append(GGUFTensor(name, shape, qtype, data))
+    return meta, tensors
+
+
+def dequantize_gguf(t: GGUFTensor) -> torch.Tensor:
+    """float32 tensor of t.shape. The common llama.cpp block formats are unpacked with torch
+    (several times faster than gguf's numpy code); the rest go through gguf.dequantize."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize
+
+    qtype = GGMLQuantizationType(t.qtype)
+    raw = torch.from_numpy(np.array(t.data, copy=True)).reshape(-1)
+    if qtype == GGMLQuantizationType.F32:
+        return raw.view(torch.float32).reshape(t.shape).clone()
+    if qtype == GGMLQuantizationType.F16:
+        return raw.view(torch.float16).float().reshape(t.shape)
+    if qtype == GGMLQuantizationType.BF16:
+        return raw.view(torch.bfloat16).float().reshape(t.shape)
+    if qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+        return _dequant_simple(raw, qtype.name).reshape(t.shape)
+    out = np.array(dequantize(t.data, qtype), dtype=np.float32)
+    return torch.from_numpy(out).reshape(t.shape)
+
+
+def _dequant_simple(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    """Blocks of 32 weights: an f16 scale d (and for Q4_1 an f16 minimum m), then the quants.
+    Q8_0: d * int8. Q4_0: d * (nibble - 8). Q4_1: d * nibble + m. Nibbles: the low halves of the
+    16 bytes are weights 0-15, the high halves 16-31."""
+    head = 4 if kind == "Q4_1" else 2
+    block_bytes = head + (32 if kind == "Q8_0" else 16)
+    blocks = raw.view(-1, block_bytes)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    qs = blocks[:, head:]
+    if kind == "Q8_0":
+        return (d * qs.contiguous().view(torch.int8).float()).reshape(-1)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+    if kind == "Q4_0":
+        return (d * (q - 8.0)).reshape(-1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return (d * q + m).reshape(-1)
+
+
 def iter_gguf(file: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Every GGUF tensor dequantized to float32, by transformers' names."""
-    import numpy as np
-    from gguf import GGUFReader, dequantize
-
-    reader = GGUFReader(file)
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+    meta, tensors = read_gguf(file)
+    arch = meta.get("general.architecture", "llama")
     n_head = hf_config.num_attention_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_head
-    for t in reader.tensors:
+    for t in tensors:
         name = gguf_to_hf_name(t.name)
         if name is None:
             logger.debug("skipping GGUF tensor %s", t.name)
             continue
-        w = torch.from_numpy(
-            np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        )
+        w = dequantize_gguf(t)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _undo_llama_cpp_permute(w, n_head)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
