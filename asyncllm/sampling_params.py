@@ -108,6 +108,12 @@ class SamplingParams:
                 fail("allowed_token_ids", "must not be empty")
             if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
                 fail("allowed_token_ids", "must be non-negative integers")
+        if self.logit_bias is not None and any(
+            not -100.0 <= b <= 100.0 for b in self.logit_bias.values()
+        ):
+            fail("logit_bias", "values must be in [-100, 100]")
+        if self.stop and not self.detokenize:
+            fail("stop", "needs detokenize=True (stop strings are matched on the text)")
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", "must be a RequestOutputKind")
 

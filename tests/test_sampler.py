@@ -313,3 +313,105 @@ def test_prompt_logprobs():
 def test_bad_shapes_are_value_errors():
     with pytest.raises(ValueError, match="sampler rows"):
         Sampler()(torch.zeros(2, V), [_row(SamplingParams())])
+
+
+@pytest.mark.gpu
+def test_cuda_one_host_sync_and_seeds():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    vocab, n = 5000, 64
+    logits = torch.randn(n, vocab, device=dev) * 3
+    params = [
+        SamplingParams(
+            temperature=[0.0, 0.7, 1.0, 1.3][i % 4],
+            top_p=[1.0, 0.9][i % 2],
+            top_k=[0, 0, 50][i % 3],
+            min_p=[0.0, 0.05][i % 2],
+            repetition_penalty=1.2 if i % 5 == 0 else 1.0,
+            presence_penalty=0.5 if i % 7 == 0 else 0.0,
+            logit_bias={3: 2.0} if i % 11 == 0 else None,
+            logprobs=2 if i % 3 == 0 else None,
+            seed=i if i % 2 else None,
+        )
+        for i in range(n)
+    ]
+
+    def rows():
+        return [
+            SamplerRow(p, [1, 2, 3], [4, 5], torch.Generator(dev).manual_seed(p.seed))
+            if p.seed is not None
+            else SamplerRow(p, [1, 2, 3], [4, 5], None)
+            for p in params
+        ]
+
+    sampler = Sampler()
+    first = sampler(logits, rows())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            again = sampler(logits, rows())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    seeded = [i for i, p in enumerate(params) if p.seed is not None]
+    assert [first.token_ids[i] for i in seeded] == [again.token_ids[i] for i in seeded]
+    # Seeded rows alone give the same tokens as inside the batch.
+    alone = sampler(logits[seeded], [rows()[i] for i in seeded])
+    assert alone.token_ids == [first.token_ids[i] for i in seeded]
+    greedy = [i for i, p in enumerate(params) if p.greedy and not p.logit_bias]
+    proc = process_logits(logits, rows())
+    assert [first.token_ids[i] for i in greedy] == proc[greedy].argmax(-1).tolist()
+
+
+@pytest.mark.gpu
+def test_cuda_sampled_frequencies():
+    dev = torch.device("cuda")
+    torch.manual_seed(1)
+    kw = dict(temperature=0.8, top_k=6, top_p=0.9, min_p=0.05)
+    draws = 200_000
+    batch = LOGITS.to(dev).expand(draws, -1).contiguous()
+    out = Sampler()(batch, [_row(SamplingParams(**kw)) for _ in range(draws)])
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=V).tolist()
+    expected = _expected(**kw)
+    assert all(c == 0 for c, p in zip(counts, expected, strict=True) if p == 0)
+    assert _chi2_pvalue(counts, expected) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n", 0),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 1.1),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
+        ("repetition_penalty", 0.0),
+        ("max_tokens", 0),
+        ("min_tokens", -1),
+        ("logprobs", -1),
+        ("prompt_logprobs", -1),
+        ("stop", [""]),
+        ("stop_token_ids", [-1]),
+        ("allowed_token_ids", []),
+        ("logit_bias", {1: 101.0}),
+        ("logit_bias", {1: float("nan")}),
+        ("logit_bias", {"x": 1.0}),
+        ("seed", 1.5),
+    ],
+)
+def test_out_of_range_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_stop_strings_need_detokenize():
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=["x"], detokenize=False)
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(logit_bias={"3": -100}).logit_bias == {3: -100.0}
