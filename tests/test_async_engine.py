@@ -174,21 +174,24 @@ async def test_abort_storm_frees_everything(engine, refs):
         nonlocal aborted_seen, finished_naturally
         rid = f"storm-{i}"
         ids: list[int] = []
-        it = engine.generate(prompt, greedy(n), request_id=rid, priority=i % 3)
+        params = greedy(n)
         if way == "cancel":
+            # Cancellation lands either while waiting for an output or in the loop body.
             with anyio.move_on_after(delay):
-                async for out in it:
+                async for out in engine.generate(prompt, params, request_id=rid, priority=i % 3):
                     ids += out.outputs[0].token_ids
-            del it
+                    await anyio.sleep(0.002 * (i % 2))
         elif way == "break":
             k = 0
-            async for out in it:
+            async for out in engine.generate(prompt, params, request_id=rid, priority=i % 3):
                 ids += out.outputs[0].token_ids
                 k += 1
                 if k >= stop_after:
                     break
-            del it
+            # The dropped iterator has told the engine at once (no waiting for garbage collection).
+            assert rid not in engine._streams or engine._streams[rid].detached
         else:
+            it = engine.generate(prompt, params, request_id=rid, priority=i % 3)
             if way == "abort":
 
                 async def abort_later() -> None:
@@ -391,6 +394,21 @@ async def test_fatal_step_error_reaches_every_stream(tiny_model_dir):
         eng.stats()
     errors: list[BaseException] = []
     got_output = anyio.Event()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.005)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        t0 = time.monotonic()
+        await eng.start()  # loads the model in a worker thread: the loop keeps running
+        load_s = time.monotonic() - t0
+        tg.cancel_scope.cancel()
+    assert ticks >= min(5, load_s / 0.005 / 4)
     async with eng:
         assert eng.model_config.max_model_len > 0 and eng.tokenizer is not None
         runner = eng._engine.runner

@@ -107,7 +107,10 @@ class RequestIterator(AsyncIterator[RequestOutput]):
     def __del__(self) -> None:
         # `break` out of `async for` drops the iterator at once (CPython refcounting); _detach only
         # flags the stream and puts on the thread-safe inbox, so it is safe from any thread.
-        self._close()
+        try:
+            self._close()
+        except Exception:  # interpreter shutdown: nothing left to tell
+            pass
 
 
 class AsyncLLMEngine:
