@@ -214,3 +214,20 @@ def test_ids_unique_while_active_and_finished_streams_bounded():
     # A finished, delivered id may be used again.
     sess.add(Stream("b", "r3"))
     assert sess.get("b").request_id == "r3"
+
+
+def test_empty_session_is_dropped_at_once():
+    mgr = SessionManager(resume_ttl=30)
+    w = FakeWriter()
+    sess = mgr.attach(None, None, w)
+    mgr.detach(sess, w)
+    assert sess.key not in mgr.sessions
+    # A takeover is not a drop: the session stays, its streams wait for a resume.
+    w1, w2 = FakeWriter(), FakeWriter()
+    sess = mgr.attach(None, None, w1)
+    s = Stream("a", "r")
+    sess.add(s)
+    assert mgr.attach(sess.key, None, w2) is sess and not s.attached
+    mgr2 = SessionManager(resume_ttl=30)
+    empty = mgr2.attach(None, None, w1)
+    assert mgr2.attach(empty.key, None, w2) is empty and empty.key in mgr2.sessions

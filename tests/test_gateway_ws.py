@@ -384,9 +384,11 @@ def test_metrics(fake):
     engine, srv = fake
     ws = WS(srv.ws_url())
     ws.send({"type": "complete", "id": 1, "prompt": "x", "params": {"max_tokens": 5}})
+    ws.send({"type": "cancel", "id": "nobody"})
     ws.until_done([1])
     text = httpx.get(srv.http + "/metrics").text
     for name in (
+        'asyncllm_errors_total{api="ws",code="not_found"}',
         "asyncllm_requests_total",
         "asyncllm_prompt_tokens_total",
         "asyncllm_generation_tokens_total",

@@ -37,22 +37,26 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _guarded(settings: GatewaySettings, handler: Handler) -> Handler:
+def _guarded(settings: GatewaySettings, metrics: Metrics, handler: Handler) -> Handler:
     """Origin and API key checks, then the handler; protocol errors become OpenAI error bodies."""
+
+    def fail(e: GatewayError) -> Response:
+        metrics.errors.labels("http", e.code).inc()
+        return error_response(e)
 
     async def endpoint(request: Request) -> Response:
         try:
             if not origin_allowed(request, settings.allowed_origins):
-                return error_response(GatewayError(UNAUTHORIZED, "origin not allowed", status=403))
+                return fail(GatewayError(UNAUTHORIZED, "origin not allowed", status=403))
             if not authorized(request, settings.api_keys):
-                return error_response(
+                return fail(
                     GatewayError(UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)")
                 )
             return await handler(request)
         except GatewayError as e:
-            return error_response(e)
+            return fail(e)
         except ProtocolError as e:
-            return error_response(GatewayError(e.code, e.message))
+            return fail(GatewayError(e.code, e.message))
 
     return endpoint
 
@@ -101,10 +105,14 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
 
     routes = [
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", _guarded(settings, metrics_route), methods=["GET"]),
-        Route("/v1/models", _guarded(settings, oa.models), methods=["GET"]),
-        Route("/v1/chat/completions", _guarded(settings, oa.chat_completions), methods=["POST"]),
-        Route("/v1/completions", _guarded(settings, oa.completions), methods=["POST"]),
+        Route("/metrics", _guarded(settings, metrics, metrics_route), methods=["GET"]),
+        Route("/v1/models", _guarded(settings, metrics, oa.models), methods=["GET"]),
+        Route(
+            "/v1/chat/completions",
+            _guarded(settings, metrics, oa.chat_completions),
+            methods=["POST"],
+        ),
+        Route("/v1/completions", _guarded(settings, metrics, oa.completions), methods=["POST"]),
         WebSocketRoute(WS_PATH, wsg.endpoint),
         # The chat page holds no data and no key (it asks for one and sends it as ?api_key=
         # on the socket), so it is served without auth, like /health.
@@ -169,6 +177,8 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
     # (1009) only for frames far beyond it, which the gateway could not even parse cheaply.
     ws_max = max(settings.max_frame_bytes * 4, 1 << 16)
     kw.setdefault("log_level", "info")
+    # At shutdown, requests still streaming get this long to finish before they are cancelled.
+    kw.setdefault("timeout_graceful_shutdown", 10)
     return uvicorn.Config(
         app,
         host=settings.host,

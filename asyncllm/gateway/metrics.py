@@ -32,6 +32,12 @@ class Metrics:
             ["api", "outcome"],
             registry=r,
         )
+        self.errors = Counter(
+            "asyncllm_errors",
+            "Error answers (error frames / HTTP errors), by API and code",
+            ["api", "code"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "asyncllm_prompt_tokens", "Prompt tokens of admitted requests", registry=r
         )

@@ -283,7 +283,7 @@ class SessionManager:
             self.sessions[key] = sess
         elif sess.writer is not None and sess.writer is not writer:
             old = sess.writer
-            self.detach(sess, old)
+            self._detach_streams(sess)  # they wait for a resume on the new socket
             old.take_over()
         sess.writer = writer
         sess.detached_at = None
@@ -292,9 +292,15 @@ class SessionManager:
     def detach(self, sess: Session, writer: Writer) -> None:
         if sess.writer is not writer:
             return
-        now = self.clock()
         sess.writer = None
-        sess.detached_at = now
+        sess.detached_at = self.clock()
+        if not sess.streams:  # nothing to resume: do not keep an empty session for the TTL
+            self.sessions.pop(sess.key, None)
+            return
+        self._detach_streams(sess)
+
+    def _detach_streams(self, sess: Session) -> None:
+        now = self.clock()
         for s in sess.streams.values():
             if s.attached:
                 s.attached = False

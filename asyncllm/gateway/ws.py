@@ -43,6 +43,8 @@ from asyncllm.protocol import (
 
 logger = logging.getLogger(__name__)
 
+CONTROL_HIGH_WATER = 256  # queued control frames (errors, replays) before the reader pauses
+
 
 class Connection:
     """One open socket: the writer side a session is attached to."""
@@ -54,6 +56,7 @@ class Connection:
         self.control: deque[Any] = deque()  # encoded frames and ("resume", id, after) items
         self.dirty: dict[Stream, None] = {}  # ordered set of streams with frames to take
         self._wakeup = anyio.Event()
+        self._drained: anyio.Event | None = None
         self.taken_over = False
 
     # ---- Writer protocol (called by the session) ---------------------------------------------
@@ -74,6 +77,14 @@ class Connection:
         self.control.append(("resume", frame.id, frame.after))
         self._wakeup.set()
 
+    async def wait_drained(self) -> None:
+        """Backpressure for the reader: a client that sends frames but never reads the answers
+        (errors, replays) stops being read, instead of growing our queue without bound."""
+        while len(self.control) > CONTROL_HIGH_WATER:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
+
     # ---- the writer task -----------------------------------------------------------------------
     async def write_loop(self) -> None:
         ws = self.ws
@@ -85,6 +96,9 @@ class Connection:
                     break
                 if self.control:
                     item = self.control.popleft()
+                    if self._drained is not None and len(self.control) <= CONTROL_HIGH_WATER // 2:
+                        self._drained.set()
+                        self._drained = None
                     if isinstance(item, str):
                         await ws.send_text(item)
                     else:
@@ -196,6 +210,7 @@ class WebSocketGateway:
     async def _read_loop(self, ws: WebSocket, conn: Connection, sess: Session) -> None:
         max_bytes = self.settings.max_frame_bytes
         while True:
+            await conn.wait_drained()
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
@@ -210,6 +225,7 @@ class WebSocketGateway:
             try:
                 self._handle(conn, sess, frame)
             except ProtocolError as e:
+                self.io.metrics.errors.labels("ws", e.code).inc()
                 conn.send(e.frame())
             except Exception as e:  # a bug must cost one frame, not the socket
                 logger.exception("error handling a frame")
@@ -218,6 +234,7 @@ class WebSocketGateway:
     def _reject_frame(self, conn: Connection, sess: Session, e: ProtocolError) -> None:
         """A chat/complete frame with a readable, unused id still gets its done (finish_reason
         "error") after the error frame, so a client waits for exactly one done per stream."""
+        self.io.metrics.errors.labels("ws", e.code).inc()
         if e.type in (CHAT, COMPLETE) and e.id is not None:
             stream = Stream(e.id, "", replay_limit=self.settings.replay_buffer_bytes)
             try:
@@ -265,6 +282,7 @@ class WebSocketGateway:
             params = io.sampling_params(frame.params, frame.id)
             assert self.task_group is not None, "the app's lifespan has not run"
         except ProtocolError as e:
+            self.io.metrics.errors.labels("ws", e.code).inc()
             stream.finish(error={"code": e.code, "message": e.message})
             sess.notify(stream)
             return
