@@ -64,7 +64,8 @@ def gather_kv(kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tenso
     """The first `length` cached K and V of one sequence: [length, Hkv, D] each."""
     block_size = kv_cache.shape[2]
     n = -(-length // block_size)
-    blocks = kv_cache[:, block_table[:n].long()]  # [2, n, bs, H, D]
+    # index_select: several times faster than advanced indexing behind a leading slice.
+    blocks = kv_cache.index_select(1, block_table[:n].long())  # [2, n, bs, H, D]
     blocks = blocks.flatten(1, 2)[:, :length]
     return blocks[0], blocks[1]
 
@@ -138,8 +139,10 @@ class TorchAttentionBackend(AttentionBackend):
         """One new token per sequence: q [B,Hq,D] against padded [B,S] cached K/V."""
         block_size = kv_cache.shape[2]
         n = -(-max_seq_len // block_size)
-        blocks = kv_cache[:, block_tables[:, :n].long()]  # [2, B, n, bs, H, D]
-        kv = blocks.flatten(2, 3)  # [2, B, S, H, D]
+        batch = block_tables.shape[0]
+        ids = block_tables[:, :n].reshape(-1).long()
+        blocks = kv_cache.index_select(1, ids).view(2, batch, n * block_size, *kv_cache.shape[3:])
+        kv = blocks  # [2, B, S, H, D]
         keys = kv[0].transpose(1, 2)  # [B, H, S, D]
         values = kv[1].transpose(1, 2)
         positions = torch.arange(kv.shape[2], device=q.device)
