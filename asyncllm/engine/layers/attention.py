@@ -147,6 +147,8 @@ class TorchAttentionBackend(AttentionBackend):
         values = kv[1].transpose(1, 2)
         positions = torch.arange(kv.shape[2], device=q.device)
         mask = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [B, S]
+        # Padding rows (seq_len 0) would softmax over nothing (NaN); let them see slot 0.
+        mask[:, 0] = True
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2).to(keys.dtype),  # [B, Hq, 1, D]
             keys,
