@@ -7,6 +7,7 @@ a CUDA graph."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,8 @@ from asyncllm.engine.layers.activations import get_act_and_mul
 from asyncllm.engine.layers.attention import AttentionBackend, AttentionMetadata
 from asyncllm.engine.layers.norms import RMSNorm
 from asyncllm.engine.layers.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -163,6 +166,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: Any, attn_backend: AttentionBackend):
         super().__init__()
         self.config = hf_config
+        window = getattr(hf_config, "sliding_window", None)
+        uses_window = getattr(hf_config, "use_sliding_window", True)
+        if window and uses_window and window < hf_config.max_position_embeddings:
+            # Full attention instead: identical up to `window` tokens of context, not beyond.
+            logger.warning(
+                "sliding-window attention (window %d) is not implemented; contexts longer "
+                "than the window attend to all tokens",
+                window,
+            )
         biases = self.attention_biases(hf_config)
         self.model = DecoderModel(hf_config, attn_backend, biases, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
