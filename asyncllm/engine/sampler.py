@@ -14,6 +14,7 @@ as vLLM's default.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -164,34 +165,39 @@ def _process(raw: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         r, c = _flat_index(masked, device)
         x[r, c] = _NEG_INF
 
+    # Penalties touch only the tokens a row has seen: gather them, change them, scatter them back.
     rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rep:
-        idx = _to_device(rep, torch.long, device)
-        sub = x.index_select(0, idx)
-        seen = torch.zeros_like(sub, dtype=torch.bool)
         r, c = _flat_index(
             [rows[i].prompt_token_ids + rows[i].output_token_ids for i in rep], device
         )
-        seen[r, c] = True
-        pen = _to_device([params[i].repetition_penalty for i in rep], x.dtype, device)[:, None]
-        # HF/vLLM: a seen token's positive logit is divided by the penalty, a negative one multiplied.
-        sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-        x.index_copy_(0, idx, sub)
+        batch_rows = _to_device(rep, torch.long, device)[r]
+        pen = _to_device([params[i].repetition_penalty for i in rep], x.dtype, device)[r]
+        v = x[batch_rows, c]
+        # HF/vLLM: a seen token's positive logit is divided by the penalty, a negative one
+        # multiplied. A token seen twice is written twice with the same value.
+        x[batch_rows, c] = torch.where(v > 0, v / pen, v * pen)
 
     pen_rows = [
         i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
     ]
     if pen_rows:
-        idx = _to_device(pen_rows, torch.long, device)
-        sub = x.index_select(0, idx)
-        counts = torch.zeros_like(sub)
-        r, c = _flat_index([rows[i].output_token_ids for i in pen_rows], device)
-        counts.index_put_((r, c), torch.ones_like(c, dtype=sub.dtype), accumulate=True)
-        freq = _to_device([params[i].frequency_penalty for i in pen_rows], x.dtype, device)
-        pres = _to_device([params[i].presence_penalty for i in pen_rows], x.dtype, device)
-        # OpenAI: logit -= frequency * count + presence * (count > 0), over output tokens only.
-        sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0).to(sub.dtype)
-        x.index_copy_(0, idx, sub)
+        rows_: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        for i in pen_rows:
+            p = params[i]
+            for tok, count in Counter(rows[i].output_token_ids).items():
+                rows_.append(i)
+                cols.append(tok)
+                # OpenAI: logit -= frequency * count + presence * (count > 0), output tokens only.
+                vals.append(-(p.frequency_penalty * count + p.presence_penalty))
+        if rows_:
+            x.index_put_(
+                (_to_device(rows_, torch.long, device), _to_device(cols, torch.long, device)),
+                _to_device(vals, x.dtype, device),
+                accumulate=True,
+            )
     return x
 
 
@@ -240,8 +246,8 @@ def _uniforms(rows: list[SamplerRow], device: torch.device) -> torch.Tensor:
 
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index of the first cumulative weight above u * total, per row: a draw from w / sum(w).
-    A zero weight never wins (its interval is empty)."""
-    c = w.cumsum(dim=-1)
+    A zero weight never wins (its interval is empty). Overwrites w."""
+    c = w.cumsum_(dim=-1)
     total = c[:, -1:]
     # u < 1, but u * total can round up to total: stay strictly below it.
     r = (u[:, None] * total).minimum(torch.nextafter(total, torch.zeros_like(total)))
@@ -334,31 +340,38 @@ def _truncate_and_draw(
 def _with_logprobs(
     raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerRow], want: list[bool]
 ) -> SamplerOutput:
+    """Raw logprobs for the rows that asked, packed with every row's token for one host sync."""
     n = len(rows)
-    lp = raw.log_softmax(dim=-1)
-    chosen = lp.gather(1, tokens[:, None])
-    ranks = (lp > chosen).sum(dim=-1) + 1
-    ks = [r.params.logprobs or 0 for r in rows]
+    asked = [i for i in range(n) if want[i]]
+    m = len(asked)
+    if m == n:
+        x, tok = raw, tokens
+    else:
+        idx = _to_device(asked, torch.long, raw.device)
+        x, tok = raw.index_select(0, idx), tokens.index_select(0, idx)
+    ks = [rows[i].params.logprobs or 0 for i in asked]
     k_max = min(max(ks), raw.shape[1])
-    parts = [tokens.double(), chosen[:, 0].double(), ranks.double()]
+    # log_softmax(x)[t] = x[t] - logsumexp(x); ranks and top-k need only the raw order.
+    lse = x.logsumexp(dim=-1, keepdim=True)
+    chosen = x.gather(1, tok[:, None])
+    ranks = (x > chosen).sum(dim=-1, dtype=torch.int32) + 1  # int32: twice as fast on CPU
+    parts = [tokens.double(), (chosen - lse)[:, 0].double(), ranks.double()]
     if k_max:
-        top = lp.topk(k_max, dim=-1)
-        parts += [top.indices.double().flatten(), top.values.double().flatten()]
+        top = x.topk(k_max, dim=-1)
+        parts += [top.indices.double().flatten(), (top.values - lse).double().flatten()]
     # The one host sync of the step: everything packed into one tensor.
     flat = torch.cat(parts).tolist()
     tok_ids = [int(t) for t in flat[:n]]
-    chosen_lp = flat[n : 2 * n]
-    rank_l = [int(r) for r in flat[2 * n : 3 * n]]
-    top_ids = flat[3 * n : 3 * n + n * k_max]
-    top_vals = flat[3 * n + n * k_max :]
-    top_out: list[list[tuple[int, float]] | None] = []
-    for i in range(n):
-        if not want[i]:
-            top_out.append(None)
-            chosen_lp[i], rank_l[i] = 0.0, 0
-            continue
-        a = i * k_max
-        top_out.append([(int(top_ids[a + j]), top_vals[a + j]) for j in range(min(ks[i], k_max))])
+    chosen_lp = [0.0] * n
+    rank_l = [0] * n
+    top_out: list[list[tuple[int, float]] | None] = [None] * n
+    top_ids = flat[n + 2 * m : n + 2 * m + m * k_max]
+    top_vals = flat[n + 2 * m + m * k_max :]
+    for j, i in enumerate(asked):
+        chosen_lp[i] = flat[n + j]
+        rank_l[i] = int(flat[n + m + j])
+        a = j * k_max
+        top_out[i] = [(int(top_ids[a + q]), top_vals[a + q]) for q in range(min(ks[j], k_max))]
     return SamplerOutput(tok_ids, chosen_lp, rank_l, top_out)
 
 
@@ -375,7 +388,7 @@ def compute_prompt_logprobs(
     lp = logits.float().log_softmax(dim=-1)
     tgt = _to_device(target_ids, torch.long, lp.device)
     chosen = lp.gather(1, tgt[:, None])
-    ranks = (lp > chosen).sum(dim=-1) + 1
+    ranks = (lp > chosen).sum(dim=-1, dtype=torch.int32) + 1
     k = min(k, lp.shape[1])
     parts = [chosen[:, 0].double(), ranks.double()]
     if k:
