@@ -543,6 +543,17 @@ def stop_server(proc: Any) -> None:
         proc.wait(10)
 
 
+def remote_model(base: str, api_key: str | None) -> str | None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(base.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        return r.json()["data"][0]["id"]
+    except Exception:  # the name is a label; the run does not need it
+        return None
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -724,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc, base = start_server(_engine_flags(ns), ns.model, plan)
         else:
             wait_healthy(base, timeout=30)
+            model_info.setdefault("served_model_name", remote_model(base, ns.api_key))
         try:
             runs += asyncio.run(run_gateway(plan, base.rstrip("/"), ns.api_key))
         finally:
@@ -735,6 +747,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "serving",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": hardware(),
+        "hardware_scope": (
+            "the load generator only: the server at --url may run elsewhere"
+            if ns.url
+            else "engine, server and load generator (all on this machine)"
+        ),
         "model": model_info.get("served_model_name")
         or ns.model
         or "default (SmolLM2-135M-Instruct)",
