@@ -49,7 +49,14 @@ def bench_decode(batch: int, lo: int, hi: int, bs: int = 16, seed: int = 0, **kw
         for c in caches:
             paged_decode_attention(q, c, tables, seq_lens, D**-0.5, out=out, **kw)
 
-    ms = do_bench(run, warmup=50, rep=300, return_mode="median") / layers
+    # Inside a CUDA graph, as decode runs in the engine: eager Triton launches cost ~20 us of
+    # Python each, which would swamp the small batches.
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = do_bench(graph.replay, warmup=50, rep=300, return_mode="median") / layers
     nbytes = sum(lens) * HKV * D * 2 * 2
     return {
         "kernel": "decode",

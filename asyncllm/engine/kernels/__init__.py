@@ -27,6 +27,27 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
+_fused: Any = None
+
+
+def fused_ops(x: Any) -> Any:
+    """The fused-kernel module (asyncllm.engine.kernels.fused) when `x` is a CUDA tensor and
+    triton imports, else None: the layers' hook for their fast path."""
+    global _fused
+    if not getattr(x, "is_cuda", False):
+        return None
+    if _fused is None:
+        try:
+            from asyncllm.engine.kernels import fused
+        except ImportError:
+            _fused = False
+        else:
+            _fused = fused
+    if _fused is False or not _fused.enabled(x):
+        return None
+    return _fused
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

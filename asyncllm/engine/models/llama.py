@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncllm.engine.kernels import fused_ops
 from asyncllm.engine.layers.activations import get_act_and_mul
 from asyncllm.engine.layers.attention import AttentionBackend, AttentionMetadata
 from asyncllm.engine.layers.norms import RMSNorm
@@ -68,6 +69,26 @@ class Attention(nn.Module):
         self, positions: Tensor, x: Tensor, kv_cache: Tensor, meta: AttentionMetadata
     ) -> Tensor:
         qkv = self.qkv_proj(x)
+        ops = fused_ops(qkv)
+        if ops is not None and qkv.dim() == 2:
+            # q/k norm and rotary in one Triton kernel (asyncllm.engine.kernels.fused)
+            rope = self._rotary[0]
+            norm = self.q_norm is not None
+            q, k = ops.qk_norm_rope(
+                qkv,
+                positions,
+                rope.cos,
+                rope.sin,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.q_norm.weight if norm else None,
+                self.k_norm.weight if norm else None,
+                self.q_norm.eps if norm else 0.0,
+            )
+            v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+            out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+            return self.o_proj(out.reshape(-1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
