@@ -340,6 +340,8 @@ async def test_bad_params_raise_before_sending(gw):
             client.chat([])
         with pytest.raises(ValueError, match="prompt"):
             client.complete("")
+        with pytest.raises(ValueError, match="bytes"):  # past the gateway's frame limit
+            client.complete("x" * (1 << 20))
     assert not [f for f in gw.received if f["type"] in (P.CHAT, P.COMPLETE)]
     with pytest.raises(ValueError):
         Client("http://127.0.0.1:1/v1/ws")

@@ -139,3 +139,47 @@ async def test_session_expiry_while_disconnected_raises_stream_lost(served):
         await anyio.sleep(0.05)
     s = engine.stats()
     assert s.num_running == 0 and s.kv_blocks_free == s.kv_blocks_total
+
+
+# ---- the real gateway's refusals, on its fake engine (no model needed) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    from tests.gateway_helpers import FakeEngine
+
+    settings = GatewaySettings(api_keys=("k1",), max_connections=2)
+    with run_server(FakeEngine(step_s=0.002), settings) as srv:
+        yield srv
+
+
+@pytest.mark.anyio
+async def test_gateway_refusals_map_to_errors(keyed):
+    from asyncllm.client import AuthError, Overloaded, ServerError
+    from tests.gateway_helpers import CharTokenizer, fake_text
+
+    t0 = time.monotonic()
+    for key in ("wrong", None):
+        with pytest.raises(AuthError):
+            async with Client(keyed.ws_url(), api_key=key, **FAST):
+                pass
+    assert time.monotonic() - t0 < 3  # refused keys are not retried
+    async with Client(keyed.ws_url(), api_key="k1", **FAST) as client:
+        reply = await client.complete("resume me", max_tokens=20).text()
+        assert reply == fake_text(CharTokenizer().encode("resume me"), 0, 20)
+        with pytest.raises(ServerError) as ei:
+            await client.chat(msgs("hi"), model="gpt-9").text()
+        assert ei.value.code == "not_found"
+        with pytest.raises(ServerError) as ei:  # over the model's 512 tokens
+            await client.complete("x" * 600).text()
+        assert ei.value.code == "too_large"
+        # the socket limit (2): a third client is told the server is overloaded
+        async with Client(keyed.ws_url(), api_key="k1", **FAST):
+            with pytest.raises(Overloaded):
+                async with Client(
+                    keyed.ws_url(), api_key="k1", reconnect_attempts=2, backoff_initial=0.01
+                ):
+                    pass
+        # and the first client's socket is untouched by all of it
+        assert client.reconnects == 0
+        assert await client.complete("again", max_tokens=3).text()

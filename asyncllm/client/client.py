@@ -73,6 +73,7 @@ class _Connection:
         self.outbox: MemoryObjectSendStream[str] = send
         self.outbox_recv = recv
         self.live = True
+        self.max_frame_bytes: int | None = None  # when the session frame states it
 
     def send(self, frame: dict[str, Any]) -> None:
         if self.live:
@@ -109,6 +110,7 @@ class Client:
         ping_timeout: float = 20.0,
         headers: dict[str, str] | None = None,
         max_frame_bytes: int | None = 1 << 24,
+        max_request_bytes: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
     ):
         parts = urlsplit(url)
@@ -133,6 +135,10 @@ class Client:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.max_frame_bytes = max_frame_bytes
+        # The gateway answers a frame over its limit with an error it cannot tie to a stream
+        # (it does not parse it), so requests are measured here first. 1 MiB is the gateway's
+        # default; a session frame that states `max_frame_bytes` overrides it.
+        self.max_request_bytes = max_request_bytes
         self.ssl_context = ssl_context
 
         self._ids = itertools.count(1)
@@ -239,6 +245,12 @@ class Client:
             frame["params"] = clean
         if model is not None:
             frame["model"] = model
+        size = len(P.encode(frame).encode())
+        if size > self.max_request_bytes:
+            raise ValueError(
+                f"the request is {size} bytes; the server takes frames of at most "
+                f"{self.max_request_bytes} bytes"
+            )
         s = ChatStream(sid, frame, gp.n, self._cancel_stream)
         self._streams[sid] = s
         conn = self._conn
@@ -301,7 +313,11 @@ class Client:
         if first["type"] != P.SESSION:
             await ws.abort()
             raise ServerError(P.INTERNAL, f"expected a session frame first, got {first['type']}")
-        return _Connection(ws, str(first["session"]), float(first["resume_ttl"]))
+        conn = _Connection(ws, str(first["session"]), float(first["resume_ttl"]))
+        mfb = first.get("max_frame_bytes")
+        if isinstance(mfb, int) and mfb > 0:
+            conn.max_frame_bytes = mfb
+        return conn
 
     def _handshake_error(self, e: HandshakeRejected) -> BaseException:
         msg = f"the server refused the WebSocket upgrade: {e}"
@@ -393,6 +409,8 @@ class Client:
         """A socket is up: bring every stream's server state in line with ours."""
         lost = self._session is not None and conn.session != self._session
         self._session = conn.session
+        if conn.max_frame_bytes:
+            self.max_request_bytes = conn.max_frame_bytes
         if lost:
             self.sessions_lost += 1
             self._cancelling.clear()
