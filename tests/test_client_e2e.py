@@ -148,7 +148,10 @@ async def test_session_expiry_while_disconnected_raises_stream_lost(served):
 def keyed():
     from tests.gateway_helpers import FakeEngine
 
-    settings = GatewaySettings(api_keys=("k1",), max_connections=2)
+    # the server pings often: an idle client must answer (pongs) or be dropped
+    settings = GatewaySettings(
+        api_keys=("k1",), max_connections=2, ws_ping_interval=0.05, ws_ping_timeout=0.2
+    )
     with run_server(FakeEngine(step_s=0.002), settings) as srv:
         yield srv
 
@@ -183,3 +186,11 @@ async def test_gateway_refusals_map_to_errors(keyed):
         # and the first client's socket is untouched by all of it
         assert client.reconnects == 0
         assert await client.complete("again", max_tokens=3).text()
+
+
+@pytest.mark.anyio
+async def test_idle_client_answers_server_pings(keyed):
+    async with Client(keyed.ws_url(), api_key="k1", **FAST, ping_interval=0.1) as client:
+        await anyio.sleep(1.0)  # 20 server pings, 10 of ours
+        assert await client.complete("still here", max_tokens=3).text()
+        assert client.reconnects == 0
