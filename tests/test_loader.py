@@ -269,6 +269,20 @@ def test_default_model_not_installed(monkeypatch):
         resolve_model(None)
 
 
+def test_default_model_answers():
+    """The default model loads from the installed GGUF (conversion cache as users have it) and
+    completes a fact greedily."""
+    r = resolve_model(None)
+    cfg, tok = load_hf_config(r), load_tokenizer(r)
+    assert cfg.model_type == "llama" and tok.eos_token == "<|im_end|>"
+    model = load_model(model_config(r, cfg), BACKEND)
+    ids = tok.encode("The capital of France is", add_special_tokens=False)
+    logits = prefill_logits(model, cfg, ids)
+    assert torch.isfinite(logits).all()
+    assert tok.decode(int(logits[-1].argmax())).strip() == "Paris"
+
+
+@pytest.mark.slow
 def test_default_model_matches_transformers(tmp_path, monkeypatch):
     """SmolLM2-135M-Instruct (Q4_1 GGUF): our loader and model against transformers' own GGUF
     loading and forward, on a short chat prompt."""

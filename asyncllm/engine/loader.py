@@ -386,12 +386,14 @@ def _dequant_simple(raw: torch.Tensor, kind: str) -> torch.Tensor:
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     qs = blocks[:, head:]
     if kind == "Q8_0":
-        return (d * qs.contiguous().view(torch.int8).float()).reshape(-1)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
+        return qs.contiguous().view(torch.int8).float().mul_(d).reshape(-1)
+    out = torch.empty(blocks.shape[0], 32)
+    torch.bitwise_and(qs, 0x0F, out=out[:, :16])
+    torch.bitwise_right_shift(qs, 4, out=out[:, 16:])
     if kind == "Q4_0":
-        return (d * (q - 8.0)).reshape(-1)
+        return out.sub_(8.0).mul_(d).reshape(-1)
     m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    return (d * q + m).reshape(-1)
+    return out.mul_(d).add_(m).reshape(-1)
 
 
 def iter_gguf(file: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
