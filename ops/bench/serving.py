@@ -435,8 +435,10 @@ async def sweep(plan: Plan, mode: str, driver: Any) -> list[dict[str, Any]]:
         await drive(warm, math.inf, plan.warmup, plan.seed, driver)
     for k, (rate, conc) in enumerate(plan.points()):
         prompts = make_prompts(plan.num_requests, plan.prompt_words, plan.seed + k)
+        cpu0 = time.process_time()
         results, wall = await drive(prompts, rate, conc, plan.seed + k, driver)
         run = summarize(mode, rate, conc, results, wall)
+        run["bench_process_cpu_s"] = time.process_time() - cpu0
         runs.append(run)
         _log(
             f"{mode:6s} rate={run['rate']} conc={conc}: {run['completed']}/{run['requests']} ok, "
@@ -778,6 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tpot_ms": "(last chunk - first chunk) / (tokens - 1), per request",
             "delivered_tok_s": "completion tokens of successful requests / (first send -> last end)",
             "added_*_p99_ms": "p99 through the gateway minus p99 of the engine at the same load",
+            "bench_process_cpu_s": "CPU time of this process during the run (engine mode: includes"
+            " the engine thread; ws/http: the load generator alone, which shares the machine with"
+            " the server: near duration_s x cores means the client limited the run)",
         },
         "note": ns.note,
         "runs": runs,
