@@ -248,6 +248,11 @@ async def test_abort_mid_stream_yields_last_output_and_frees_blocks(engine):
     outs = []
     async for out in engine.generate(PROMPTS[2], greedy(400), request_id="a1"):
         outs.append(out)
+        if len(outs) == 1:
+            # stats() is the thread's snapshot as of the step that produced this output.
+            assert engine.stats().num_running == 1 and engine.stats().kv_blocks_free < (
+                engine.stats().kv_blocks_total
+            )
         if len(outs) == 2:
             await engine.abort("a1")  # returns once the engine has let go of the request
             assert engine.num_unfinished_requests == 0
@@ -351,7 +356,9 @@ async def test_not_started_and_shut_down(llm):
         eng.generate("Hi", greedy(2))
     await eng.start()
     await eng.start()  # idempotent
-    await eng.shutdown()
+    async with anyio.create_task_group() as tg:  # concurrent shutdowns: both return when done
+        tg.start_soon(eng.shutdown)
+        tg.start_soon(eng.shutdown)
     await eng.shutdown()  # idempotent
     assert eng._thread is not None and not eng._thread.is_alive()
     with pytest.raises(EngineDeadError):
