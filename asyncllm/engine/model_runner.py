@@ -7,6 +7,7 @@ captured CUDA graph.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from asyncllm.engine.layers.attention import AttentionMetadata
 
 from asyncllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from asyncllm.engine.scheduler import ScheduledSeq
+
+
+_ARRAY_CODES = {torch.int32: "i", torch.int64: "q"}
 
 
 @dataclass
@@ -75,6 +79,11 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     def _to_device(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
+        if self.pin and data and dtype in _ARRAY_CODES:
+            # array.array converts a list of ints 3x faster than torch.tensor (a decode step's
+            # block tables are tens of thousands of ints); pin_memory copies it out of the array.
+            t = torch.frombuffer(array.array(_ARRAY_CODES[dtype], data), dtype=dtype).pin_memory()
+            return t.to(self.device, non_blocking=True)
         t = torch.tensor(data, dtype=dtype, pin_memory=self.pin)
         return t.to(self.device, non_blocking=True) if self.pin else t
 
