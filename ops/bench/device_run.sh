@@ -21,6 +21,7 @@ for stage in $STAGES; do
     kbench) timeout 300 python3 -m ops.bench.kernel_bench --json "$OUT/kernels.json" ${KBENCH_ARGS:-} 2>&1 | tail -30 ;;
     latency) timeout 400 python3 -m ops.bench latency --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/latency.log" | grep -v " INFO " | tail -12 ;;
     throughput) timeout 500 python3 -m ops.bench throughput --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/throughput.log" | grep -v " INFO asyncllm.engine.llm" | tail -14 ;;
+    profile) timeout 200 python3 -m ops.bench.profile_engine --no-cprofile 2>&1 | grep -v " INFO " | tail -5 ;;
   esac
 done
 echo "=== done $(date +%T)"
