@@ -167,7 +167,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
         settings = settings_from(ns)
-        engine = AsyncLLMEngine.from_engine_args(engine_args_from(ns))
+        args = engine_args_from(ns)
+        _check_model(args)
+        engine = AsyncLLMEngine.from_engine_args(args)
     except ValueError as e:
         print(f"asyncllm serve: {e}", file=sys.stderr)
         return 2
@@ -194,14 +196,21 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
     try:
         args = engine_args_from(ns)
+        _check_model(args)
+        anyio.run(_chat, args, ns)
     except ValueError as e:
         print(f"asyncllm chat: {e}", file=sys.stderr)
         return 2
-    try:
-        anyio.run(_chat, args, ns)
     except KeyboardInterrupt:
         print()
     return 0
+
+
+def _check_model(args: EngineArgs) -> None:
+    """Fail fast, with the loader's own message, on a model that cannot be found."""
+    from asyncllm.engine.loader import resolve_model
+
+    resolve_model(args.model, args.revision)
 
 
 async def _chat(args: EngineArgs, ns: argparse.Namespace) -> None:

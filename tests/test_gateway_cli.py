@@ -113,3 +113,23 @@ def test_serve_process_and_ctrl_c(tiny_model_dir):
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
     assert "engine shut down" in err  # the lifespan ran to its end
+
+
+def test_chat_process(tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncllm.cli", "chat", tiny_model_dir, "--max-tokens", "4"]
+        + ["--temperature", "0", "--num-kv-blocks", "32", "--max-model-len", "128"],
+        input="hello\n/reset\nhello again\n",  # then end of input: a clean exit
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> ") == 4 and "Traceback" not in proc.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "asyncllm.cli", "chat", "/no/such/model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
