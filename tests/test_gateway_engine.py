@@ -162,3 +162,52 @@ def test_openai_client_matches_llm(served, llm):
             "".join(x.choices[0].delta.content or "" for x in s if x.choices) == ref.outputs[0].text
         )
     assert wait_for(lambda: idle(engine)), engine.stats()
+
+
+def test_ws_logprobs_token_ids_and_stop(served, llm):
+    from asyncllm import SamplingParams
+
+    engine, srv = served
+    msgs = [{"role": "user", "content": "The capital of France"}]
+    (ref,) = llm.chat(
+        msgs, SamplingParams(temperature=0, max_tokens=12, logprobs=2), use_tqdm=False
+    )
+    ws = WS(srv.ws_url())
+    params = {"max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    ws.send(
+        {
+            "type": "chat",
+            "id": "lp",
+            "messages": msgs,
+            "params": {**params, "return_token_ids": True},
+        }
+    )
+    ws.until_done(["lp"])
+    deltas = ws.of("lp", "delta")
+    ids = [t for f in deltas for t in f["token_ids"]]
+    lps = [e for f in deltas for e in f["logprobs"]]
+    out = ref.outputs[0]
+    assert ws.text("lp") == out.text and ids == out.token_ids
+    assert [e["id"] for e in lps] == out.token_ids
+    want = [d[t].logprob for t, d in zip(out.token_ids, out.logprobs, strict=True)]
+    assert [e["logprob"] for e in lps] == pytest.approx(want, abs=1e-4)
+    assert all(len(e["top_logprobs"]) == 2 for e in lps)
+    # A stop string taken from the reference text ends the stream there, without the stop text.
+    text = out.text
+    if len(text) >= 4:
+        stop = text[2:4]
+        (sref,) = llm.chat(
+            msgs, SamplingParams(temperature=0, max_tokens=12, stop=[stop]), use_tqdm=False
+        )
+        ws.send(
+            {
+                "type": "chat",
+                "id": "st",
+                "messages": msgs,
+                "params": {"max_tokens": 12, "temperature": 0, "stop": stop},
+            }
+        )
+        ws.until_done(["st"])
+        assert ws.text("st") == sref.outputs[0].text and stop not in ws.text("st")
+        assert ws.done("st")["finish_reason"] == "stop"
+    ws.close()
