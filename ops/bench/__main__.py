@@ -83,7 +83,10 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ops.bench import engine_runs, hf_baseline, model, workloads
 
     mdir = model.build_model_dir(Path(args.model_dir) if args.model_dir else model.DEFAULT_DIR)
+    # the measured request first (the baseline runs it), then a warm-up and three more runs,
+    # each with its own prompt
     req = workloads.latency_workload()
+    runs = [workloads.latency_workload(seed=100 + i) for i in range(4)]
     roof_ms = model.weight_bytes() / results.H100_COPY_BW * 1e3
     base = None
     if args.baseline == "hf":
@@ -93,7 +96,7 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         del hf
         _free_gpu()
     llm, load_s = engine_runs.make_llm(mdir, **_engine_kw(args))
-    ours = engine_runs.run_latency(llm, req)
+    ours = engine_runs.run_latency(llm, runs)
     ours["engine_start_s"] = load_s
     print("asyncllm:", json.dumps(ours), flush=True)
     rec = results.record(
@@ -104,7 +107,8 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         base["ms_per_token"] if base else None,
         roof_ms,
         workload="1 stream, 256 prompt tokens, 256 output tokens, greedy; ms/token = wall time "
-        "from submission to the last token / 256",
+        "from submission to the last token / 256; median of 3 runs after a warm-up, each with "
+        "its own random prompt (no prefix-cache hits)",
         model="Qwen3-0.6B shape, random bf16 weights",
         engine_args=_engine_kw(args),
         asyncllm=ours,

@@ -61,15 +61,17 @@ def run_throughput(llm, reqs: list[Request]) -> dict[str, Any]:
     }
 
 
-def run_latency(llm, req: Request, repeats: int = 3) -> dict[str, Any]:
+def run_latency(llm, reqs: list[Request]) -> dict[str, Any]:
+    """One request at a time; reqs[0] is a warm-up. Each request has its own prompt, so no run
+    is served from the prefix cache that an earlier run filled."""
     from asyncllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(
-        max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0, detokenize=False
-    )
     runs = []
-    for i in range(repeats + 1):  # the first is a warm-up
+    for i, req in enumerate(reqs):
+        params = SamplingParams(
+            max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0, detokenize=False
+        )
         engine.add_request(f"lat-{i}", {"prompt_token_ids": req.prompt_token_ids}, params)
         stamps: list[float] = []
         _sync()
