@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     tok = load_tokenizer(resolve_model(None))
     convos = chat_prompts(args.num_prompts)
-    prompt_ids = [tok.apply_chat_template(c, add_generation_prompt=True) for c in convos]
-    prompt_ids = [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompt_ids]
+    # as LLMEngine.apply_chat_template: the template's text, encoded without extra specials
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convos]
+    prompt_ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     model_dir = convert_default_model()
 
     ours = run_asyncllm(prompt_ids)
