@@ -52,8 +52,15 @@ def convert_default_model(out: Path = CONVERTED) -> Path:
     from asyncllm.engine.loader import resolve_model
 
     r = resolve_model(None)
-    model = AutoModelForCausalLM.from_pretrained(r.path, gguf_file=r.gguf_file, dtype=torch.float32)
+    gguf = AutoModelForCausalLM.from_pretrained(r.path, gguf_file=r.gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(r.path, gguf_file=r.gguf_file)
+    # transformers refuses to save a model loaded from GGUF: copy its (dequantized) weights into
+    # a plain model of the same config and save that
+    cfg = gguf.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
