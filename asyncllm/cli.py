@@ -262,7 +262,23 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return run_bench(list(ns.args))
 
 
+def _source_checkout() -> str | None:
+    """The repository root when asyncllm runs from a source checkout (e.g. `pip install -e .`).
+
+    The `asyncllm` console script's sys.path holds its bin/ directory, not the working
+    directory, and an editable install maps only the `asyncllm` package: `ops.bench` beside it
+    is not importable until its root is on sys.path.
+    """
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return str(root) if (root / "ops" / "bench" / "__main__.py").is_file() else None
+
+
 def run_bench(argv: list[str]) -> int:
+    root = _source_checkout()
+    if root is not None and root not in sys.path:
+        sys.path.append(root)
     for spec in BENCH_ENTRY_POINTS:
         mod_name, _, fn = spec.partition(":")
         try:

@@ -133,3 +133,41 @@ def test_chat_process(tiny_model_dir):
         timeout=120,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_bench_is_found_from_any_working_directory(tmp_path):
+    """`asyncllm bench` from an editable install: the console script's sys.path has neither the
+    working directory nor the checkout, so ops.bench is found next to the asyncllm package."""
+    code = (
+        "import sys; from asyncllm.cli import main; sys.exit(main(['bench', 'serving', '--help']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "asyncllm bench serving" in r.stdout and "--url" in r.stdout
+
+
+def test_bench_serving_measures_a_running_server(tmp_path):
+    """`asyncllm bench serving --url`: the load generator alone, against a server already up."""
+    import json
+
+    from asyncllm import cli
+    from asyncllm.gateway import GatewaySettings
+    from tests.gateway_helpers import FakeEngine, run_server
+
+    out = tmp_path / "remote.json"
+    with run_server(FakeEngine(step_s=0.001), GatewaySettings(api_keys=("bench-key",))) as srv:
+        rc = cli.main(
+            ["bench", "serving", "--url", srv.http, "--api-key", "bench-key"]
+            + ["--num-requests", "6", "--concurrency", "3", "--output-len", "5"]
+            + ["--prompt-words", "4", "--warmup", "1", "--no-plot", "--out", str(out)]
+        )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["server"] == srv.http and res["model"] == "fake-model"
+    assert "load generator only" in res["hardware_scope"]
+    assert {r["mode"] for r in res["runs"]} == {"ws", "http"}  # no engine baseline remotely
+    for r in res["runs"]:
+        assert (r["completed"], r["errors"], r["output_tokens"]) == (6, 0, 30), r
