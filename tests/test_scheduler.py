@@ -121,3 +121,28 @@ def test_prefix_cache_hit_skips_computed_tokens():
     s.add(b)
     out = run_step(s)
     assert out.scheduled[0].num_new_tokens == 1  # 16 of 17 tokens came from the cache
+
+
+def test_a_waiting_sequence_that_cannot_run_releases_its_prefix_matched_blocks():
+    # Regression: each waiting sequence that matched cached blocks but could not be allocated
+    # kept them, until waiting sequences held the whole cache and nothing could ever run.
+    s = make(num_blocks=6, block_size=4, budget=64, caching=True)
+    first = make_seq(12, t=0, rid="a")
+    s.add(first)
+    run_step(s)  # computes a's 3 full blocks
+    s.block_manager.register_computed(first)
+    s.finish(first)
+    assert s.block_manager.num_free_blocks == 6 and s.block_manager.num_cached_blocks == 3
+    blocker = make_seq(13, t=1, rid="zz")  # other tokens: 4 blocks, evicting one of a's
+    s.add(blocker)
+    run_step(s)
+    again = make_seq(21, t=2, rid="a")  # a's 2 still-cached blocks + 4 more: only 2 are free
+    s.add(again)
+    out = s.schedule()
+    assert [x.seq.request.request_id for x in out.scheduled] == ["zz"]
+    assert again.block_table == [] and again.num_computed_tokens == 0
+    s.finish(blocker)
+    out = s.schedule()  # now it fits, and still reuses the cached prefix
+    assert [x.seq.request.request_id for x in out.scheduled] == ["a"]
+    assert out.scheduled[0].num_new_tokens == 21 - 8
+    assert s.block_manager.prefix_hit_tokens == 8  # the undone match is not counted twice

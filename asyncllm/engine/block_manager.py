@@ -150,6 +150,14 @@ class BlockManager:
         self.prefix_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
 
+    def unmatch_prefix(self, seq: Sequence) -> None:
+        """Undo match_prefix for a waiting sequence that could not be scheduled after all."""
+        if not seq.block_table:
+            return
+        self.prefix_hit_tokens -= seq.num_computed_tokens
+        self.free(seq)
+        seq.num_computed_tokens = 0
+
     def register_computed(self, seq: Sequence) -> None:
         """Publish `seq`'s newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:

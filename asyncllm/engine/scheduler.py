@@ -125,6 +125,10 @@ class Scheduler:
                         seq.request.num_cached_tokens = cached
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_allocate(seq, num_new):
+                # A waiting sequence must not sit on the cached blocks it matched: with several
+                # such sequences (preempted ones re-match their own blocks) nothing is left to
+                # run. The blocks stay cached; the next attempt matches them again.
+                bm.unmatch_prefix(seq)
                 if not self.running and not out.scheduled:
                     # Nothing will ever free a block for it: the request cannot fit in the cache.
                     raise RuntimeError(
