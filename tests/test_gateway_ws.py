@@ -210,6 +210,27 @@ def test_bad_frames_get_errors_and_the_socket_goes_on(fake, frame, code, id, has
     ws.close()
 
 
+def test_frame_far_over_the_limit_closes_only_its_socket(fake):
+    """Up to 4x --max-frame-bytes a frame gets too_large (above); far beyond, the socket is
+    closed with 1009 without the frame being read into the app. Other sockets go on."""
+    _, srv = fake
+    other = WS(srv.ws_url())
+    other.send({"type": "complete", "id": "ok", "prompt": "fine", "params": {"max_tokens": 30}})
+    ws = WS(srv.ws_url())
+    huge = {"type": "complete", "id": "huge", "prompt": "x" * (1 << 17)}  # > max(4 x 4096, 64 KiB)
+    ws.send(huge)
+    with pytest.raises(ConnectionClosed) as ei:
+        while True:
+            ws.recv(5)
+    assert ei.value.rcvd.code == 1009
+    assert not [f for f in ws.frames if f.get("id") == "huge"]
+    other.until_done(["ok"])
+    assert other.text("ok") == fake_text(CharTokenizer().encode("fine"), 0, 30)
+    other.close()
+    again = WS(srv.ws_url())  # the server keeps accepting sockets
+    again.close()
+
+
 def test_duplicate_id_leaves_the_running_stream_alone(fake):
     _, srv = fake
     ws = WS(srv.ws_url())
