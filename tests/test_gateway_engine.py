@@ -211,3 +211,45 @@ def test_ws_logprobs_token_ids_and_stop(served, llm):
         assert ws.text("st") == sref.outputs[0].text and stop not in ws.text("st")
         assert ws.done("st")["finish_reason"] == "stop"
     ws.close()
+
+
+def test_openai_stop_seed_and_legacy_logprobs_match_llm(served, llm):
+    """The HTTP side's sampling fields reach the engine as LLM's SamplingParams would."""
+    from asyncllm import SamplingParams
+
+    engine, srv = served
+    name = engine.model_config.served_model_name
+    prompt = PROMPTS[4]
+    with openai.OpenAI(base_url=srv.http + "/v1", api_key="none", max_retries=0) as c:
+        # stop: the text ends before the stop string, finish_reason "stop"
+        (full,) = reference(llm, [prompt], max_tokens=16, ignore_eos=True)
+        assert len(full) >= 6
+        stop = full[3:6]
+        (want,) = reference(llm, [prompt], max_tokens=16, stop=[stop])
+        for stream in (False, True):
+            r = c.completions.create(
+                model=name, prompt=prompt, max_tokens=16, temperature=0, stop=[stop], stream=stream
+            )
+            chunks = list(r) if stream else [r]
+            text = "".join(ch.choices[0].text for ch in chunks)
+            finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason]
+            assert text == want and stop not in text and finish == ["stop"]
+        # seed: sampled text equals LLM's with the same seed (seeds do not depend on the batch)
+        msgs = [{"role": "user", "content": "Tell me something"}]
+        sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234, n=2)
+        (ref,) = llm.chat(msgs, sp, use_tqdm=False)
+        r = c.chat.completions.create(
+            model=name, messages=msgs, temperature=1.0, top_p=0.9, max_tokens=12, seed=1234, n=2
+        )
+        assert [ch.message.content for ch in r.choices] == [o.text for o in ref.outputs]
+        # the legacy API's integer logprobs
+        (lref,) = llm.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=2), use_tqdm=False
+        )
+        r = c.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+        lp = r.choices[0].logprobs
+        out = lref.outputs[0]
+        want_lps = [d[t].logprob for t, d in zip(out.token_ids, out.logprobs, strict=True)]
+        assert lp.token_logprobs == pytest.approx(want_lps, abs=1e-4)
+        assert len(lp.tokens) == len(lp.top_logprobs) == len(out.token_ids)
+    assert wait_for(lambda: idle(engine)), engine.stats()
