@@ -171,3 +171,28 @@ def test_bench_serving_measures_a_running_server(tmp_path):
     assert {r["mode"] for r in res["runs"]} == {"ws", "http"}  # no engine baseline remotely
     for r in res["runs"]:
         assert (r["completed"], r["errors"], r["output_tokens"]) == (6, 0, 30), r
+
+
+def test_serve_warns_when_no_api_key_is_configured(tiny_model_dir, monkeypatch, caplog):
+    import logging
+
+    import uvicorn
+
+    from asyncllm import cli
+
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **kw: ran.append(self))
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # leave pytest's logging alone
+    monkeypatch.delenv("ASYNCLLM_API_KEYS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="asyncllm"):
+        cli.main(["serve", tiny_model_dir, "--port", "1"])
+    assert len(ran) == 1
+    assert "no API key configured" in caplog.text and "anyone who can reach" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asyncllm"):
+        cli.main(["serve", tiny_model_dir, "--port", "1", "--api-key", "k"])
+    assert len(ran) == 2 and "no API key" not in caplog.text
+    monkeypatch.setenv("ASYNCLLM_API_KEYS", "from-env")
+    with caplog.at_level(logging.WARNING, logger="asyncllm"):
+        cli.main(["serve", tiny_model_dir, "--port", "1"])
+    assert len(ran) == 3 and "no API key" not in caplog.text
