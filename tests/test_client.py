@@ -638,3 +638,25 @@ async def test_keepalive_detects_a_silent_socket(gw):
             assert client.reconnects == 1
     assert [d.seq for d in got] == list(range(1, 61))
     assert "".join(d.text for d in got) == expected_text("ka", 60)
+
+
+def test_reconnect_backoff_is_capped_exponential_with_full_jitter():
+    from types import SimpleNamespace
+
+    from asyncllm.client.client import _Retryable
+
+    c = Client("ws://127.0.0.1:1/v1/ws", backoff_initial=0.1, backoff_max=1.0)
+
+    def waits(attempt: int, exc: BaseException | None = None, k: int = 400) -> list[float]:
+        outcome = None if exc is None else SimpleNamespace(exception=lambda: exc)
+        state = SimpleNamespace(attempt_number=attempt, outcome=outcome)
+        return [c._wait(state) for _ in range(k)]
+
+    for attempt, cap in ((1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (20, 1.0)):
+        w = waits(attempt)
+        assert all(0 <= x <= cap for x in w), attempt
+        # full jitter: spread over [0, cap], not clustered at the cap
+        assert min(w) < 0.1 * cap and max(w) > 0.9 * cap and len(set(w)) > 300, attempt
+    # a server's Retry-After is a floor (bounded by the larger of backoff_max and 1 s)
+    assert min(waits(1, _Retryable(RuntimeError("busy"), retry_after=0.7))) >= 0.7
+    assert max(waits(1, _Retryable(RuntimeError("busy"), retry_after=60))) <= 1.0
