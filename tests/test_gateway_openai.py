@@ -140,3 +140,24 @@ def test_disconnect_aborts(srv):
     while engine.active and time.monotonic() - t < 3:
         time.sleep(0.01)
     assert not engine.active
+
+
+def test_every_route_but_health_and_the_page_needs_the_key(srv):
+    _, s = srv
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", "/metrics", None),
+        ("POST", "/v1/chat/completions", {"messages": MSG, "max_tokens": 1}),
+        ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}),
+    ]
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, s.http + path, json=body, headers=headers)
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json()["error"]["code"] == "unauthorized"
+        r = httpx.request(
+            method, s.http + path, json=body, headers={"Authorization": "Bearer sk-test"}
+        )
+        assert r.status_code == 200, (method, path, r.text)
+    assert httpx.get(s.http + "/health").status_code == 200
+    assert httpx.get(s.http + "/").status_code == 200  # the chat page holds no data
