@@ -32,6 +32,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs
+    # Schedule and launch step N+1 before step N's sampled tokens reach the host, so the host's
+    # per-step work overlaps the GPU's. None: on for CUDA (on the CPU nothing runs asynchronously).
+    async_scheduling: bool | None = None
     trust_remote_code: bool = False
     served_model_name: str | None = None
 
@@ -87,6 +90,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    async_scheduling: bool = False
 
 
 @dataclass

@@ -138,3 +138,35 @@ def test_gpu_bf16_teacher_forced_logprobs_match_transformers():
     assert vs_hf16.max() < 0.25
     # and the engine is as close to the float32 truth as transformers' own bf16 run is
     assert ours_err <= 1.5 * hf_err + 0.01
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_gpu_async_scheduling_gives_the_synchronous_outputs(tiny_model_dirs, eager):
+    """On CUDA the steps really overlap: step N+1's decodes read step N's tokens on the device
+    while the host resolves N. Every sampling feature, n > 1, stop tokens: same outputs."""
+    from asyncllm import LLM
+    from tests.test_async_scheduling import PROMPTS as TEXTS
+    from tests.test_async_scheduling import _assert_same, _params, _summary
+
+    outs = {}
+    for mode in (False, True):
+        llm = LLM(
+            tiny_model_dirs["qwen3"],
+            device="cuda",
+            dtype="float32",
+            async_scheduling=mode,
+            enforce_eager=eager,
+            **TINY_KV,
+        )
+        assert llm.llm_engine.async_scheduling is mode
+        outs[mode] = _summary(llm.generate(TEXTS, _params(), use_tqdm=False))
+        stats = llm.llm_engine.get_stats()
+        assert stats.kv_blocks_free == stats.kv_blocks_total
+    _assert_same(outs[True], outs[False])
+
+
+def test_gpu_async_scheduling_is_the_cuda_default(tiny_model_dirs):
+    from asyncllm import LLM
+
+    llm = LLM(tiny_model_dirs["llama"], device="cuda", dtype="float32", **TINY_KV)
+    assert llm.llm_engine.async_scheduling is True

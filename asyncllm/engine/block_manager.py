@@ -162,7 +162,9 @@ class BlockManager:
         """Publish `seq`'s newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        # Pending tokens (async scheduling) are computed but not yet known: not hashable yet.
+        known = min(seq.num_computed_tokens, len(seq.token_ids))
+        num_full = min(known // self.block_size, len(seq.block_table))
         for i in range(seq.num_hashed_blocks, num_full):
             h = self._hash_of_block(seq, i)
             block = self.blocks[seq.block_table[i]]

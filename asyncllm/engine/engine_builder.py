@@ -126,7 +126,6 @@ def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util:
 def build_engine_parts(args: EngineArgs):
     from asyncllm.engine.layers.attention import get_attention_backend
     from asyncllm.engine.loader import load_model
-
     from asyncllm.engine.model_runner import ModelRunner
 
     torch.manual_seed(args.seed)
@@ -141,6 +140,9 @@ def build_engine_parts(args: EngineArgs):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max_batched,
         max_model_len=mc.max_model_len,
+        async_scheduling=(
+            mc.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
+        ),
     )
     cc = CacheConfig(args.block_size, 0, args.enable_prefix_caching)
     runner = ModelRunner(mc, cc, sc, model, attn)

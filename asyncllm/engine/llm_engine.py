@@ -4,6 +4,14 @@ Each step: the scheduler picks tokens to compute, the model runner computes them
 the next token of every sequence whose tokens are all computed, the detokenizer turns tokens into
 text and checks stop strings, and the step's RequestOutputs are built per each request's
 output_kind. Nothing here is thread-safe: AsyncLLMEngine drives it from one thread.
+
+A step is launched, then resolved. Launching schedules, builds the inputs and queues the forward
+and the sampling on the device; resolving waits for the sampled ids and does the host's per-token
+work (finish rules, detokenizing, outputs). With async scheduling one step stays in flight: step
+N+1 is launched (its decodes read step N's tokens on the device) before step N is resolved, so
+the host's work for N overlaps the GPU's for N+1. A sequence that finished at N has wasted one row
+of N+1, whose token is dropped; sampling that reads a request's generated tokens (penalties,
+min_tokens) waits for N to resolve, after N+1's forward is queued.
 """
 
 from __future__ import annotations
@@ -15,12 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
-from asyncllm.engine.sampler import Sampler, SamplerRow, compute_prompt_logprobs
 
 from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from asyncllm.engine.block_manager import BlockManager
+from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from asyncllm.engine.model_runner import ModelRunner
+from asyncllm.engine.sampler import (
+    PendingSample,
+    Sampler,
+    SamplerRow,
+    compute_prompt_logprobs,
+    needs_history,
+)
 from asyncllm.engine.scheduler import ScheduledSeq, Scheduler
 from asyncllm.engine.sequence import Request, Sequence
 from asyncllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -29,6 +43,16 @@ from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class _LaunchedStep:
+    """A step whose forward (and usually sampling) is queued on the device."""
+
+    row_seqs: list[Sequence]  # one per sampled row
+    row_src: list[int]  # row of the step's sample logits each sampled row reads
+    logits: torch.Tensor | None  # sample logits, kept only while sampling is deferred
+    sample: PendingSample | None = None
 
 
 @dataclass
@@ -82,6 +106,8 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = scheduler_config.async_scheduling
+        self._in_flight: _LaunchedStep | None = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
@@ -245,54 +271,97 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the step it resolves (with async scheduling, the
+        one launched by the previous call)."""
         sched = self.scheduler.schedule()
-        if sched.empty:
-            return []
+        launched = self._launch(sched.scheduled, sched.block_copies) if not sched.empty else None
+        prev, self._in_flight = self._in_flight, None
+        outputs = self._resolve(prev) if prev is not None else []
+        if launched is not None:
+            if launched.sample is None and launched.logits is not None:
+                self._sample(launched)  # deferred: it needed the tokens `prev` just delivered
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs = self._resolve(launched)
+        return outputs
+
+    def _launch(
+        self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]]
+    ) -> _LaunchedStep:
         self.num_steps += 1
-        self.runner.copy_blocks(sched.block_copies)
+        self.runner.copy_blocks(block_copies)
         want_prompt_lp = [
             s.seq.request.params.prompt_logprobs is not None
             and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
             and s.seq.num_output_tokens == 0
-            for s in sched.scheduled
+            and s.seq.num_pending == 0
+            for s in scheduled
         ]
-        logits = self.runner.execute(sched.scheduled, want_prompt_lp)
+        prev = self._in_flight
+        prev_tokens = prev.sample.tokens if prev is not None and prev.sample is not None else None
+        logits = self.runner.execute(scheduled, want_prompt_lp, prev_tokens)
 
         for i, (lg, start) in logits.prompt_logits.items():
-            self._add_prompt_logprobs(sched.scheduled[i].seq, lg, start)
+            self._add_prompt_logprobs(scheduled[i].seq, lg, start)
 
-        # Account the computed tokens before sampling appends new ones.
-        for s in sched.scheduled:
+        # Account the computed tokens before sampling adds new ones.
+        for s in scheduled:
             seq = s.seq
-            if seq.num_output_tokens == 0:
+            if seq.num_output_tokens == 0 and seq.num_pending == 0:
                 self.prompt_tokens_total += s.num_new_tokens
             seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.register_computed(seq)
 
+        if logits.sample_logits is None:
+            return _LaunchedStep([], [], None)
+        row_src, row_seqs = self._sampling_rows(scheduled, logits.sample_index)
+        lg = logits.sample_logits
+        if row_src != list(range(lg.shape[0])):
+            lg = lg[self.runner._to_device(row_src, torch.int64)]
+        for seq in row_seqs:
+            seq.num_pending += 1
+        step = _LaunchedStep(row_seqs, row_src, lg)
+        # A sequence with two pending tokens lacks the in-flight one on the host.
+        if not any(s.num_pending > 1 and needs_history(s.request.params) for s in row_seqs):
+            self._sample(step)
+        return step
+
+    def _sample(self, step: _LaunchedStep) -> None:
+        assert step.logits is not None
+        step.sample = self.sampler.launch(step.logits, [self._row(s) for s in step.row_seqs])
+        step.logits = None
+        for j, seq in enumerate(step.row_seqs):
+            seq.pending_row = j
+
+    def _resolve(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for `step`'s sampled ids and do the host's work for them."""
+        if step.sample is None:
+            return []  # prompt chunks only: nothing was sampled
+        out = step.sample.result()
+        now = time.monotonic()
         touched: dict[str, Request] = {}
-        if logits.sample_logits is not None:
-            rows, row_seqs = self._sampling_rows(sched.scheduled, logits.sample_index)
-            lg = logits.sample_logits
-            row_src = [r[0] for r in rows]
-            if row_src != list(range(lg.shape[0])):
-                lg = lg[torch.tensor(row_src, device=lg.device)]
-            out = self.sampler(lg, [r[1] for r in rows])
-            now = time.monotonic()
-            for j, seq in enumerate(row_seqs):
-                tok = out.token_ids[j]
-                self._append_token(seq, tok, out.logprobs[j], out.ranks[j], out.top_logprobs[j])
-                req = seq.request
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                touched[req.request_id] = req
+        for j, seq in enumerate(step.row_seqs):
+            if seq.is_finished:
+                continue  # finished or aborted while this step ran: its token is void
+            seq.num_pending -= 1
+            self._append_token(
+                seq, out.token_ids[j], out.logprobs[j], out.ranks[j], out.top_logprobs[j]
+            )
+            if not seq.is_finished:
+                self.block_manager.register_computed(seq)
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            touched[req.request_id] = req
         return self._collect_outputs(touched)
 
     def _sampling_rows(
         self, scheduled: list[ScheduledSeq], sample_index: list[int]
-    ) -> tuple[list[tuple[int, SamplerRow]], list[Sequence]]:
-        """One sampler row per sequence that samples; an n>1 request that just finished its
-        prompt forks here into n sequences sharing the prompt's blocks, each with its own row."""
-        rows: list[tuple[int, SamplerRow]] = []
+    ) -> tuple[list[int], list[Sequence]]:
+        """The sequences that sample, and the logits row each reads. An n>1 request that just
+        finished its prompt forks here into n sequences sharing the prompt's blocks."""
+        row_src: list[int] = []
         seqs: list[Sequence] = []
         for row, i in enumerate(sample_index):
             seq = scheduled[i].seq
@@ -308,9 +377,9 @@ class LLMEngine:
                     self.scheduler.add_running(child)
                     family.append(child)
             for s in family:
-                rows.append((row, self._row(s)))
+                row_src.append(row)
                 seqs.append(s)
-        return rows, seqs
+        return row_src, seqs
 
     def _row(self, seq: Sequence) -> SamplerRow:
         return SamplerRow(
@@ -369,7 +438,7 @@ class LLMEngine:
         if reason is None:
             if p.max_tokens is not None and n_out >= p.max_tokens:
                 reason = "length"
-            elif seq.num_tokens >= self.model_config.max_model_len:
+            elif len(seq.token_ids) >= self.model_config.max_model_len:
                 reason = "length"
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -11,11 +11,10 @@ import array
 from dataclasses import dataclass
 
 import torch
-from asyncllm.engine.layers.attention import AttentionMetadata
 
 from asyncllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from asyncllm.engine.layers.attention import AttentionMetadata
 from asyncllm.engine.scheduler import ScheduledSeq
-
 
 _ARRAY_CODES = {torch.int32: "i", torch.int64: "q"}
 
@@ -72,8 +71,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], device=self.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        src = self._to_device([c[0] for c in copies], torch.int64)
+        dst = self._to_device([c[1] for c in copies], torch.int64)
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
@@ -88,10 +87,14 @@ class ModelRunner:
         return t.to(self.device, non_blocking=True) if self.pin else t
 
     def prepare(
-        self, scheduled: list[ScheduledSeq]
+        self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """`prev_tokens`: the in-flight step's sampled tokens on the device (async scheduling);
+        a sequence whose input is its pending token reads it from row `seq.pending_row`."""
         bs = self.block_size
         input_ids: list[int] = []
+        fill_dst: list[int] = []  # positions in input_ids whose token is still on the device
+        fill_src: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         qsl = [0]
@@ -102,7 +105,16 @@ class ModelRunner:
             seq = s.seq
             start = seq.num_computed_tokens
             end = start + s.num_new_tokens
-            input_ids += seq.token_ids[start:end]
+            known = len(seq.token_ids)
+            if end > known:
+                # Only a decode can feed on a pending token: the scheduler never schedules a
+                # prefill past the known tokens.
+                assert end == known + 1 == start + 1 and prev_tokens is not None, (start, end)
+                fill_dst.append(len(input_ids))
+                fill_src.append(seq.pending_row)
+                input_ids.append(0)
+            else:
+                input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -121,14 +133,23 @@ class ModelRunner:
             decode_only=all(s.num_new_tokens == 1 for s in scheduled),
         )
         ids = self._to_device(input_ids, torch.int64)
+        if fill_dst:
+            assert prev_tokens is not None
+            src = self._to_device(fill_src, torch.int64)
+            ids.index_copy_(0, self._to_device(fill_dst, torch.int64), prev_tokens[src])
         pos = self._to_device(positions, torch.int64)
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], prompt_logprob_mask: list[bool]) -> StepLogits:
+    def execute(
+        self,
+        scheduled: list[ScheduledSeq],
+        prompt_logprob_mask: list[bool],
+        prev_tokens: torch.Tensor | None = None,
+    ) -> StepLogits:
         """Run one forward over `scheduled`. `prompt_logprob_mask[i]`: sequence i wants the logits
-        of every prompt position it computes this step."""
-        ids, pos, meta = self.prepare(scheduled)
+        of every prompt position it computes this step. `prev_tokens`: see `prepare`."""
+        ids, pos, meta = self.prepare(scheduled, prev_tokens)
         if self.graph_runner is not None and meta.decode_only and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(ids, pos, meta)
         else:

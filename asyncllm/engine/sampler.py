@@ -15,7 +15,7 @@ as vLLM's default.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,47 @@ class SamplerOutput:
     logprobs: list[float]
     ranks: list[int]
     top_logprobs: list[list[tuple[int, float]] | None]  # top-`params.logprobs` (id, logprob)
+
+
+class PendingSample:
+    """A batch's sampling, launched on the device. `tokens` (int64 [N], on the logits' device)
+    can feed the next step's input ids before any host sync; `result()` is the host sync."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        packed: torch.Tensor,
+        decode: Callable[[list], SamplerOutput],
+    ):
+        self.tokens = tokens
+        self._decode = decode
+        self._event = None
+        if packed.device.type == "cuda":
+            # Copy into pinned memory now, without waiting; result() waits for this copy only.
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            packed = host
+        self._packed = packed
+        self._result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._result = self._decode(self._packed.tolist())
+        return self._result
+
+
+def needs_history(params: SamplingParams) -> bool:
+    """Whether sampling this request reads its generated tokens (penalties, min_tokens)."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+        or params.min_tokens > 0
+    )
 
 
 def _to_device(data: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -92,6 +133,9 @@ def _min_tokens_mask_ids(row: SamplerRow) -> list[int]:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplerRow]) -> PendingSample:
         n = len(rows)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {n} sampler rows")
@@ -101,7 +145,7 @@ class Sampler:
 
         if all(greedy) and not any(processed) and not any(want_lp):
             # The fast path: nothing changes the argmax and nobody asked for logprobs.
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [0.0] * n, [0] * n, [None] * n)
+            return _tokens_only(logits.argmax(dim=-1), n)
 
         device = logits.device
         raw = logits if logits.dtype == torch.float32 else logits.float()
@@ -119,8 +163,15 @@ class Sampler:
             tokens = tokens.index_copy(0, idx, sampled)
 
         if not any(want_lp):
-            return SamplerOutput(tokens.tolist(), [0.0] * n, [0] * n, [None] * n)
+            return _tokens_only(tokens, n)
         return _with_logprobs(raw, tokens, rows, want_lp)
+
+
+def _tokens_only(tokens: torch.Tensor, n: int) -> PendingSample:
+    def decode(ids: list) -> SamplerOutput:
+        return SamplerOutput(ids, [0.0] * n, [0] * n, [None] * n)
+
+    return PendingSample(tokens, tokens, decode)
 
 
 def process_logits(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
@@ -339,7 +390,7 @@ def _truncate_and_draw(
 
 def _with_logprobs(
     raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerRow], want: list[bool]
-) -> SamplerOutput:
+) -> PendingSample:
     """Raw logprobs for the rows that asked, packed with every row's token for one host sync."""
     n = len(rows)
     asked = [i for i in range(n) if want[i]]
@@ -359,20 +410,23 @@ def _with_logprobs(
     if k_max:
         top = x.topk(k_max, dim=-1)
         parts += [top.indices.double().flatten(), (top.values - lse).double().flatten()]
-    # The one host sync of the step: everything packed into one tensor.
-    flat = torch.cat(parts).tolist()
-    tok_ids = [int(t) for t in flat[:n]]
-    chosen_lp = [0.0] * n
-    rank_l = [0] * n
-    top_out: list[list[tuple[int, float]] | None] = [None] * n
-    top_ids = flat[n + 2 * m : n + 2 * m + m * k_max]
-    top_vals = flat[n + 2 * m + m * k_max :]
-    for j, i in enumerate(asked):
-        chosen_lp[i] = flat[n + j]
-        rank_l[i] = int(flat[n + m + j])
-        a = j * k_max
-        top_out[i] = [(int(top_ids[a + q]), top_vals[a + q]) for q in range(min(ks[j], k_max))]
-    return SamplerOutput(tok_ids, chosen_lp, rank_l, top_out)
+
+    def decode(flat: list) -> SamplerOutput:
+        tok_ids = [int(t) for t in flat[:n]]
+        chosen_lp = [0.0] * n
+        rank_l = [0] * n
+        top_out: list[list[tuple[int, float]] | None] = [None] * n
+        top_ids = flat[n + 2 * m : n + 2 * m + m * k_max]
+        top_vals = flat[n + 2 * m + m * k_max :]
+        for j, i in enumerate(asked):
+            chosen_lp[i] = flat[n + j]
+            rank_l[i] = int(flat[n + m + j])
+            a = j * k_max
+            top_out[i] = [(int(top_ids[a + q]), top_vals[a + q]) for q in range(min(ks[j], k_max))]
+        return SamplerOutput(tok_ids, chosen_lp, rank_l, top_out)
+
+    # The one host sync of the step (PendingSample.result): everything packed into one tensor.
+    return PendingSample(tokens, torch.cat(parts), decode)
 
 
 def compute_prompt_logprobs(

@@ -90,7 +90,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if num_new == 0:
+            if num_new == 0 or (seq.num_pending and seq.ends_by_length(self.config.max_model_len)):
                 i += 1
                 continue
             while not bm.can_allocate(seq, num_new):
@@ -115,6 +115,10 @@ class Scheduler:
         # 2. Waiting sequences, only if nothing had to be preempted (memory is tight otherwise).
         while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
+            if seq.num_pending:
+                # Preempted while its last token was in flight: that token is unknown until the
+                # step resolves (later in this engine step), and a prefill cannot feed on it.
+                break
             width = 1 if seq.request.forked else seq.request.params.n
             if len(self.running) + width > self.config.max_num_seqs:
                 break

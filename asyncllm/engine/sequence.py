@@ -16,6 +16,7 @@ from asyncllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import torch
+
     from asyncllm.engine.detokenizer import IncrementalDetokenizer
 
 _seq_counter = itertools.count()
@@ -36,6 +37,11 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # Async scheduling: tokens sampled on the device whose ids have not reached the host yet
+    # (at most 2: the in-flight step's and the one being launched). They count in num_tokens;
+    # the newest is row `pending_row` of its step's sampled-token tensor.
+    num_pending: int = 0
+    pending_row: int = -1
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
     block_hashes: list[int] = field(default_factory=list)
@@ -52,7 +58,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
@@ -64,7 +70,14 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    def ends_by_length(self, max_model_len: int) -> bool:
+        """Its pending tokens already reach max_tokens or max_model_len: it finishes when they
+        arrive, so computing one more token for it would be wasted."""
+        max_tokens = self.request.params.max_tokens
+        n_out = self.num_output_tokens + self.num_pending
+        return (max_tokens is not None and n_out >= max_tokens) or self.num_tokens >= max_model_len
 
     @property
     def is_finished(self) -> bool:
