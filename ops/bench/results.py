@@ -17,6 +17,31 @@ H100_COPY_BW = 3.0e12  # bytes/s, device-to-device copy counting reads and write
 H100_BF16_FLOPS = 780e12
 
 
+def measure_copy_bandwidth(gib: float = 4.0, reps: int = 20) -> float:
+    """Device-to-device copy rate of this GPU in bytes/s, counting bytes read plus written (the
+    roofline's bandwidth), as the median of `reps` timed copies of a `gib` GiB random buffer."""
+    import statistics
+
+    import torch
+
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        if i >= 3:  # warm-up
+            times.append(a.elapsed_time(b) / 1e3)
+    bw = 2 * src.numel() * src.element_size() / statistics.median(times)
+    del src, dst
+    torch.cuda.empty_cache()
+    return bw
+
+
 def git_commit() -> str:
     """HEAD (with -dirty for uncommitted changes); ASYNCLLM_COMMIT where the tree has no .git
     (the lent GPU machine gets a copy of the working tree only)."""
