@@ -67,3 +67,21 @@ def test_the_client_extra_covers_the_client():
     assert "websockets" in imports
     undeclared = {m: d for m, d in _distributions(imports).items() if d not in extra}
     assert not undeclared, f"imported by asyncllm.client but not in the client extra: {undeclared}"
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", setup, re.S)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands  # serve the default model; run the tests
+    test_command = commands[1]
+    assert "python -m pytest" in test_command
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci, "the README's test command is not a line of .ci/run"
+    # the browser tests (tests/test_chat_page.py) run in CI: the set-up installs Chromium first
+    assert test_command.index("bash ops/ci/") < test_command.index("python -m pytest")
+    assert (ROOT / "ops" / "ci" / re.search(r"bash ops/ci/(\S+)", test_command)[1]).is_file()
