@@ -1,5 +1,5 @@
 """examples/chat.html in a real headless Chromium (Debian's chromium + chromedriver, driven by
-selenium; `ops/ci/install_browser.sh` installs them) against a real gateway and engine.
+selenium; `ops/ci/install_test_tools.sh` installs them) against a real gateway and engine.
 
 The engine runs the tiny random llama model on the CPU; its steps are slowed to ~25 ms (as a
 bigger model's would be) so that a person-speed action (Stop, reload, a dropped socket) lands in
@@ -37,10 +37,10 @@ def _browser_missing() -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        return "selenium not installed (run ops/ci/install_browser.sh)"
+        return "selenium not installed (run ops/ci/install_test_tools.sh)"
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
-            return f"{path} not found (run ops/ci/install_browser.sh)"
+            return f"{path} not found (run ops/ci/install_test_tools.sh)"
     return None
 
 

@@ -223,7 +223,10 @@ def test_prometheus_scrape_config_finds_the_pods():
         assert (PROM_CONFIG.parent / rf).is_file(), rf
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not installed (run ops/ci/install_test_tools.sh)",
+)
 def test_promtool_accepts_config_rules_and_dashboard_queries(tmp_path):
     def promtool(*args: str) -> None:
         r = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
