@@ -301,9 +301,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmarks
         return run_bench(argv[1:])
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    return int(ns.func(ns) or 0)
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        return int(ns.func(ns) or 0)
+    except ModuleNotFoundError as e:
+        # a client-only install (asyncllm[client]) has no engine or gateway
+        from asyncllm import missing_dependency_error
+
+        err = missing_dependency_error("the asyncllm command", e)
+        if err is e:
+            raise
+        print(f"asyncllm: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

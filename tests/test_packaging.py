@@ -1,20 +1,26 @@
-"""pyproject declares what the code imports: a fresh `pip install .` (or `asyncllm[client]`) must
-not depend on packages that only happen to be installed next to the dev extras."""
+"""pyproject declares what the code imports, in layers: the base dependencies (= the `client`
+extra) are the client's only, with no torch; `engine` adds what asyncllm.engine needs, `serve` adds
+the gateway. A fresh `pip install .` (or `asyncllm[client]`, `[serve]`) must not depend on packages
+that only happen to be installed next to the dev extras."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
-from importlib.metadata import packages_distributions
+import textwrap
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "asyncllm"
 # Imported only where they must exist already: trio under a running trio loop, triton for the
 # GPU kernels (lazily, behind checks that it imports).
 OPTIONAL = {"trio", "triton"}
+ENGINE_ONLY = {"torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy"}
 
 
 def _norm(name: str) -> str:
@@ -31,6 +37,56 @@ def _pyproject() -> dict:
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirement_extras(req: str) -> set[str]:
+    m = re.match(r"[A-Za-z0-9._-]+\s*\[([^\]]*)\]", req)
+    return {e.strip() for e in m.group(1).split(",")} if m else set()
+
+
+def _declared(*extras: str) -> set[str]:
+    """The distributions that installing asyncllm with these extras asks for, following extras
+    that name asyncllm itself (`asyncllm[engine]`)."""
+    project = _pyproject()["project"]
+    optional = project["optional-dependencies"]
+    names: set[str] = set()
+    seen: set[str] = set()
+    todo, reqs = list(extras), list(project["dependencies"])
+    while reqs:
+        for r in reqs:
+            (name,) = _requirement_names([r])
+            if name == "asyncllm":
+                todo += _requirement_extras(r)
+            else:
+                names.add(name)
+        reqs = []
+        for extra in todo:
+            if extra not in seen:
+                seen.add(extra)
+                reqs += optional[extra]
+        todo = []
+    return names
+
+
+def _installed_closure(names: set[str]) -> set[str]:
+    """names and everything they require, transitively, from the installed metadata (markers
+    evaluated here, extras of the dependencies not followed)."""
+    from packaging.requirements import Requirement
+
+    out, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        out.add(name)
+        try:
+            reqs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for r in map(Requirement, reqs):
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(_norm(r.name))
+    return out
 
 
 def _third_party_imports(paths: list[Path]) -> set[str]:
@@ -51,22 +107,96 @@ def _distributions(modules: set[str]) -> dict[str, str]:
     return {m: _norm(pd[m][0]) for m in modules}
 
 
-def test_every_runtime_import_is_a_declared_dependency():
+def _undeclared(paths: list[Path], declared: set[str]) -> dict[str, str]:
+    imports = _third_party_imports(paths) - OPTIONAL
+    return {m: d for m, d in _distributions(imports).items() if d not in declared}
+
+
+CLIENT_FILES = sorted((PKG / "client").rglob("*.py")) + [PKG / "protocol.py"]
+# What the engine's exports import: asyncllm.engine and the plain modules it uses.
+ENGINE_FILES = sorted((PKG / "engine").rglob("*.py")) + [
+    PKG / f for f in ("__init__.py", "config.py", "sampling_params.py", "outputs.py")
+]
+
+
+def test_a_client_install_has_no_torch():
     project = _pyproject()["project"]
-    declared = _requirement_names(project["dependencies"])
-    imports = _third_party_imports(sorted((ROOT / "asyncllm").rglob("*.py"))) - OPTIONAL
-    assert {"torch", "anyio", "websockets"} <= imports  # the scan sees the code
-    undeclared = {m: d for m, d in _distributions(imports).items() if d not in declared}
-    assert not undeclared, f"imported by asyncllm/ but not in [project.dependencies]: {undeclared}"
+    base = _requirement_names(project["dependencies"])
+    assert _requirement_names(project["optional-dependencies"]["client"]) == base
+    assert base == _declared("client") == {"anyio", "websockets", "orjson", "tenacity"}
+    # nor anything of the engine's through the client's own dependencies, as installed here
+    closure = _installed_closure(base)
+    assert not closure & ENGINE_ONLY, sorted(closure & ENGINE_ONLY)
+    assert "torch" in _declared("engine") and ENGINE_ONLY <= _declared("serve")
 
 
-def test_the_client_extra_covers_the_client():
-    extra = _requirement_names(_pyproject()["project"]["optional-dependencies"]["client"])
-    files = sorted((ROOT / "asyncllm" / "client").rglob("*.py")) + [ROOT / "asyncllm/protocol.py"]
-    imports = _third_party_imports(files)
-    assert "websockets" in imports
-    undeclared = {m: d for m, d in _distributions(imports).items() if d not in extra}
-    assert not undeclared, f"imported by asyncllm.client but not in the client extra: {undeclared}"
+def test_the_base_dependencies_cover_the_client():
+    assert "websockets" in _third_party_imports(CLIENT_FILES)  # the scan sees the code
+    undeclared = _undeclared(CLIENT_FILES, _declared())
+    assert not undeclared, f"imported by asyncllm.client but not a base dependency: {undeclared}"
+
+
+def test_the_engine_extra_covers_the_engine():
+    assert "torch" in _third_party_imports(ENGINE_FILES)
+    undeclared = _undeclared(ENGINE_FILES, _declared("engine"))
+    assert not undeclared, f"imported by asyncllm.engine but not in asyncllm[engine]: {undeclared}"
+
+
+def test_the_serve_extra_covers_everything():
+    paths = sorted(PKG.rglob("*.py"))
+    assert {"torch", "starlette", "uvicorn"} <= _third_party_imports(paths)
+    undeclared = _undeclared(paths, _declared("serve"))
+    assert not undeclared, f"imported by asyncllm/ but not in asyncllm[serve]: {undeclared}"
+    assert _declared("serve") <= _declared("dev")
+
+
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # as if torch were not installed: `import torch` fails
+"""
+
+
+def _run_without_torch(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_without_torch_the_client_imports_and_the_engine_says_what_to_install():
+    r = _run_without_torch(
+        """
+        import asyncllm.client
+        from asyncllm import EngineArgs, SamplingParams  # plain modules, no torch
+        for name in ["LLM", "AsyncLLMEngine", "LLMEngine", "EngineDeadError"]:
+            try:
+                exec(f"from asyncllm import {name}")
+            except ImportError as e:
+                assert type(e) is ImportError and e.name == "torch", (name, e)
+                assert 'pip install "asyncllm[serve]"' in str(e), e
+                assert f"asyncllm.{name}" in str(e), e
+            else:
+                raise AssertionError(name + " imported without torch")
+        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        print("ok")
+        """
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_without_torch_asyncllm_serve_says_what_to_install():
+    r = _run_without_torch(
+        """
+        from asyncllm.cli import main
+        sys.exit(main(["serve"]))
+        """
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert 'pip install "asyncllm[serve]"' in r.stderr and "'torch'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
 
 
 def _readme_commands() -> list[str]:
@@ -85,3 +215,10 @@ def test_ci_runs_the_readme_test_command_verbatim():
     # the browser tests (tests/test_chat_page.py) run in CI: the set-up installs Chromium first
     assert test_command.index("bash ops/ci/") < test_command.index("python -m pytest")
     assert (ROOT / "ops" / "ci" / re.search(r"bash ops/ci/(\S+)", test_command)[1]).is_file()
+
+
+def test_the_server_installs_install_the_serve_extra():
+    serve_command = _readme_commands()[0]
+    assert 'pip install -e ".[serve]"' in serve_command and "asyncllm serve" in serve_command
+    assert 'pip install "./[serve]"' in (ROOT / "ops" / "deploy" / "Dockerfile").read_text()
+    assert 'pip install -e ".[dev]"' in _readme_commands()[1]  # dev includes serve
