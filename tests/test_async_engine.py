@@ -485,3 +485,51 @@ def test_app_stream_example_streams_a_chat_answer_from_the_default_model():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip(), "no answer streamed"
     assert "[stop;" in proc.stderr or "[length; 12 tokens" in proc.stderr, proc.stderr[-2000:]
+
+
+# ---- sinks (what the WebSocket gateway uses) ----------------------------------------------------
+@pytest.mark.anyio
+async def test_sink_gets_every_output_and_the_iteration_only_the_end(engine, refs):
+    got: dict[str, list[RequestOutput]] = {p: [] for p in PROMPTS}
+
+    async def one(p: str) -> None:
+        it = engine.generate(p, greedy(MAX_REF), sink=got[p].append)
+        assert [out async for out in it] == []  # nothing is yielded: it all went to the sink
+        assert got[p] and got[p][-1].finished
+
+    async with anyio.create_task_group() as tg:
+        for p in PROMPTS:
+            tg.start_soon(one, p)
+    for p in PROMPTS:
+        ids = [t for o in got[p] for c in o.outputs for t in c.token_ids]
+        assert ids == refs[p].outputs[0].token_ids
+        assert "".join(c.text for o in got[p] for c in o.outputs) == refs[p].outputs[0].text
+    assert_clean(engine)
+
+
+@pytest.mark.anyio
+async def test_a_failing_sink_ends_the_iteration_with_its_error_and_aborts(engine):
+    seen: list[RequestOutput] = []
+
+    def sink(out: RequestOutput) -> None:
+        seen.append(out)
+        if len(seen) == 2:
+            raise KeyError("consumer bug")
+
+    with pytest.raises(KeyError, match="consumer bug"):
+        async for _ in engine.generate(PROMPTS[2], greedy(400), request_id="s1", sink=sink):
+            pass
+    await settle(engine)
+    assert_clean(engine)
+    assert len(seen) == 2  # nothing reached the sink after it failed
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_sink_request_aborts_it(engine):
+    seen: list[RequestOutput] = []
+    with anyio.move_on_after(0.3):
+        async for _ in engine.generate(PROMPTS[1], greedy(10_000), sink=seen.append):
+            pass
+    await settle(engine)
+    assert_clean(engine)
+    assert seen and not seen[-1].finished  # it was still running when cancelled

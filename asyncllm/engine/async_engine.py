@@ -239,17 +239,26 @@ class AsyncLLMEngine:
         return self._stats
 
     # ---- requests -------------------------------------------------------------------------------
+    supports_sink = True  # generate(..., sink=) is available (servers check for it)
+
     def generate(
         self,
         prompt: Any,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        sink: Callable[[RequestOutput], None] | None = None,
     ) -> RequestIterator:
         """Start a request; iterate the result for its RequestOutputs (each per the params'
         output_kind). Bad input (prompt too long, token ids outside the vocabulary, ...) raises
-        ValueError from the first iteration; a duplicate live request id raises ValueError here."""
-        return self._submit(_Add("", prompt, self._params(sampling_params), priority), request_id)
+        ValueError from the first iteration; a duplicate live request id raises ValueError here.
+
+        `sink`: for servers multiplexing many streams. Each output is passed to `sink(output)`
+        on the event loop as soon as it arrives, instead of being yielded: the iteration yields
+        nothing and ends when the request does (leaving it early still aborts). The sink must be
+        quick and must not block; if it raises, the iteration raises that error."""
+        add = _Add("", prompt, self._params(sampling_params), priority)
+        return self._submit(add, request_id, sink)
 
     def chat(
         self,
@@ -283,7 +292,12 @@ class AsyncLLMEngine:
         # The engine thread reads it later: the caller may reuse and change its object meanwhile.
         return sampling_params.clone()
 
-    def _submit(self, add: _Add, request_id: str | None) -> RequestIterator:
+    def _submit(
+        self,
+        add: _Add,
+        request_id: str | None,
+        sink: Callable[[RequestOutput], None] | None = None,
+    ) -> RequestIterator:
         if self._dead is not None:
             raise EngineDeadError("the engine died; no new requests") from self._dead
         if self._closing or self._closed:
@@ -299,7 +313,7 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use by a live request")
         add.request_id = request_id
-        stream = RequestStream(request_id, add.params.output_kind)
+        stream = RequestStream(request_id, add.params.output_kind, sink)
         self._streams[request_id] = stream
         self._inbox.put(add)
         return RequestIterator(self, stream)

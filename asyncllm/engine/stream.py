@@ -11,6 +11,7 @@ Everything here runs on the event loop's thread: the engine thread hands outputs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import anyio
 
@@ -69,14 +70,28 @@ class RequestStream:
 
     Holds at most one pending output (later ones merge into it) and, at the end, either a finished
     output or an exception. Not thread-safe by design: only the event loop touches it.
+
+    With a `sink`, outputs are not queued for the reader: each is handed to `sink(output)` as it
+    arrives (on the loop, inside the engine's drain), and the reader only waits for the end. That
+    saves a task switch per output per request, which on a GPU is loop time taken from the
+    engine thread. An exception from the sink ends the reader with it (which aborts the request).
     """
 
-    def __init__(self, request_id: str, output_kind: RequestOutputKind):
+    def __init__(
+        self,
+        request_id: str,
+        output_kind: RequestOutputKind,
+        sink: Callable[[RequestOutput], None] | None = None,
+    ):
         self.request_id = request_id
         self.output_kind = output_kind
+        self.sink = sink
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
         self._wakeup: anyio.Event | None = None  # the reader waits on it
+        # The running backend's own Event class, found once: anyio.Event() looks the backend up
+        # on every call, and a reader makes one event per output.
+        self._event_cls: type[anyio.Event] | None = None
         self._finished_event: anyio.Event | None = None  # abort() waits on it
         self.finished = False  # the engine has said its last word (finished output or error)
         self.detached = False  # the reader left: keep nothing, only track the end
@@ -90,6 +105,14 @@ class RequestStream:
         self.num_puts += 1
         if self.detached:
             pass  # nobody will read it
+        elif self.sink is not None:
+            try:
+                self.sink(output)
+            except Exception as e:
+                # The reader raises it and leaves, which aborts the request; later outputs
+                # (up to the abort's final one) go nowhere.
+                self.detached = True
+                self._error = e
         elif self._pending is None:
             self._pending = output
         else:
@@ -97,7 +120,8 @@ class RequestStream:
             self.num_merges += 1
         if output.finished:
             self._finish()
-        self._wake()
+        if self._pending is not None or self._error is not None or self.finished:
+            self._wake()  # (a sink's reader has nothing to do until the end)
 
     def put_error(self, error: BaseException) -> None:
         """End the stream with `error`, raised to the reader after any pending output."""
@@ -140,7 +164,9 @@ class RequestStream:
                 raise err
             if self.finished:
                 raise StopAsyncIteration
-            self._wakeup = anyio.Event()
+            if self._event_cls is None:
+                self._event_cls = type(anyio.Event())
+            self._wakeup = self._event_cls()
             await self._wakeup.wait()
 
     def __aiter__(self) -> RequestStream:
