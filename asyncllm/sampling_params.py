@@ -133,6 +133,16 @@ class SamplingParams:
                 raise ValueError(f"{name} has token ids outside [0, {vocab_size}): {bad[:5]}")
 
     def clone(self) -> SamplingParams:
+        """An independent copy. Every field is immutable but these containers; copying just them
+        is ~20x cheaper than deepcopy, which every request pays (twice) on the event loop."""
         import copy
 
-        return copy.deepcopy(self)
+        new = copy.copy(self)
+        for name in ("stop", "stop_token_ids", "allowed_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(new, name, list(value))
+        if self.logit_bias is not None:
+            new.logit_bias = dict(self.logit_bias)
+        new._eos_token_ids = set(self._eos_token_ids)
+        return new

@@ -415,3 +415,22 @@ def test_stop_strings_need_detokenize():
         SamplingParams(stop=["x"], detokenize=False)
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(logit_bias={"3": -100}).logit_bias == {3: -100.0}
+
+
+def test_clone_is_equal_and_independent():
+    p = SamplingParams(stop=["a"], stop_token_ids=[1], logit_bias={1: 2.0}, allowed_token_ids=[3])
+    p._eos_token_ids = {7}
+    q = p.clone()
+    assert q == p and q is not p and q._eos_token_ids == {7}
+    q.stop.append("b")
+    q.stop_token_ids.append(2)
+    q.logit_bias[5] = 1.0
+    q.allowed_token_ids.append(4)
+    q._eos_token_ids.add(8)
+    assert (p.stop, p.stop_token_ids, p.logit_bias, p.allowed_token_ids, p._eos_token_ids) == (
+        ["a"],
+        [1],
+        {1: 2.0},
+        [3],
+        {7},
+    )

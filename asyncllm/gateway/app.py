@@ -184,6 +184,9 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
         host=settings.host,
         port=settings.port,
         ws_max_size=ws_max,
+        # Frames are small JSON objects sent per token: compressing each costs the event loop
+        # (and so the engine thread, which shares the GIL with it) more than it saves.
+        ws_per_message_deflate=False,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
         lifespan="on",

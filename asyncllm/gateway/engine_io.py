@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -184,53 +184,42 @@ class EngineIO:
         api: str,
         request_id: str,
         id: StreamId | None = None,
+        on_pieces: Callable[[list[Piece]], None] | None = None,
     ) -> AsyncIterator[list[Piece]]:
         """Yield the pieces of each engine output. Leaving early (break, cancel, disconnect)
-        aborts the request. Engine failures come out as GatewayError(internal)."""
+        aborts the request. Engine failures come out as GatewayError(internal).
+
+        With `on_pieces`, each output's pieces go to `on_pieces(pieces)` instead, called on the
+        loop as the engine delivers them (no task switch per output where the engine takes a
+        sink), and the generator yields nothing: iterate it to the end to run the request."""
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
-        self.limits.queued += 1
-        queued = True
-        start = time.monotonic()
-        last: dict[int, float] = {}
-        finished = False
+        conv = _Converter(self.limits, m, params, time.monotonic())
         outcome = "error"
-        k = params.logprobs or 0
         try:
+            sink = None
+            if on_pieces is not None and getattr(self.engine, "supports_sink", False):
+
+                def sink(out: Any) -> None:
+                    on_pieces(conv(out))
+
+            kw = {"sink": sink} if sink is not None else {}
             gen = self.engine.generate(
-                {"prompt_token_ids": prompt_ids}, params, request_id=request_id, priority=priority
+                {"prompt_token_ids": prompt_ids},
+                params,
+                request_id=request_id,
+                priority=priority,
+                **kw,
             )
             async with aclosing(gen):
                 async for out in gen:
-                    now = time.monotonic()
-                    pieces = []
-                    for c in out.outputs:
-                        n_new = len(c.token_ids)
-                        if n_new:
-                            if queued:
-                                self.limits.queued -= 1
-                                queued = False
-                                m.ttft.observe(now - start)
-                            prev = last.get(c.index)
-                            if prev is not None:
-                                gap = (now - prev) / n_new
-                                for _ in range(n_new):
-                                    m.itl.observe(gap)
-                            last[c.index] = now
-                            m.generation_tokens.inc(n_new)
-                        lps = None
-                        if params.logprobs is not None and c.logprobs:
-                            lps = format_logprobs(c.token_ids, c.logprobs, k)
-                        fr = (
-                            _FINISH.get(c.finish_reason, c.finish_reason)
-                            if c.finish_reason
-                            else None
-                        )
-                        pieces.append(Piece(c.index, c.text, list(c.token_ids), lps, fr))
-                    if out.finished:
-                        finished = True
-                        outcome = _summary_outcome(pieces)
-                    yield pieces
+                    pieces = conv(out)
+                    if on_pieces is not None:
+                        on_pieces(pieces)
+                    else:
+                        yield pieces
+            if conv.finished:
+                outcome = _summary_outcome(conv.final_pieces)
         except GeneratorExit:
             outcome = "cancelled"
             raise
@@ -246,9 +235,8 @@ class EngineIO:
                 raise engine_dead_error(id, self.settings.retry_after) from None
             raise GatewayError(INTERNAL, f"generation failed: {type(e).__name__}: {e}", id) from e
         finally:
-            if queued:
-                self.limits.queued -= 1
-            if not finished:
+            conv.release_queue_slot()
+            if not conv.finished:
                 # The generator's own cleanup should abort; make sure, even when cancelled.
                 with anyio.CancelScope(shield=True) as scope:
                     scope.deadline = anyio.current_time() + 10  # a hung engine cannot hang us
@@ -257,6 +245,53 @@ class EngineIO:
                     except Exception:
                         pass
             m.requests.labels(api, outcome).inc()
+
+
+class _Converter:
+    """One request's engine outputs -> pieces, with its metrics (TTFT, inter-token latency,
+    tokens) and its queue slot, released at its first token."""
+
+    def __init__(self, limits: Limits, metrics: Metrics, params: SamplingParams, start: float):
+        self.limits = limits
+        self.m = metrics
+        self.params = params
+        self.k = params.logprobs or 0
+        self.start = start
+        self.last: dict[int, float] = {}
+        self.queued = True
+        limits.queued += 1
+        self.finished = False
+        self.final_pieces: list[Piece] = []
+
+    def release_queue_slot(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.limits.queued -= 1
+
+    def __call__(self, out: Any) -> list[Piece]:
+        now = time.monotonic()
+        m = self.m
+        pieces = []
+        for c in out.outputs:
+            n_new = len(c.token_ids)
+            if n_new:
+                if self.queued:
+                    self.release_queue_slot()
+                    m.ttft.observe(now - self.start)
+                prev = self.last.get(c.index)
+                if prev is not None:
+                    m.itl.observe((now - prev) / n_new, n_new)
+                self.last[c.index] = now
+                m.generation_tokens.inc(n_new)
+            lps = None
+            if self.params.logprobs is not None and c.logprobs:
+                lps = format_logprobs(c.token_ids, c.logprobs, self.k)
+            fr = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
+            pieces.append(Piece(c.index, c.text, list(c.token_ids), lps, fr))
+        if out.finished:
+            self.finished = True
+            self.final_pieces = pieces
+        return pieces
 
 
 def _summary_outcome(pieces: list[Piece]) -> str:

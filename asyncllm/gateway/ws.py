@@ -56,6 +56,7 @@ class Connection:
         self.control: deque[Any] = deque()  # encoded frames and ("resume", id, after) items
         self.dirty: dict[Stream, None] = {}  # ordered set of streams with frames to take
         self._wakeup = anyio.Event()
+        self._event_cls = type(self._wakeup)  # the backend's class: no lookup per wake-up
         self._drained: anyio.Event | None = None
         self.taken_over = False
 
@@ -90,7 +91,7 @@ class Connection:
         ws = self.ws
         while True:
             await self._wakeup.wait()
-            self._wakeup = anyio.Event()
+            self._wakeup = self._event_cls()
             while self.control or self.dirty:
                 if self.taken_over:
                     break
@@ -303,13 +304,24 @@ class WebSocketGateway:
                         ids = await io.encode(None, frame.prompt, frame.id)
                     stream.prompt_tokens = len(ids)
                     io.admit(frame.id)
+
+                    def on_pieces(pieces: list[Any]) -> None:
+                        if stream.add(pieces):
+                            sess.notify(stream)
+
+                    # Pieces arrive by callback, in the engine's drain: no task switch per token.
                     gen = io.generate(
-                        ids, params, frame.params.priority, "ws", stream.request_id, frame.id
+                        ids,
+                        params,
+                        frame.params.priority,
+                        "ws",
+                        stream.request_id,
+                        frame.id,
+                        on_pieces=on_pieces,
                     )
                     async with aclosing(gen):
-                        async for pieces in gen:
-                            if stream.add(pieces):
-                                sess.notify(stream)
+                        async for _ in gen:
+                            pass
                 except ProtocolError as e:
                     stream.finish(error={"code": e.code, "message": e.message})
                 except Exception as e:
