@@ -324,6 +324,45 @@ async def test_reader_that_stops_reading_holds_one_output(engine, llm):
 
 # ---- bad input ----------------------------------------------------------------------------------
 @pytest.mark.anyio
+async def test_a_later_request_with_a_lower_priority_value_runs_before_waiting_ones(
+    tiny_model_dir,
+):
+    """max_num_seqs=1: one request runs at a time. While a long one runs, three more are sent;
+    the last one sent, with priority -1, runs before the two sent earlier with priority 0, and
+    those two keep their arrival order. The running one is not preempted for it."""
+    llm = LLM(tiny_model_dir, max_num_seqs=1)
+    async with AsyncLLMEngine(llm.llm_engine) as eng:
+        final: dict[str, RequestOutput] = {}
+        started = anyio.Event()
+
+        async def consume(name: str, it) -> None:
+            async for out in it:
+                started.set()
+                final[name] = out
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, "running", eng.generate("Hello world", greedy(200), "running"))
+            with anyio.fail_after(10):
+                await started.wait()  # it is running: its first tokens are out
+            for name, priority in [("early", 0), ("second", 0), ("urgent", -1)]:
+                it = eng.generate(PROMPTS[1], greedy(4, FINAL_ONLY), name, priority=priority)
+                tg.start_soon(consume, name, it)
+        assert_clean(eng)
+        assert llm.llm_engine.get_stats().num_preemptions == 0
+    m = {name: out.metrics for name, out in final.items()}
+    assert final["running"].outputs[0].finish_reason == "length"
+    for name in ("early", "second", "urgent"):
+        assert final[name].outputs[0].finish_reason == "length"
+        # all three arrived while the first one was still running: they waited together
+        assert m["running"].first_token_time < m[name].arrival_time < m["running"].finished_time
+    assert m["early"].arrival_time < m["second"].arrival_time < m["urgent"].arrival_time
+    # run one after another, the priority -1 one first, then the others by arrival
+    assert m["running"].finished_time <= m["urgent"].first_token_time
+    assert m["urgent"].finished_time <= m["early"].first_token_time
+    assert m["early"].finished_time <= m["second"].first_token_time
+
+
+@pytest.mark.anyio
 async def test_bad_requests_raise_value_error_and_leave_the_engine_alive(engine):
     too_long = " ".join(["Hello world"] * 400)
     with pytest.raises(ValueError, match="max_model_len"):

@@ -197,6 +197,50 @@ def test_abort_frees_blocks(tiny_model_dir):
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
+def test_progress_bar_on_a_batch_unless_use_tqdm_false(tiny_model_dir, capsys):
+    llm = LLM(tiny_model_dir)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    capsys.readouterr()
+    assert len(llm.generate(PROMPTS, params)) == len(PROMPTS)  # use_tqdm defaults to True
+    err = capsys.readouterr().err
+    assert "Generating" in err and f"{len(PROMPTS)}/{len(PROMPTS)}" in err, err
+    llm.chat([[{"role": "user", "content": "Hi"}]] * 2, params)  # chat batches too
+    assert "2/2" in capsys.readouterr().err
+    llm.generate(PROMPTS, params, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+    llm.generate("Hello", params)  # a single prompt gets no bar
+    assert capsys.readouterr().err == ""
+
+
+def test_kv_cache_memory_sizes_the_cache(tiny_model_dir):
+    from asyncllm.engine.model_runner import kv_bytes_per_block
+
+    def cache_of(kv_cache_memory: int) -> tuple[LLM, int]:
+        llm = LLM(tiny_model_dir, block_size=4, kv_cache_memory=kv_cache_memory)
+        mc = llm.llm_engine.model_config
+        return llm, kv_bytes_per_block(mc.hf_config, 4, mc.dtype)
+
+    llm, per_block = cache_of(3 * 1024**2)
+    assert per_block > 0
+    blocks = llm.llm_engine.get_stats().kv_blocks_total
+    assert blocks == 3 * 1024**2 // per_block
+    # what is allocated is what was asked for, rounded down to whole blocks
+    allocated = sum(c.numel() * c.element_size() for c in llm.llm_engine.runner.kv_caches)
+    assert allocated == blocks * per_block <= 3 * 1024**2
+
+    llm, _ = cache_of(7 * per_block + per_block - 1)
+    assert llm.llm_engine.get_stats().kv_blocks_total == 7
+    # 7 blocks of 4 tokens hold 28 tokens: a 41-token request cannot fit, and is refused up front
+    with pytest.raises(ValueError, match="needs up to 11 KV blocks but the cache has 7"):
+        llm.generate(
+            {"prompt_token_ids": list(range(10, 50))}, SamplingParams(max_tokens=1), use_tqdm=False
+        )
+    out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3  # and the engine goes on
+    stats = llm.llm_engine.get_stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total == 7
+
+
 def test_user_errors_are_value_errors(tiny_model_dir, tmp_path):
     llm = LLM(tiny_model_dir, max_model_len=32)
     engine = llm.llm_engine

@@ -147,3 +147,31 @@ def test_allowed_token_ids(llm):
     )
     out = _gen(llm, PROMPT, params)[0].outputs[0]
     assert set(out.token_ids) <= set(allowed) and len(out.token_ids) == 12
+
+
+def test_skip_special_tokens_end_to_end(llm):
+    tok = llm.get_tokenizer()
+    specials = ["<|im_start|>", "<|endoftext|>"]  # special tokens that are not the EOS
+    special_ids = tok.convert_tokens_to_ids(specials)
+    normal_ids = [t for t in tok.encode(" the sky is blue") if t not in tok.all_special_ids]
+    common = dict(
+        temperature=1.0,
+        max_tokens=24,
+        ignore_eos=True,
+        seed=3,
+        allowed_token_ids=special_ids + normal_ids,
+    )
+    kept = _gen(llm, PROMPT, SamplingParams(skip_special_tokens=False, **common))[0].outputs[0]
+    skipped = _gen(llm, PROMPT, SamplingParams(skip_special_tokens=True, **common))[0].outputs[0]
+    ids = kept.token_ids
+    assert skipped.token_ids == ids  # same seed, same tokens: only the text differs
+    assert set(ids) & set(special_ids) and set(ids) - set(special_ids)  # both kinds generated
+    assert kept.text == tok.decode(ids, skip_special_tokens=False)
+    assert any(s in kept.text for s in specials)
+    assert skipped.text == tok.decode(ids, skip_special_tokens=True)
+    assert skipped.text and not any(s in skipped.text for s in specials)
+    # only special tokens: nothing is left of the text
+    only = dict(common, allowed_token_ids=special_ids[:1], max_tokens=3)
+    assert _gen(llm, PROMPT, SamplingParams(**only))[0].outputs[0].text == ""
+    out = _gen(llm, PROMPT, SamplingParams(skip_special_tokens=False, **only))[0].outputs[0]
+    assert out.text == "<|im_start|>" * 3
