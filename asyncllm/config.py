@@ -35,6 +35,9 @@ class EngineArgs:
     # Schedule and launch step N+1 before step N's sampled tokens reach the host, so the host's
     # per-step work overlaps the GPU's. None: on for CUDA (on the CPU nothing runs asynchronously).
     async_scheduling: bool | None = None
+    # AsyncLLMEngine: run the engine loop in a child process, so that it shares no GIL with the
+    # event loop streaming its outputs (servers with many streams on a GPU).
+    engine_process: bool = False
     trust_remote_code: bool = False
     served_model_name: str | None = None
 

@@ -39,11 +39,13 @@ def reference(llm, prompts, **kw) -> list[str]:
     return [o.outputs[0].text for o in outs]
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["engine_thread", "engine_process"])
+def served(tiny_model_dir, request):
+    """The app on the engine in a thread of this process, and in a child process of its own."""
     from asyncllm import AsyncLLMEngine, EngineArgs
 
-    engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=tiny_model_dir, **ENGINE_ARGS))
+    args = EngineArgs(model=tiny_model_dir, engine_process=request.param, **ENGINE_ARGS)
+    engine = AsyncLLMEngine.from_engine_args(args)
     with run_server(engine, GatewaySettings(resume_ttl=0.5)) as srv:
         yield engine, srv
 

@@ -13,6 +13,10 @@ cache) and needs no locks on it. Two crossings only:
 So outputs cross once per step for all requests, the thread never waits for a reader, and a slow
 reader (or a starved loop) costs at most one pending output per request.
 
+With `EngineArgs.engine_process` the engine loop (engine_loop.py) runs in a child process instead
+(engine_process.py): then no engine work shares this process's GIL with the event loop, and two
+threads here forward the inbox down a pipe and post what comes up it to the outbox.
+
 Every registered stream gets exactly one terminal event from the thread: its finished output (which
 an abort also produces), its add error (bad input -> ValueError), or the engine's death
 (EngineDeadError). A stream stays registered until then, so a request id stays "live", and cannot be
@@ -26,13 +30,16 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import sniffio
 
 from asyncllm.config import EngineArgs
+from asyncllm.engine.engine_loop import Abort as _Abort
+from asyncllm.engine.engine_loop import Add as _Add
+from asyncllm.engine.engine_loop import Command, Item, run_engine_loop
+from asyncllm.engine.engine_loop import Shutdown as _Shutdown
 from asyncllm.engine.stream import RequestStream, merge_outputs
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -44,26 +51,7 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped (a fatal error in a step, or shutdown): no more outputs."""
 
 
-# ---- inbox commands -----------------------------------------------------------------------------
-@dataclass
-class _Add:
-    request_id: str
-    prompt: Any  # PromptType, or None when `messages` is set
-    params: SamplingParams
-    priority: int
-    messages: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-class _Shutdown:
-    pass
-
-
-_Item = RequestOutput | BaseException  # what the thread hands over per request
+_Item = Item
 
 
 class RequestIterator(AsyncIterator[RequestOutput]):
@@ -128,7 +116,11 @@ class AsyncLLMEngine:
         self._outbox_dead: EngineDeadError | None = None
         self._outbox_lock = threading.Lock()  # guards the crossing, never engine state
         self._drain_scheduled = False
-        self._thread_kinds: dict[str, RequestOutputKind] = {}  # engine thread only
+        # Live requests' output kinds, for merging in the outbox: written on the loop (submit,
+        # drain), read by the thread that posts.
+        self._kinds: dict[str, RequestOutputKind] = {}
+        self._proc: Any = None  # the EngineProcess, with engine_process
+        self._sender: threading.Thread | None = None
         self._call_in_loop: Callable[[Callable[[], None]], None] | None = None
         self._thread: threading.Thread | None = None
         self._stats: Any = None  # EngineStats snapshot, replaced by the thread after each step
@@ -176,6 +168,10 @@ class AsyncLLMEngine:
             if self._started:
                 return
             self._call_in_loop = _loop_caller()
+            if self._engine is None and self.engine_args.engine_process:
+                await self._start_process()
+                self._started = True
+                return
             if self._engine is None:
                 from asyncllm.engine.llm_engine import LLMEngine
 
@@ -186,6 +182,29 @@ class AsyncLLMEngine:
             self._thread = threading.Thread(target=self._run, name="asyncllm-engine", daemon=True)
             self._thread.start()
             self._started = True
+
+    async def _start_process(self) -> None:
+        from asyncllm.engine.engine_builder import build_model_config
+        from asyncllm.engine.engine_process import EngineProcess
+
+        assert self.engine_args is not None
+        # The tokenizer is needed here too (chat templates, prompt limits in servers).
+        _, tokenizer = await anyio.to_thread.run_sync(build_model_config, self.engine_args)
+        proc = EngineProcess(self.engine_args)
+        info = await anyio.to_thread.run_sync(proc.start)
+        self._proc = proc
+        self.tokenizer = tokenizer
+        self.model_config = info["model_config"]
+        self.vocab_size = info["vocab_size"]
+        self._stats = info["stats"]
+        self._sender = threading.Thread(
+            target=self._run_sender, name="asyncllm-engine-sender", daemon=True
+        )
+        self._thread = threading.Thread(
+            target=self._run_receiver, name="asyncllm-engine-receiver", daemon=True
+        )
+        self._sender.start()
+        self._thread.start()
 
     async def shutdown(self) -> None:
         """Abort every open request (their streams end with finish_reason "abort"), stop and join
@@ -204,6 +223,10 @@ class AsyncLLMEngine:
             if thread is not None and thread.is_alive():
                 self._inbox.put(_Shutdown())
                 await anyio.to_thread.run_sync(thread.join)
+            if self._proc is not None:
+                self._inbox.put(_Shutdown())  # the sender may still wait (the child died)
+                await anyio.to_thread.run_sync(self._proc.join)
+                self._proc.close()
             self._drain_outbox()
             gone = EngineDeadError("the engine was shut down")
             for stream in list(self._streams.values()):
@@ -266,10 +289,11 @@ class AsyncLLMEngine:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        sink: Callable[[RequestOutput], None] | None = None,
     ) -> RequestIterator:
         """`generate` for a conversation, rendered with the model's chat template."""
         add = _Add("", None, self._params(sampling_params), priority, messages=messages)
-        return self._submit(add, request_id)
+        return self._submit(add, request_id, sink)
 
     async def abort(self, request_id: str) -> None:
         """End a request and wait until the engine has freed it. Unknown or finished ids are a
@@ -315,6 +339,7 @@ class AsyncLLMEngine:
         add.request_id = request_id
         stream = RequestStream(request_id, add.params.output_kind, sink)
         self._streams[request_id] = stream
+        self._kinds[request_id] = add.params.output_kind
         self._inbox.put(add)
         return RequestIterator(self, stream)
 
@@ -344,11 +369,13 @@ class AsyncLLMEngine:
                     stream.put(item)
                 if stream.finished:
                     del self._streams[rid]
+                    self._kinds.pop(rid, None)
             if dead is not None:
                 self._dead = dead
                 for stream in self._streams.values():
                     stream.put_error(dead)
                 self._streams.clear()
+                self._kinds.clear()
         except Exception:  # never let a bug here take the event loop down with it
             logger.exception("asyncllm: failed to deliver engine outputs")
 
@@ -363,7 +390,8 @@ class AsyncLLMEngine:
             for rid, item in items.items():
                 prev = box.get(rid)
                 if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
-                    box[rid] = merge_outputs(prev, item, self._thread_kinds[rid])
+                    kind = self._kinds.get(rid, RequestOutputKind.CUMULATIVE)
+                    box[rid] = merge_outputs(prev, item, kind)
                 else:
                     box[rid] = item
             if dead is not None:
@@ -379,72 +407,60 @@ class AsyncLLMEngine:
         return True
 
     def _run(self) -> None:
-        engine = self._engine
-        # Thread-owned bookkeeping: each live request's output kind, for merging in the outbox.
-        kinds = self._thread_kinds
-        try:
+        """The engine thread: the engine loop over the inbox and the outbox."""
+
+        def get_commands(block: bool) -> list[Command]:
+            cmds = [self._inbox.get()] if block else []  # idle: sleep until there is work
             while True:
-                cmds: list[_Add | _Abort | _Shutdown] = []
-                if not engine.has_unfinished_requests():
-                    cmds.append(self._inbox.get())  # idle: sleep until there is work
-                while True:
-                    try:
-                        cmds.append(self._inbox.get_nowait())
-                    except queue.Empty:
-                        break
-                items: dict[str, _Item] = {}
-                stop = False
-                for cmd in cmds:
-                    if isinstance(cmd, _Add):
-                        self._add(engine, cmd, items)
-                    elif isinstance(cmd, _Abort):
-                        if cmd.request_id in kinds:
-                            self._emit(items, engine.abort_request(cmd.request_id))
-                    else:
-                        stop = True
-                if stop:
-                    self._emit(items, engine.abort_request(list(kinds)))
-                elif engine.has_unfinished_requests():
-                    self._emit(items, engine.step())
-                self._stats = engine.get_stats()
-                posted = self._post(items)
-                # Only now forget finished requests' kinds: _post merges with them.
-                for rid, item in items.items():
-                    if not isinstance(item, RequestOutput) or item.finished:
-                        kinds.pop(rid, None)
-                if not posted or stop:
-                    return
+                try:
+                    cmds.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    return cmds
+
+        def post(items: dict[str, Item], stats: Any) -> bool:
+            self._stats = stats
+            return self._post(items)
+
+        try:
+            run_engine_loop(self._engine, get_commands, post)
         except BaseException as e:
             logger.exception("asyncllm: the engine thread died")
-            dead = EngineDeadError(f"the engine thread died: {type(e).__name__}: {e}")
-            dead.__cause__ = e
-            self._dead = dead  # new requests fail at once, even before the loop hears of it
-            self._post({}, dead)
+            self._die(f"the engine thread died: {type(e).__name__}: {e}", e)
 
-    def _add(self, engine: Any, cmd: _Add, items: dict[str, _Item]) -> None:
-        """Add one request; bad input fails that request only (its stream gets the error)."""
-        try:
-            prompt = cmd.prompt
-            if cmd.messages is not None:
-                prompt = {"prompt_token_ids": engine.apply_chat_template(cmd.messages)}
-            engine.add_request(cmd.request_id, prompt, cmd.params, priority=cmd.priority)
-        except ValueError as e:
-            items[cmd.request_id] = e
-        except Exception as e:  # e.g. a TypeError from odd input: still the caller's problem
-            err = ValueError(f"invalid request: {type(e).__name__}: {e}")
-            err.__cause__ = e
-            items[cmd.request_id] = err
-        else:
-            self._thread_kinds[cmd.request_id] = cmd.params.output_kind
+    def _die(self, message: str, cause: BaseException | None = None) -> None:
+        dead = EngineDeadError(message)
+        dead.__cause__ = cause
+        self._dead = dead  # new requests fail at once, even before the loop hears of it
+        self._post({}, dead)
 
-    def _emit(self, items: dict[str, _Item], outputs: list[RequestOutput]) -> None:
-        kinds = self._thread_kinds
-        for out in outputs:
-            rid = out.request_id
-            prev = items.get(rid)
-            if isinstance(prev, RequestOutput):
-                out = merge_outputs(prev, out, kinds[rid])
-            items[rid] = out
+    # ---- with engine_process: the two threads that cross to the child --------------------------
+    def _run_sender(self) -> None:
+        proc = self._proc
+        while True:
+            cmd = self._inbox.get()
+            try:
+                proc.send(cmd)
+            except (OSError, ValueError):  # the child is gone: the receiver reports it
+                return
+            if isinstance(cmd, _Shutdown):
+                return
+
+    def _run_receiver(self) -> None:
+        proc = self._proc
+        while True:
+            kind, payload = proc.recv()
+            if kind == "out":
+                items, stats = payload
+                self._stats = stats
+                if not self._post(items):
+                    self._inbox.put(_Shutdown())  # nobody is listening any more
+            elif kind == "dead":
+                logger.error("asyncllm: %s", payload)
+                self._die(f"the engine process died: {payload}")
+                self._inbox.put(_Shutdown())  # release the sender
+                return
+            else:  # "bye": the child has shut down
+                return
 
 
 def _loop_caller() -> Callable[[Callable[[], None]], None]:
