@@ -123,13 +123,24 @@ def engine(tiny_model_dir) -> Any:
     eng.texts = {}
     inner = eng.generate
 
-    async def recording_generate(prompt, sampling_params=None, request_id=None, priority=0):
-        it = inner(prompt, sampling_params, request_id=request_id, priority=priority)
+    async def recording_generate(
+        prompt, sampling_params=None, request_id=None, priority=0, sink=None
+    ):
         key = request_id or str(len(eng.texts))
         eng.texts[key] = ""
+
+        def record(out) -> None:  # DELTA outputs: the gateway asks for them
+            eng.texts[key] += out.outputs[0].text
+
+        def recording_sink(out) -> None:  # the gateway takes outputs through a sink if it can
+            record(out)
+            sink(out)
+
+        kw = {"sink": recording_sink} if sink is not None else {}
+        it = inner(prompt, sampling_params, request_id=request_id, priority=priority, **kw)
         try:
-            async for out in it:  # DELTA outputs: the gateway asks for them
-                eng.texts[key] += out.outputs[0].text
+            async for out in it:  # nothing, with a sink
+                record(out)
                 yield out
         finally:
             await it.aclose()
