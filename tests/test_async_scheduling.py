@@ -13,16 +13,10 @@ import pytest
 
 from asyncllm import LLM, SamplingParams
 from asyncllm.sampling_params import RequestOutputKind
+from tests.test_llm import PROMPTS as LLM_PROMPTS
 from tests.tiny_models import hf_greedy
 
-PROMPTS = [
-    "Hello world",
-    "The capital of France is",
-    "Once upon a time there was a little model that could",
-    "Café, naïve, résumé",
-    "def f(x):\n    return",
-    "Emoji: 😀 🚀",
-]
+PROMPTS = [*LLM_PROMPTS, "Emoji: 😀 🚀"]
 
 
 def _params() -> list[SamplingParams]:
