@@ -216,3 +216,20 @@ def test_async_scheduling_flag_and_default(tiny_model_dir):
 
     ns = build_parser().parse_args(["serve", tiny_model_dir, "--async-scheduling"])
     assert engine_args_from(ns).async_scheduling is True
+
+
+def test_max_model_len_ends_in_flight_sequences_at_the_same_token(tiny_model_dir):
+    """A sequence whose pending token reaches max_model_len is not scheduled again (its next
+    token could not be stored), and it ends with exactly the synchronous engine's tokens."""
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (10, 3, 15)]
+    res = {}
+    for mode in (False, True):
+        llm = LLM(tiny_model_dir, max_model_len=16, block_size=4, async_scheduling=mode)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        res[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+        stats = llm.llm_engine.get_stats()
+        assert stats.kv_blocks_free == stats.kv_blocks_total
+    assert res[True] == res[False]
+    assert [len(ids) for ids, _ in res[True]] == [6, 13, 1]
+    assert all(reason == "length" for _, reason in res[True])
