@@ -134,3 +134,26 @@ async def test_a_process_engine_that_cannot_load_raises_the_childs_error(tmp_pat
     )
     with pytest.raises(ValueError):
         await eng.start()
+
+
+def test_pack_unpack_round_trip():
+    from asyncllm.engine.engine_process import pack, unpack
+    from asyncllm.outputs import CompletionOutput, Logprob, RequestMetrics
+
+    out = RequestOutput(
+        "r",
+        "Hi",
+        [1, 2, 3],
+        [
+            CompletionOutput(0, "a", [5], -0.5, [{5: Logprob(-0.5, 1, "a")}], None, None),
+            CompletionOutput(1, "b", [6, 7], -1.0, None, "stop", "</s>"),
+        ],
+        False,
+        [None, {2: Logprob(-1.0, 2, "x")}],
+        3,
+        RequestMetrics(1.0, 2.0, None),
+    )
+    assert unpack("r", pack(out, with_prompt=True)) == out
+    bare = unpack("r", pack(out, with_prompt=False))
+    assert bare.prompt is None and bare.prompt_token_ids is None
+    assert bare.outputs == out.outputs and bare.metrics == out.metrics

@@ -105,10 +105,18 @@ class AsyncLLMEngine:
     """`async with AsyncLLMEngine.from_engine_args(EngineArgs(...)) as engine:` starts the engine
     thread (loading the model in a worker thread); leaving the block shuts it down."""
 
-    def __init__(self, engine: Any = None, engine_args: EngineArgs | None = None):
+    def __init__(
+        self,
+        engine: Any = None,
+        engine_args: EngineArgs | None = None,
+        engine_factory: Callable[[EngineArgs], Any] | None = None,
+    ):
+        """`engine_factory` (with engine_process): what builds the engine in the child from the
+        EngineArgs; a picklable top-level callable. Default: LLMEngine.from_engine_args."""
         if engine is None and engine_args is None:
             raise ValueError("pass an LLMEngine or EngineArgs")
         self.engine_args = engine_args
+        self._engine_factory = engine_factory
         self._engine = engine  # the LLMEngine; owned by the engine thread once started
         self._streams: dict[str, RequestStream] = {}
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Shutdown] = queue.SimpleQueue()
@@ -184,16 +192,14 @@ class AsyncLLMEngine:
             self._started = True
 
     async def _start_process(self) -> None:
-        from asyncllm.engine.engine_builder import build_model_config
         from asyncllm.engine.engine_process import EngineProcess
 
         assert self.engine_args is not None
-        # The tokenizer is needed here too (chat templates, prompt limits in servers).
-        _, tokenizer = await anyio.to_thread.run_sync(build_model_config, self.engine_args)
-        proc = EngineProcess(self.engine_args)
+        proc = EngineProcess(self.engine_args, self._engine_factory)
         info = await anyio.to_thread.run_sync(proc.start)
         self._proc = proc
-        self.tokenizer = tokenizer
+        # The child's own tokenizer, pickled: servers need it here (chat templates, limits).
+        self.tokenizer = info["tokenizer"]
         self.model_config = info["model_config"]
         self.vocab_size = info["vocab_size"]
         self._stats = info["stats"]

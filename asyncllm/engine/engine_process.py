@@ -7,8 +7,9 @@ batches cross (vLLM's engine core process for the same reason).
 
 The crossings stay the two of AsyncLLMEngine: commands go down a pipe (a sender thread here
 forwards the inbox), and once per step the child sends every request's merged output up the pipe
-(a receiver thread here posts it to the outbox). A request's prompt goes up with its first output
-only. The child is started with "spawn" (CUDA cannot be forked), so programs that use it need the
+(a receiver thread here posts it to the outbox). Outputs travel as plain tuples (`pack` /
+`unpack`: unpickling dataclasses costs the server several microseconds per output), and a
+request's prompt goes up with its first output only. The child is started with "spawn" (CUDA cannot be forked), so programs that use it need the
 usual `if __name__ == "__main__":` guard.
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+from collections.abc import Callable
 from typing import Any
 
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_loop import Command, Item, run_engine_loop
-from asyncllm.outputs import RequestOutput
+from asyncllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +37,15 @@ class EngineProcessError(RuntimeError):
 class EngineProcess:
     """This side of the engine process: start it, send it commands, receive its messages."""
 
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, factory: Callable[[EngineArgs], Any] | None = None):
         self.args = dataclasses.replace(args, engine_process=False)  # the child runs in-process
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
-            target=child_main, args=(self.args, child_conn), name="asyncllm-engine", daemon=True
+            target=child_main,
+            args=(self.args, child_conn, factory),
+            name="asyncllm-engine",
+            daemon=True,
         )
         self._child_conn = child_conn
         self._prompts: dict[str, tuple[str | None, list[int]]] = {}
@@ -83,21 +88,23 @@ class EngineProcess:
             return kind, (self._restore(items), stats)
         return kind, payload
 
-    def _restore(self, items: dict[str, Item]) -> dict[str, Item]:
-        """Put back the prompt the child sent only with each request's first output."""
-        for rid, item in items.items():
-            if isinstance(item, RequestOutput):
-                if item.prompt_token_ids is None:
-                    prompt, ids = self._prompts.get(rid, (None, []))
-                    items[rid] = item = dataclasses.replace(
-                        item, prompt=prompt, prompt_token_ids=ids
-                    )
-                else:
-                    self._prompts[rid] = (item.prompt, item.prompt_token_ids)
-                if item.finished:
-                    self._prompts.pop(rid, None)
+    def _restore(self, packed: list[tuple[str, Any]]) -> dict[str, Item]:
+        """Rebuild the outputs, with the prompt the child sent only once per request."""
+        items: dict[str, Item] = {}
+        prompts = self._prompts
+        for rid, p in packed:
+            if isinstance(p, BaseException):
+                prompts.pop(rid, None)
+                items[rid] = p
+                continue
+            out = unpack(rid, p)
+            if out.prompt_token_ids is None:
+                out.prompt, out.prompt_token_ids = prompts.get(rid, (None, []))
             else:
-                self._prompts.pop(rid, None)
+                prompts[rid] = (out.prompt, out.prompt_token_ids)
+            if out.finished:
+                prompts.pop(rid, None)
+            items[rid] = out
         return items
 
     def join(self, timeout: float = 30.0) -> None:
@@ -115,12 +122,14 @@ class EngineProcess:
         self.conn.close()
 
 
-def child_main(args: EngineArgs, conn: Any) -> None:
+def child_main(
+    args: EngineArgs, conn: Any, factory: Callable[[EngineArgs], Any] | None = None
+) -> None:
     """The child: build the engine, then run the engine loop over the pipe."""
     from asyncllm.engine.llm_engine import LLMEngine
 
     try:
-        engine = LLMEngine.from_engine_args(args)
+        engine = (factory or LLMEngine.from_engine_args)(args)
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         try:
             conn.send(("failed", e))
@@ -132,6 +141,7 @@ def child_main(args: EngineArgs, conn: Any) -> None:
             "ready",
             {
                 "model_config": engine.model_config,
+                "tokenizer": engine.tokenizer,
                 "vocab_size": engine.vocab_size,
                 "stats": engine.get_stats(),
             },
@@ -146,19 +156,18 @@ def child_main(args: EngineArgs, conn: Any) -> None:
         return cmds
 
     def post(items: dict[str, Item], stats: Any) -> bool:
+        packed: list[tuple[str, Any]] = []
         for rid, item in items.items():
             if isinstance(item, RequestOutput):
-                if rid in prompt_sent:
-                    items[rid] = item = dataclasses.replace(
-                        item, prompt=None, prompt_token_ids=None
-                    )
-                else:
-                    prompt_sent.add(rid)
+                first = rid not in prompt_sent
+                prompt_sent.add(rid)
                 if item.finished:
                     prompt_sent.discard(rid)
+                packed.append((rid, pack(item, with_prompt=first)))
             else:
                 prompt_sent.discard(rid)
-        conn.send(("out", (items, stats)))
+                packed.append((rid, item))
+        conn.send(("out", (packed, stats)))
         return True
 
     try:
@@ -171,3 +180,35 @@ def child_main(args: EngineArgs, conn: Any) -> None:
             pass
         return
     conn.send(("bye", None))
+
+
+def pack(out: RequestOutput, with_prompt: bool) -> tuple:
+    """A RequestOutput as plain tuples and lists (cheap to pickle and to unpickle)."""
+    m = out.metrics
+    return (
+        out.prompt if with_prompt else None,
+        out.prompt_token_ids if with_prompt else None,
+        [
+            (c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason,
+             c.stop_reason)
+            for c in out.outputs
+        ],
+        out.finished,
+        out.prompt_logprobs,
+        out.num_cached_tokens,
+        None if m is None else (m.arrival_time, m.first_token_time, m.finished_time),
+    )  # fmt: skip
+
+
+def unpack(request_id: str, p: tuple) -> RequestOutput:
+    prompt, ids, comps, finished, prompt_lp, cached, m = p
+    return RequestOutput(
+        request_id,
+        prompt,
+        ids,
+        [CompletionOutput(*c) for c in comps],
+        finished,
+        prompt_lp,
+        cached,
+        None if m is None else RequestMetrics(*m),
+    )

@@ -10,14 +10,17 @@ how loaded the machine is (it reads thread CPU time, not wall time):
   the real app (build_app) and uvicorn, in this process;
 - N WebSocket streams from a client in a subprocess (its cost is not counted);
 - reported: CPU microseconds per delivered token of the event-loop thread and of the engine
-  thread (the stub's own work is small and the same in every variant), and tokens delivered.
+  thread (the stub's own work is small and the same in every variant), and tokens delivered;
+  with --engine-process the stub runs in the child process and the second figure is the
+  server-side receiver thread (unpickling the child's output batches).
 
-  python -m ops.bench.gateway_cost --streams 256 --tokens 64
+  python -m ops.bench.gateway_cost --streams 256 --tokens 64 [--engine-process]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
 import subprocess
@@ -109,6 +112,11 @@ class StubLLMEngine:
         return outs
 
 
+def stub_engine(step_s: float, args: Any) -> StubLLMEngine:
+    """The engine factory for --engine-process (top level: it is pickled to the child)."""
+    return StubLLMEngine(step_s)
+
+
 def _thread_cpu(ident: int) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
@@ -118,16 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64, help="per stream")
     p.add_argument("--step-ms", type=float, default=5.0)
+    p.add_argument("--engine-process", action="store_true", help="the stub in a child process")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import uvicorn
 
+    from asyncllm.config import EngineArgs
     from asyncllm.engine.async_engine import AsyncLLMEngine
     from asyncllm.gateway import GatewaySettings, build_app, uvicorn_config
 
     stub = StubLLMEngine(args.step_ms / 1e3)
-    engine = AsyncLLMEngine(engine=stub)
+    if args.engine_process:
+        factory = functools.partial(stub_engine, args.step_ms / 1e3)
+        engine = AsyncLLMEngine(engine_args=EngineArgs(engine_process=True), engine_factory=factory)
+    else:
+        engine = AsyncLLMEngine(engine=stub)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -137,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     loop_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     loop_thread.start()
     while not server.started:
+        time.sleep(0.01)
+    while engine._thread is None:  # the lifespan starts the engine (and its process)
         time.sleep(0.01)
     engine_thread = engine._thread
     assert engine_thread is not None and loop_thread.ident is not None
@@ -165,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_stream": args.tokens,
         "step_ms": args.step_ms,
         "tokens": tokens,
-        "steps": stub.steps,
+        "engine_process": args.engine_process,
+        "steps": None if args.engine_process else stub.steps,
         "wall_s": wall,
         "loop_cpu_us_per_token": (c1[0] - c0[0]) / tokens * 1e6,
         "engine_thread_cpu_us_per_token": (c1[1] - c0[1]) / tokens * 1e6,
