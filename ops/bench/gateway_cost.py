@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="per stream")
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--engine-process", action="store_true", help="the stub in a child process")
+    p.add_argument("--ws-impl", default=None, help="uvicorn's ws implementation (default: auto)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
     settings = GatewaySettings(port=port, max_streams_per_connection=1024)
     app = build_app(engine, settings)
-    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
+    kw = {"ws": args.ws_impl} if args.ws_impl else {}
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning", **kw))
     loop_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     loop_thread.start()
     while not server.started:
