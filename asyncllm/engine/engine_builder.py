@@ -135,6 +135,10 @@ def build_engine_parts(args: EngineArgs):
         backend = "triton" if mc.device.type == "cuda" else "torch"
     attn = get_attention_backend(backend, mc.device)
     model = load_model(mc, attn)
+    if mc.device.type == "cpu" and mc.dtype == torch.float32:
+        from asyncllm.engine.layers.cpu_linear import prepack_cpu_linears
+
+        prepack_cpu_linears(model)
     max_batched = args.max_num_batched_tokens or (8192 if mc.device.type == "cuda" else 2048)
     sc = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,

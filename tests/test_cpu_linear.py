@@ -1,0 +1,41 @@
+"""The oneDNN-prepacked CPU linear layers compute what F.linear computes, and the CPU engine uses
+them (every greedy test against transformers runs through them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asyncllm.engine.layers.cpu_linear import PackedLinear, prepack_cpu_linears
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build"
+)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (3, 5, 64), (0, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    b = torch.randn(96, generator=g) if bias else None
+    x = torch.randn(*shape, generator=g)
+    got = PackedLinear(w, b)(x)
+    want = F.linear(x, w, b)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_engine_runs_on_packed_linears(tiny_model_dirs):
+    from asyncllm import LLM
+
+    tied = LLM(tiny_model_dirs["llama"]).llm_engine.runner.model
+    layer = tied.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, PackedLinear)
+    assert isinstance(layer.mlp.down_proj, PackedLinear)
+    assert tied.lm_head is None and isinstance(tied.packed_logits, PackedLinear)
+    untied = LLM(tiny_model_dirs["llama3_scaled_untied"]).llm_engine.runner.model
+    assert isinstance(untied.lm_head, PackedLinear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in untied.modules())
+    assert prepack_cpu_linears(untied) == 0  # nothing dense is left to pack
