@@ -166,10 +166,14 @@ class FakeGateway:
             sess = FakeSession(f"s{next(self._ids)}")
             self.sessions[sess.id] = sess
         sess.ws, sess.detached_at = ws, None
+        # Every stream waits for its resume on this socket, also when the socket before has not
+        # finished closing (its handler may still be replaying, so its cleanup below is skipped).
+        for st in sess.streams.values():
+            st.attached = False
         await ws.send(P.encode(P.session_frame(sess.id, self.resume_ttl)))
         try:
             async for raw in ws:
-                await self._on_frame(sess, P.decode(raw))
+                await self._on_frame(sess, P.decode(raw), ws)
         except Exception:
             pass
         finally:
@@ -187,7 +191,7 @@ class FakeGateway:
                 st.task.cancel()
         self.sessions.pop(sess.id, None)
 
-    async def _on_frame(self, sess: FakeSession, f: dict) -> None:
+    async def _on_frame(self, sess: FakeSession, f: dict, ws: ServerConnection) -> None:
         self.received.append(f)
         t, sid = f["type"], f["id"]
         if t in (P.CHAT, P.COMPLETE):
@@ -211,11 +215,17 @@ class FakeGateway:
                 return
             after = 0 if self.replay_everything else f["after"]
             async with sess.lock:  # replay, then live: nothing interleaves
-                for fr in list(st.frames):
-                    if fr["seq"] > after:
+                # A frame _generate appends while we replay (it waits for the lock to send) is
+                # not in this snapshot: sent_upto must not claim it, or nobody ever sends it.
+                replay = list(st.frames)
+                for fr in replay:
+                    if fr["seq"] > after and sess.ws is ws:
                         await self._send(sess, fr)
-                st.sent_upto = len(st.frames)
-                st.attached = True
+                # Live only if this socket is still the session's: one that dropped during the
+                # replay must leave the stream detached until the next socket resumes it.
+                if sess.ws is ws:
+                    st.sent_upto = replay[-1]["seq"] if replay else 0
+                    st.attached = True
         elif t == P.CANCEL:
             st = sess.streams.get(sid)
             if st is not None and not st.finished and st.task:
