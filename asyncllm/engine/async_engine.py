@@ -51,9 +51,6 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped (a fatal error in a step, or shutdown): no more outputs."""
 
 
-_Item = Item
-
-
 class RequestIterator(AsyncIterator[RequestOutput]):
     """What `generate()` returns: an async iterator over one request's outputs.
 
@@ -120,7 +117,7 @@ class AsyncLLMEngine:
         self._engine = engine  # the LLMEngine; owned by the engine thread once started
         self._streams: dict[str, RequestStream] = {}
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Shutdown] = queue.SimpleQueue()
-        self._outbox: dict[str, _Item] = {}
+        self._outbox: dict[str, Item] = {}
         self._outbox_dead: EngineDeadError | None = None
         self._outbox_lock = threading.Lock()  # guards the crossing, never engine state
         self._drain_scheduled = False
@@ -386,7 +383,7 @@ class AsyncLLMEngine:
             logger.exception("asyncllm: failed to deliver engine outputs")
 
     # ---- the engine thread ----------------------------------------------------------------------
-    def _post(self, items: dict[str, _Item], dead: EngineDeadError | None = None) -> bool:
+    def _post(self, items: dict[str, Item], dead: EngineDeadError | None = None) -> bool:
         """Hand a step's outputs to the loop: merge into the outbox, schedule at most one drain.
         Returns False when the loop is gone (nobody to deliver to)."""
         if not items and dead is None:

@@ -50,7 +50,6 @@ class _LaunchedStep:
     """A step whose forward (and usually sampling) is queued on the device."""
 
     row_seqs: list[Sequence]  # one per sampled row
-    row_src: list[int]  # row of the step's sample logits each sampled row reads
     logits: torch.Tensor | None  # sample logits, kept only while sampling is deferred
     sample: PendingSample | None = None
 
@@ -314,14 +313,14 @@ class LLMEngine:
             self.block_manager.register_computed(seq)
 
         if logits.sample_logits is None:
-            return _LaunchedStep([], [], None)
+            return _LaunchedStep([], None)
         row_src, row_seqs = self._sampling_rows(scheduled, logits.sample_index)
         lg = logits.sample_logits
         if row_src != list(range(lg.shape[0])):
             lg = lg[self.runner._to_device(row_src, torch.int64)]
         for seq in row_seqs:
             seq.num_pending += 1
-        step = _LaunchedStep(row_seqs, row_src, lg)
+        step = _LaunchedStep(row_seqs, lg)
         # A sequence with two pending tokens lacks the in-flight one on the host.
         if not any(s.num_pending > 1 and needs_history(s.request.params) for s in row_seqs):
             self._sample(step)
@@ -435,11 +434,10 @@ class LLMEngine:
             matched = seq.detokenizer.add_tokens([tok])
             if matched is not None and reason is None:
                 reason, stop_reason = "stop", matched
-        if reason is None:
-            if p.max_tokens is not None and n_out >= p.max_tokens:
-                reason = "length"
-            elif len(seq.token_ids) >= self.model_config.max_model_len:
-                reason = "length"
+        if reason is None and seq.ends_by_length(
+            self.model_config.max_model_len, count_pending=False
+        ):
+            reason = "length"
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             if seq.detokenizer is not None and not isinstance(stop_reason, str):

@@ -72,12 +72,16 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    def ends_by_length(self, max_model_len: int) -> bool:
-        """Its pending tokens already reach max_tokens or max_model_len: it finishes when they
-        arrive, so computing one more token for it would be wasted."""
+    def ends_by_length(self, max_model_len: int, count_pending: bool = True) -> bool:
+        """The finish rule "length": max_tokens outputs or max_model_len tokens. The engine
+        applies it to the known tokens; the scheduler counts the pending ones too (a sequence
+        whose pending tokens reach it will finish when they arrive, so computing one more token
+        for it would be wasted)."""
+        pending = self.num_pending if count_pending else 0
         max_tokens = self.request.params.max_tokens
-        n_out = self.num_output_tokens + self.num_pending
-        return (max_tokens is not None and n_out >= max_tokens) or self.num_tokens >= max_model_len
+        n_out = self.num_output_tokens + pending
+        total = len(self.token_ids) + pending
+        return (max_tokens is not None and n_out >= max_tokens) or total >= max_model_len
 
     @property
     def is_finished(self) -> bool:

@@ -88,12 +88,14 @@ class StubLLMEngine:
         return bool(self.requests)
 
     def get_stats(self) -> Any:
+        from asyncllm.engine.llm_engine import EngineStats
+
         n = len(self.requests)
-        return SimpleNamespace(
+        return EngineStats(
             num_running=n, num_waiting=0, kv_blocks_total=1000, kv_blocks_free=1000 - n,
             kv_blocks_cached=0, num_preemptions=0, prompt_tokens_total=0,
             generation_tokens_total=0, prefix_cache_hit_tokens=0, num_steps=self.steps,
-            num_requests=n, kv_blocks_used=n,
+            num_requests=n,
         )  # fmt: skip
 
     def step(self) -> list[RequestOutput]:
