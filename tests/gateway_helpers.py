@@ -71,14 +71,28 @@ class WS:
     def __init__(self, url: str, **kw: Any):
         self.conn: ClientConnection = connect(url, open_timeout=10, max_size=None, **kw)
         self.frames: list[dict[str, Any]] = []
+        self.messages = 0  # WebSocket messages received
+        self.batches: list[int] = []  # frames in each batch message received
+        self._unread: list[dict[str, Any]] = []
         self.session = self.recv()
         assert self.session["type"] == "session", self.session
+        assert self.messages == 1 and not self.batches, "the session frame comes alone"
 
     def send(self, obj: Any) -> None:
         self.conn.send(obj if isinstance(obj, (str, bytes)) else orjson.dumps(obj).decode())
 
     def recv(self, timeout: float = 10) -> dict[str, Any]:
-        f = orjson.loads(self.conn.recv(timeout=timeout))
+        """The next frame (the frames of a batch message one by one)."""
+        if not self._unread:
+            msg = orjson.loads(self.conn.recv(timeout=timeout))
+            self.messages += 1
+            if msg.get("type") == "batch":
+                assert len(msg["frames"]) > 1, "a batch of one should be a plain frame"
+                self.batches.append(len(msg["frames"]))
+                self._unread = list(msg["frames"])
+            else:
+                self._unread = [msg]
+        f = self._unread.pop(0)
         self.frames.append(f)
         return f
 

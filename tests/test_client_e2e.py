@@ -10,6 +10,7 @@ import time
 import anyio
 import pytest
 
+from asyncllm import protocol as P
 from asyncllm.client import Client, StreamLost
 from asyncllm.gateway import GatewaySettings
 from tests.fault_proxy import FaultProxy, random_plan
@@ -92,10 +93,20 @@ async def test_100_chats_through_random_drops_are_exact(served, undisturbed):
 
 
 @pytest.mark.anyio
-async def test_200_concurrent_chats_over_one_client(served, undisturbed):
+@pytest.mark.parametrize("batch", [True, False])
+async def test_200_concurrent_chats_over_one_client(served, undisturbed, batch, monkeypatch):
     engine, srv = served
     out: dict[int, str] = {}
-    async with Client(srv.ws_url(), **FAST) as client:
+    sizes: list[int] = []
+    parse = P.parse_server_frames
+
+    def counting(raw):
+        frames = parse(raw)
+        sizes.append(len(frames))
+        return frames
+
+    monkeypatch.setattr(P, "parse_server_frames", counting)
+    async with Client(srv.ws_url(), batch=batch, **FAST) as client:
 
         async def one(i: int) -> None:
             out[i] = await client.chat(msgs(PROMPTS[i % 5]), temperature=0, max_tokens=4).text()
@@ -107,6 +118,8 @@ async def test_200_concurrent_chats_over_one_client(served, undisturbed):
     # max_tokens=4 (no ignore_eos): the reply is a prefix of the 24-token undisturbed one
     for i in range(200):
         assert out[i] and undisturbed[PROMPTS[i % 5]].startswith(out[i]), (i, out[i])
+    # With batches the frames of one engine step shared messages; without, one frame each.
+    assert (max(sizes) > 1) is batch
 
 
 @pytest.mark.anyio

@@ -48,9 +48,11 @@ def seqs_ok(frames: list[dict]) -> bool:
     return [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
 
 
-def test_many_streams_interleaved_one_cancelled(fake):
+@pytest.mark.parametrize("batch", [False, True])
+def test_many_streams_interleaved_one_cancelled(fake, batch):
     engine, srv = fake
-    ws = WS(srv.ws_url())
+    ws = WS(srv.ws_url("batch=1" if batch else ""))
+    assert ws.session.get("batch", False) is batch
     ids = [f"s{i}" for i in range(5)]
     for i, sid in enumerate(ids):
         prompt = f"prompt {i}"
@@ -75,6 +77,8 @@ def test_many_streams_interleaved_one_cancelled(fake):
     # Streams really interleaved on the one socket.
     order = [f["id"] for f in ws.frames if f["type"] == "delta"]
     assert order != sorted(order, key=ids.index)
+    if not batch:
+        assert not ws.batches and ws.messages == len(ws.frames)
     assert wait_for(lambda: not engine.active)
     ws.close()
 
@@ -101,9 +105,11 @@ def test_chat_n_and_token_ids(fake):
     ws.close()
 
 
-def test_resume_after_drop_is_exact(fake):
+@pytest.mark.parametrize("batch", [False, True])
+def test_resume_after_drop_is_exact(fake, batch):
     engine, srv = fake
-    ws = WS(srv.ws_url())
+    q = "batch=1&" if batch else ""
+    ws = WS(srv.ws_url(q.rstrip("&")))
     key = ws.session["session"]
     ws.send({"type": "complete", "id": "r", "prompt": "resume me", "params": {"max_tokens": 150}})
     seen = [ws.until(lambda f: f["type"] == "delta") for _ in range(5)]
@@ -111,7 +117,7 @@ def test_resume_after_drop_is_exact(fake):
     ws.conn.socket.shutdown(socket.SHUT_RDWR)
     ws.conn.socket.close()
     time.sleep(0.15)  # output piles up while detached
-    ws2 = WS(srv.ws_url(f"session={key}"))
+    ws2 = WS(srv.ws_url(f"{q}session={key}"))
     assert ws2.session["session"] == key
     # Claim one frame fewer than seen: a frame in flight when the socket died.
     after = seen[-1]["seq"] - 1
@@ -123,6 +129,8 @@ def test_resume_after_drop_is_exact(fake):
     assert text == fake_text(CharTokenizer().encode("resume me"), 0, 150)
     # What piled up while detached came coalesced, not one frame per token.
     assert any(len(f["text"]) > 1 for f in ws2.of("r", "delta"))
+    # The replayed frame and the coalesced delta were due together: one message if batching.
+    assert bool(ws2.batches) is batch
     assert got[-1]["type"] == "done" and got[-1]["usage"]["completion_tokens"] == 150
     # Resuming a finished stream again replays its tail (here: just the done).
     ws2.send({"type": "resume", "id": "r", "after": got[-2]["seq"]})

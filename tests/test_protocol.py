@@ -209,6 +209,39 @@ def test_server_frames_round_trip():
         P.parse_server_frame("nope")
 
 
+def test_batch_messages_pack_in_order_within_the_limit():
+    frames = [P.encode(P.delta_frame(f"s{i}", 1, "x" * i, 0)) for i in range(40)]
+    one = P.batch_messages(frames[:1])
+    assert one == [frames[0]]  # a lone frame goes as it is, never as a batch of one
+    assert P.batch_messages([]) == []
+    limit = 300
+    msgs = P.batch_messages(frames, limit)
+    assert len(msgs) > 1
+    got = [f for m in msgs for f in P.parse_server_frames(m)]
+    assert got == [orjson.loads(f) for f in frames]  # nothing lost, reordered or re-encoded
+    for m in msgs:
+        inner = P.parse_server_frames(m)
+        # over the limit only when one frame alone is bigger
+        assert len(m) <= limit + len('{"type":"batch","frames":[]}') or len(inner) == 1
+    big = P.encode(P.delta_frame("big", 1, "y" * 1000, 0))
+    assert P.batch_messages([frames[0], big, frames[1]], limit) == [frames[0], big, frames[1]]
+    assert P.session_frame("k", 3.0, batch=True)["batch"] is True
+    assert "batch" not in P.session_frame("k", 3.0)
+
+
+def test_parse_server_frames_checks_every_frame_of_a_batch():
+    d = P.encode(P.delta_frame("a", 1, "hi", 0))
+    assert P.parse_server_frames(d) == [orjson.loads(d)]
+    with pytest.raises(ValueError):
+        P.parse_server_frames('{"type":"batch"}')
+    with pytest.raises(ValueError):
+        P.parse_server_frames('{"type":"batch","frames":[' + d + ',{"type":"delta"}]}')
+    with pytest.raises(ValueError):
+        P.parse_server_frames('{"type":"batch","frames":[' + d + ",[]]}")
+    with pytest.raises(ValueError):
+        P.parse_server_frame(P.batch_messages([d, d])[0])  # a batch is not one frame
+
+
 def test_protocol_imports_no_torch():
     import subprocess
     import sys

@@ -95,6 +95,7 @@ class Client:
     Reconnect knobs: `reconnect_attempts` failed attempts in a row end an outage (open streams
     then raise StreamLost); waits grow from `backoff_initial` up to `backoff_max` seconds with
     full jitter. `ping_interval`/`ping_timeout` detect a dead socket that never closed.
+    `batch` (default on) asks the server to pack the frames it has ready into one message.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class Client:
         max_frame_bytes: int | None = 1 << 24,
         max_request_bytes: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
+        batch: bool = True,
     ):
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -140,6 +142,9 @@ class Client:
         # default; a session frame that states `max_frame_bytes` overrides it.
         self.max_request_bytes = max_request_bytes
         self.ssl_context = ssl_context
+        # Ask for batch frames (several frames per message): far less work per token on both
+        # ends when many streams share the socket. A server that ignores it sends plain frames.
+        self.batch = batch
 
         self._ids = itertools.count(1)
         self._streams: dict[P.StreamId, ChatStream] = {}
@@ -272,11 +277,15 @@ class Client:
     # ---- connecting ------------------------------------------------------------------------------
 
     def _url_for(self, session: str | None) -> str:
-        if session is None:
+        if session is None and not self.batch:
             return self.url
         parts = urlsplit(self.url)
-        q = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "session"]
-        q.append(("session", session))
+        ours = ("session", P.BATCH_QUERY)
+        q = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+        if self.batch:
+            q.append((P.BATCH_QUERY, "1"))
+        if session is not None:
+            q.append(("session", session))
         return urlunsplit(parts._replace(query=urlencode(q)))
 
     async def _connect_once(self) -> _Connection:
@@ -490,10 +499,11 @@ class Client:
         while True:
             raw = await conn.ws.recv()
             try:
-                frame = P.parse_server_frame(raw)
+                frames = P.parse_server_frames(raw)
             except ValueError as e:
                 raise ServerError(P.INTERNAL, f"the server sent a malformed frame: {e}") from None
-            self._dispatch(conn, frame)
+            for frame in frames:
+                self._dispatch(conn, frame)
 
     def _dispatch(self, conn: _Connection, frame: dict[str, Any]) -> None:
         t = frame["type"]

@@ -2,6 +2,9 @@
 
 Per socket: a reader (parses frames, starts/cancels streams, queues resumes) and a single writer
 (the only task that sends, so the order of frames is exactly the order they were numbered in).
+Each pass of the writer takes every frame due at that moment; to a client that asked for
+batches they go out as one message (per 64 KiB), so the per-message cost (ASGI, WebSocket
+framing, a syscall) is paid per socket per engine step instead of per stream per token.
 Streams run in the app's task group, not the socket's: a dropped socket leaves them generating
 into their session until a resume re-attaches them or the TTL cancels them.
 """
@@ -21,6 +24,7 @@ from asyncllm.gateway.auth import authorized, origin_allowed, presented_key
 from asyncllm.gateway.engine_io import EngineIO
 from asyncllm.gateway.sessions import Session, SessionManager, Stream
 from asyncllm.protocol import (
+    BATCH_QUERY,
     CHAT,
     CLOSE_GOING_AWAY,
     CLOSE_OVERLOADED,
@@ -35,6 +39,7 @@ from asyncllm.protocol import (
     CompleteFrame,
     ProtocolError,
     ResumeFrame,
+    batch_messages,
     encode,
     error_frame,
     parse_client_frame,
@@ -49,9 +54,10 @@ CONTROL_HIGH_WATER = 256  # queued control frames (errors, replays) before the r
 class Connection:
     """One open socket: the writer side a session is attached to."""
 
-    def __init__(self, ws: WebSocket, manager: SessionManager):
+    def __init__(self, ws: WebSocket, manager: SessionManager, batch: bool = False):
         self.ws = ws
         self.manager = manager
+        self.batch = batch
         self.session: Session | None = None
         self.control: deque[Any] = deque()  # encoded frames and ("resume", id, after) items
         self.dirty: dict[Stream, None] = {}  # ordered set of streams with frames to take
@@ -92,49 +98,62 @@ class Connection:
         while True:
             await self._wakeup.wait()
             self._wakeup = self._event_cls()
-            while self.control or self.dirty:
-                if self.taken_over:
-                    break
-                if self.control:
-                    item = self.control.popleft()
-                    if self._drained is not None and len(self.control) <= CONTROL_HIGH_WATER // 2:
-                        self._drained.set()
-                        self._drained = None
-                    if isinstance(item, str):
-                        await ws.send_text(item)
-                    else:
-                        await self._resume(item[1], item[2])
-                    continue
-                stream = next(iter(self.dirty))
-                del self.dirty[stream]
-                sess = self.session
-                if sess is None or sess.writer is not self or not stream.attached:
-                    continue
-                was_done = stream.done_sent
-                for data in stream.take_frames():
+            while (self.control or self.dirty) and not self.taken_over:
+                frames, finished = self._take()
+                if self.batch:
+                    frames = batch_messages(frames)
+                for data in frames:
                     await ws.send_text(data)
-                if stream.done_sent and not was_done:
-                    sess.on_done_sent(stream)
+                sess = self.session
+                if sess is not None:
+                    for stream in finished:
+                        sess.on_done_sent(stream)
             if self.taken_over:
                 await ws.close(CLOSE_SESSION_TAKEN, "session resumed on another socket")
                 return
 
-    async def _resume(self, id: Any, after: int) -> None:
+    def _take(self) -> tuple[list[str], list[Stream]]:
+        """Every frame due now, in order (control frames and resumes first, then the streams
+        that woke us), numbered now; and the streams whose done is among them."""
+        out: list[str] = []
+        finished: list[Stream] = []
+        sess = self.session
+        control = self.control
+        while control:
+            item = control.popleft()
+            if isinstance(item, str):
+                out.append(item)
+            else:
+                self._resume(item[1], item[2], out, finished)
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+        dirty, self.dirty = self.dirty, {}
+        if sess is None or sess.writer is not self:
+            return out, finished
+        for stream in dirty:
+            if not stream.attached:
+                continue
+            was_done = stream.done_sent
+            out.extend(stream.take_frames())
+            if stream.done_sent and not was_done:
+                finished.append(stream)
+        return out, finished
+
+    def _resume(self, id: Any, after: int, out: list[str], finished: list[Stream]) -> None:
         sess = self.session
         assert sess is not None
         try:
             stream, frames = self.manager.resume(sess, id, after)
         except ProtocolError as e:
-            await self.ws.send_text(encode(e.frame()))
+            out.append(encode(e.frame()))
             return
         was_done = stream.done_sent
-        for data in frames:
-            await self.ws.send_text(data)
+        out.extend(frames)
         # Live from here: whatever piled up while detached goes out coalesced, numbered next.
-        for data in stream.take_frames():
-            await self.ws.send_text(data)
+        out.extend(stream.take_frames())
         if stream.done_sent and not was_done:
-            sess.on_done_sent(stream)
+            finished.append(stream)
 
 
 class WebSocketGateway:
@@ -168,13 +187,19 @@ class WebSocketGateway:
             return
         metrics = self.io.metrics
         metrics.open_sockets.inc()
-        conn = Connection(ws, self.manager)
+        batch = ws.query_params.get(BATCH_QUERY, "").lower() in ("1", "true", "yes")
+        conn = Connection(ws, self.manager, batch)
         key = presented_key(ws)
         owner = hashlib.sha256(key.encode()).hexdigest() if key and s.api_keys else None
         sess = self.manager.attach(ws.query_params.get("session"), owner, conn)
         conn.session = sess
-        conn.send(session_frame(sess.key, s.resume_ttl))
         try:
+            # First and alone (never inside a batch: it says whether batches may follow), sent
+            # before the writer exists, so nothing can overtake it.
+            try:
+                await ws.send_text(encode(session_frame(sess.key, s.resume_ttl, batch)))
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return
             async with anyio.create_task_group() as tg:
 
                 async def write() -> None:

@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--engine-process", action="store_true", help="the stub in a child process")
     p.add_argument("--ws-impl", default=None, help="uvicorn's ws implementation (default: auto)")
+    p.add_argument("--no-ws-batch", action="store_true", help="one WebSocket message per frame")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, help="write the loop thread's cProfile stats here")
     args = p.parse_args(argv)
 
     import uvicorn
@@ -152,7 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(engine, settings)
     kw = {"ws": args.ws_impl} if args.ws_impl else {}
     server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning", **kw))
-    loop_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    run = server.run
+    if args.profile:
+
+        def run(sockets: list[socket.socket]) -> None:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.runcall(server.run, sockets=sockets)
+            prof.dump_stats(args.profile)
+
+    loop_thread = threading.Thread(target=run, kwargs={"sockets": [sock]}, daemon=True)
     loop_thread.start()
     while not server.started:
         time.sleep(0.01)
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", str(args.streams), "--num-requests", str(args.streams),
         "--output-len", str(args.tokens), "--warmup", "0", "--no-plot",
         "--out", "/tmp/asyncllm-gateway-cost-client.json",
-    ]  # fmt: skip
+    ] + (["--no-ws-batch"] if args.no_ws_batch else [])  # fmt: skip
     c0 = (_thread_cpu(loop_thread.ident), _thread_cpu(engine_thread.ident))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms": args.step_ms,
         "tokens": tokens,
         "engine_process": args.engine_process,
+        "ws_batch_frames": not args.no_ws_batch,
         "steps": None if args.engine_process else stub.steps,
         "wall_s": wall,
         "loop_cpu_us_per_token": (c1[0] - c0[0]) / tokens * 1e6,

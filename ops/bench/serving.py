@@ -254,8 +254,11 @@ class EngineDriver:
 class WSDriver:
     """Streams multiplexed over sockets of up to `per_socket` streams each, opened lazily."""
 
-    def __init__(self, url: str, output_len: int, per_socket: int, api_key: str | None):
-        self.url = url
+    def __init__(
+        self, url: str, output_len: int, per_socket: int, api_key: str | None, batch: bool = True
+    ):
+        # batch: ask for batch frames (?batch=1), as asyncllm.client and the chat page do
+        self.url = url + ("?batch=1" if batch else "")
         self.per_socket = per_socket
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.params = {"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True}
@@ -325,24 +328,9 @@ class _Socket:
         try:
             async for data in self.conn:
                 now = time.perf_counter()
-                f = orjson.loads(data)
-                entry = self.streams.get(f.get("id"))
-                if entry is None:
-                    continue
-                r, fut = entry
-                t = f["type"]
-                if t == "delta":
-                    if f["text"]:
-                        r.chunks.append(now)
-                elif t == "done":
-                    r.tokens = f["usage"]["completion_tokens"]
-                    r.ok = f["finish_reason"] == "length"
-                    if not r.ok and r.error is None:
-                        r.error = f"finish_reason {f['finish_reason']}: {f.get('error')}"
-                    if not fut.done():
-                        fut.set_result(None)
-                elif t == "error":
-                    r.error = f"{f['code']}: {f['message']}"
+                msg = orjson.loads(data)
+                for f in msg["frames"] if msg["type"] == "batch" else (msg,):
+                    self._frame(f, now)
         except Exception as e:
             err = f"socket lost: {type(e).__name__}: {e}"
         else:
@@ -352,6 +340,25 @@ class _Socket:
             r.error = r.error or err
             if not fut.done():
                 fut.set_result(None)
+
+    def _frame(self, f: dict[str, Any], now: float) -> None:
+        entry = self.streams.get(f.get("id"))
+        if entry is None:
+            return
+        r, fut = entry
+        t = f["type"]
+        if t == "delta":
+            if f["text"]:
+                r.chunks.append(now)
+        elif t == "done":
+            r.tokens = f["usage"]["completion_tokens"]
+            r.ok = f["finish_reason"] == "length"
+            if not r.ok and r.error is None:
+                r.error = f"finish_reason {f['finish_reason']}: {f.get('error')}"
+            if not fut.done():
+                fut.set_result(None)
+        elif t == "error":
+            r.error = f"{f['code']}: {f['message']}"
 
     async def close(self) -> None:
         await self.conn.close()
@@ -423,6 +430,7 @@ class Plan:
     per_socket: int
     seed: int
     warmup: int
+    ws_batch: bool = True
 
     def points(self) -> list[tuple[float, int]]:
         return [(r, c) for c in self.concurrencies for r in self.rates]
@@ -468,7 +476,7 @@ async def run_gateway(plan: Plan, base: str, api_key: str | None) -> list[dict[s
     runs = []
     ws_url = base.replace("http", "ws", 1).rstrip("/") + "/v1/ws"
     if "ws" in plan.modes:
-        d = WSDriver(ws_url, plan.output_len, plan.per_socket, api_key)
+        d = WSDriver(ws_url, plan.output_len, plan.per_socket, api_key, plan.ws_batch)
         try:
             runs += await sweep(plan, "ws", d)
         finally:
@@ -675,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-words", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--streams-per-socket", type=int, default=64)
+    p.add_argument(
+        "--ws-batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask for batch frames over WebSocket (as asyncllm.client does); --no-ws-batch: one"
+        " message per frame",
+    )
     p.add_argument("--warmup", type=int, default=8, help="requests before each mode's runs")
     p.add_argument("--workload-seed", type=int, default=0, help="prompts and arrivals")
     p.add_argument("--out", default=None, help="JSON path (default ops/bench/results/...)")
@@ -716,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_socket=ns.streams_per_socket,
         seed=ns.workload_seed,
         warmup=ns.warmup,
+        ws_batch=ns.ws_batch,
     )
     from asyncllm.cli import engine_args_from
 
@@ -771,6 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rates": ["inf" if math.isinf(r) else r for r in plan.rates],
             "concurrency": plan.concurrencies,
             "streams_per_socket": plan.per_socket,
+            "ws_batch_frames": plan.ws_batch,
             "warmup": plan.warmup,
             "seed": plan.seed,
         },
