@@ -42,6 +42,7 @@ from asyncllm.engine.engine_loop import Command, Item, run_engine_loop
 from asyncllm.engine.engine_loop import Shutdown as _Shutdown
 from asyncllm.engine.stream import RequestStream, merge_outputs
 from asyncllm.outputs import RequestOutput
+from asyncllm.profiling import profiled
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -425,7 +426,7 @@ class AsyncLLMEngine:
             return self._post(items)
 
         try:
-            run_engine_loop(self._engine, get_commands, post)
+            profiled("engine-thread", run_engine_loop, self._engine, get_commands, post)
         except BaseException as e:
             logger.exception("asyncllm: the engine thread died")
             self._die(f"the engine thread died: {type(e).__name__}: {e}", e)
@@ -449,6 +450,9 @@ class AsyncLLMEngine:
                 return
 
     def _run_receiver(self) -> None:
+        profiled("engine-receiver", self._receive)
+
+    def _receive(self) -> None:
         proc = self._proc
         while True:
             kind, payload = proc.recv()

@@ -24,6 +24,7 @@ from typing import Any
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_loop import Command, Item, run_engine_loop
 from asyncllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from asyncllm.profiling import profiled
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def child_main(
         return True
 
     try:
-        run_engine_loop(engine, get_commands, post)
+        profiled("engine-process", run_engine_loop, engine, get_commands, post)
     except BaseException as e:  # noqa: BLE001
         logger.exception("asyncllm: the engine process died")
         try:

@@ -30,6 +30,7 @@ from asyncllm.gateway.openai import OpenAIRoutes, error_response, json_response
 from asyncllm.gateway.sessions import SessionManager
 from asyncllm.gateway.settings import GatewaySettings
 from asyncllm.gateway.ws import WebSocketGateway
+from asyncllm.profiling import ThreadProfile
 from asyncllm.protocol import INVALID_REQUEST, NOT_FOUND, UNAUTHORIZED, WS_PATH, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
             await engine.start()  # loads the model (off the event loop) before serving
         io.bind()
         logger.info("serving %s (max_model_len %d)", io.model_name, io.max_model_len)
+        prof = ThreadProfile("server-loop")  # only with ASYNCLLM_PROFILE_DIR set
+        prof.start()
         try:
             async with anyio.create_task_group() as tg:
                 wsg.task_group = tg
@@ -83,6 +86,7 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
                 manager.close_all()
                 tg.cancel_scope.cancel()
         finally:
+            prof.stop()
             wsg.task_group = None
             if settings.manage_engine and hasattr(engine, "shutdown"):
                 await engine.shutdown()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: the serving benchmark (issue 8) in both engine modes, then one
+# profiled run (ASYNCLLM_PROFILE_DIR: the server's loop, the engine process and its receiver).
+# Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
+# tenacity, sniffio): carry ".whl". Results and profiles under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/asyncllm-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUT/env.txt"
+M=$(python3 -c "from ops.bench import model; print(model.build_model_dir())" | tail -1)
+COMMON="--model $M --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128"
+COMMON="$COMMON --num-requests ${NUM_REQUESTS:-1024} --concurrency ${CONCURRENCY:-64,256}"
+NOTE="H200 lent machine; Qwen3-0.6B shape, random bf16 weights; word-level tokenizer"
+for mode in ${MODES_RUN:-thread process}; do
+  flag=""
+  [ "$mode" = process ] && flag="--engine-process"
+  echo "=== $mode $(date +%T)"
+  timeout ${RUN_TIMEOUT:-240} python3 -m ops.bench.serving $COMMON $flag --modes ${MODES:-engine,ws} \
+    --note "$NOTE; engine $mode" --out "$OUT/serving-$mode.json" 2>&1 | grep -v " INFO " | tail -8
+done
+if [ -n "${PROFILE:-1}" ]; then
+  echo "=== profiled (process) $(date +%T)"
+  ASYNCLLM_PROFILE_DIR="$OUT/prof" timeout 200 python3 -m ops.bench.serving --model "$M" \
+    --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128 \
+    --num-requests 512 --concurrency 256 --engine-process --modes ws --warmup 0 --no-plot \
+    --out "$OUT/profiled.json" 2>&1 | grep -v " INFO " | tail -3
+  for f in "$OUT"/prof/*.pstats; do
+    python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(40)" \
+      "$f" > "${f%.pstats}.txt" 2>&1
+  done
+fi
+echo "=== done $(date +%T)"
