@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: the serving benchmark (issue 8) in both engine modes, then one
 # profiled run (ASYNCLLM_PROFILE_DIR: the server's loop, the engine process and its receiver).
-# Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
+# Plots: redraw here with `python -m ops.bench.serving --replot FILE.json`. Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
 # tenacity, sniffio): carry ".whl". Results and profiles under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/asyncllm-out}
@@ -20,7 +20,7 @@ for mode in ${MODES_RUN:-thread process}; do
   [ "$mode" = process ] && flag="--engine-process"
   echo "=== $mode $(date +%T)"
   timeout ${RUN_TIMEOUT:-240} python3 -m ops.bench.serving $COMMON $flag --modes ${MODES:-engine,ws} \
-    --note "$NOTE; engine $mode" --out "$OUT/serving-$mode.json" 2>&1 | grep -v " INFO " | tail -8
+    --note "$NOTE; engine $mode" --no-plot --out "$OUT/serving-$mode.json" 2>&1 | grep -v " INFO " | tail -8
 done
 if [ -n "${PROFILE:-1}" ]; then
   echo "=== profiled (process) $(date +%T)"
@@ -28,9 +28,11 @@ if [ -n "${PROFILE:-1}" ]; then
     --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128 \
     --num-requests 512 --concurrency 256 --engine-process --modes ws --warmup 0 --no-plot \
     --out "$OUT/profiled.json" 2>&1 | grep -v " INFO " | tail -3
+  # At most 8 files come back from the device: one text file of every profile's top entries.
   for f in "$OUT"/prof/*.pstats; do
-    python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(40)" \
-      "$f" > "${f%.pstats}.txt" 2>&1
-  done
+    echo "##### $(basename "$f")"
+    python3 -c "import pstats,sys; s=pstats.Stats(sys.argv[1]); s.sort_stats('tottime').print_stats(45); s.sort_stats('cumtime').print_stats(45)" "$f"
+  done > "$OUT/profiles.txt" 2>&1
+  rm -rf "$OUT/prof" "$OUT/profiled.json"
 fi
 echo "=== done $(date +%T)"
