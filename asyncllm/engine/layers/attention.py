@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from asyncllm.engine.kernels import cpu_decode_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -73,8 +75,9 @@ def gather_kv(kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tenso
 class TorchAttentionBackend(AttentionBackend):
     """The reference backend (CPU or any device): gathers each sequence's blocks and calls SDPA.
 
-    Decode-only work (query_len 1) runs as one padded, masked SDPA over all such sequences;
-    prefills loop per sequence."""
+    Decode-only work (query_len 1) runs as one padded, masked SDPA over all such sequences (on
+    the CPU in float32: the paged C kernel instead, `ASYNCLLM_CPU_ATTENTION=torch` to force the
+    SDPA path); prefills loop per sequence."""
 
     name = "torch"
 
@@ -136,7 +139,27 @@ class TorchAttentionBackend(AttentionBackend):
         max_seq_len: int,
         scale: float,
     ) -> Tensor:
-        """One new token per sequence: q [B,Hq,D] against padded [B,S] cached K/V."""
+        """One new token per sequence. CPU float32: the paged C kernel, which reads the cache in
+        place (asyncllm.engine.kernels.cpu_decode_attention; padding rows come out as zeros);
+        elsewhere, or without a C compiler, the gather + SDPA reference."""
+        if cpu_decode_attention.usable(q, kv_cache):
+            out = cpu_decode_attention.decode(q, kv_cache, block_tables, seq_lens, scale)
+            if out is not None:
+                return out
+        return TorchAttentionBackend._decode_torch(
+            q, kv_cache, block_tables, seq_lens, max_seq_len, scale
+        )
+
+    @staticmethod
+    def _decode_torch(
+        q: Tensor,
+        kv_cache: Tensor,
+        block_tables: Tensor,
+        seq_lens: Tensor,
+        max_seq_len: int,
+        scale: float,
+    ) -> Tensor:
+        """One new token per sequence: q [B,Hq,D] against padded [B,S] cached K/V (gathered)."""
         block_size = kv_cache.shape[2]
         n = -(-max_seq_len // block_size)
         batch = block_tables.shape[0]
