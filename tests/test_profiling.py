@@ -42,3 +42,20 @@ def test_profiles_are_written_per_name_and_pid(tmp_path, monkeypatch):
     for f in out.iterdir():
         funcs = {k[2] for k in pstats.Stats(str(f)).stats}
         assert "_work" in funcs  # the profiled code is in it
+
+
+def test_a_second_profiler_where_python_allows_one_runs_unprofiled(tmp_path, monkeypatch):
+    """Python 3.12+ refuses a second active profiler ("Another profiling tool is already
+    active"): the call still runs, just without its own file."""
+    import cProfile
+
+    def refuse(self):
+        raise ValueError("Another profiling tool is already active")
+
+    monkeypatch.setenv(profiling.ENV, str(tmp_path))
+    monkeypatch.setattr(cProfile.Profile, "enable", refuse)
+    assert profiling.profiled("engine-receiver", _work, 100) == _work(100)
+    p = profiling.ThreadProfile("server-loop")
+    p.start()
+    p.stop()
+    assert not list(tmp_path.iterdir())

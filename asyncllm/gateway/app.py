@@ -72,12 +72,18 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if settings.manage_engine and hasattr(engine, "start"):
-            await engine.start()  # loads the model (off the event loop) before serving
+        # Only with ASYNCLLM_PROFILE_DIR; started first so that on Python 3.12+, where one
+        # profiler sees every thread, it is the one that holds the server's whole profile.
+        prof = ThreadProfile("server-loop")
+        prof.start()
+        try:
+            if settings.manage_engine and hasattr(engine, "start"):
+                await engine.start()  # loads the model (off the event loop) before serving
+        except BaseException:
+            prof.stop()
+            raise
         io.bind()
         logger.info("serving %s (max_model_len %d)", io.model_name, io.max_model_len)
-        prof = ThreadProfile("server-loop")  # only with ASYNCLLM_PROFILE_DIR set
-        prof.start()
         try:
             async with anyio.create_task_group() as tg:
                 wsg.task_group = tg

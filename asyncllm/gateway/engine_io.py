@@ -26,6 +26,10 @@ from asyncllm.protocol import (
 )
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
+# Prompts up to this many characters are tokenized on the event loop (tens of microseconds),
+# longer ones in a worker thread.
+INLINE_ENCODE_CHARS = 2048
+
 # engine finish reasons -> protocol/OpenAI ones
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
@@ -152,13 +156,22 @@ class EngineIO:
         id: StreamId | None,
     ) -> list[int]:
         """Token ids of a chat (messages) or a plain prompt, checked against the prompt limit.
-        Tokenizing runs in a worker thread: a long prompt must not stall every other stream."""
+        A long prompt is tokenized in a worker thread, so it cannot stall every other stream; a
+        short one right here: the hop to a thread and back costs more loop time than the
+        tokenizer does, and at a burst of hundreds of new streams it was most of their TTFT."""
         try:
             if messages is not None:
-                ids = await anyio.to_thread.run_sync(self._encode_chat_sync, messages)
+                size = sum(_content_chars(m) for m in messages)
+                fn: Callable[[Any], list[int]] = self._encode_chat_sync
+                arg: Any = messages
             else:
                 assert prompt is not None
-                ids = await anyio.to_thread.run_sync(self._encode_text_sync, prompt)
+                size = len(prompt)  # characters, or token ids to range-check
+                fn, arg = self._encode_text_sync, prompt
+            if size <= INLINE_ENCODE_CHARS:
+                ids = fn(arg)
+            else:
+                ids = await anyio.to_thread.run_sync(fn, arg)
         except ProtocolError:
             raise
         except Exception as e:  # template errors, bad ids: the user's input, not our crash
@@ -292,6 +305,16 @@ class _Converter:
             self.finished = True
             self.final_pieces = pieces
         return pieces
+
+
+def _content_chars(message: Any) -> int:
+    """A message's size for the inline-or-thread choice (content may be a list of parts)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(str(p.get("text", ""))) if isinstance(p, dict) else 0 for p in content)
+    return 0
 
 
 def _summary_outcome(pieces: list[Piece]) -> str:

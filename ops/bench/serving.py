@@ -277,6 +277,14 @@ class WSDriver:
             s.reserved += 1
             return s
 
+    async def prepare(self, concurrency: int) -> None:
+        """Open every socket the run will use before it starts (not timed)."""
+        want = -(-concurrency // self.per_socket)
+        async with self._lock:
+            self.sockets = [s for s in self.sockets if s.alive]
+            while len(self.sockets) < want:
+                self.sockets.append(await _Socket.open(self.url, self.headers))
+
     async def __call__(self, i: int, prompt: str, r: RequestResult) -> None:
         self._n += 1
         sid = f"b{self._n}"
@@ -443,6 +451,9 @@ async def sweep(plan: Plan, mode: str, driver: Any) -> list[dict[str, Any]]:
         await drive(warm, math.inf, plan.warmup, plan.seed, driver)
     for k, (rate, conc) in enumerate(plan.points()):
         prompts = make_prompts(plan.num_requests, plan.prompt_words, plan.seed + k)
+        prepare = getattr(driver, "prepare", None)
+        if prepare is not None:
+            await prepare(conc)  # e.g. open the sockets: a chat frontend's are open already
         cpu0 = time.process_time()
         results, wall = await drive(prompts, rate, conc, plan.seed + k, driver)
         run = summarize(mode, rate, conc, results, wall)
