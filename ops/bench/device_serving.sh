@@ -10,10 +10,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/env.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/env.txt"
+# The device gets a copy of the working tree, not its history: pass the commit in.
+export ASYNCLLM_COMMIT=${ASYNCLLM_COMMIT:-unknown}
+echo "commit $ASYNCLLM_COMMIT" | tee -a "$OUT/env.txt"
 M=$(python3 -c "from ops.bench import model; print(model.build_model_dir())" | tail -1)
-COMMON="--model $M --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128"
+COMMON="--model $M --no-enable-prefix-caching --num-kv-blocks 8192 --output-len 128"
 COMMON="$COMMON --num-requests ${NUM_REQUESTS:-1024} --concurrency ${CONCURRENCY:-64,256}"
+COMMON="$COMMON --rates ${RATES:-inf}"
 NOTE="H200 lent machine; Qwen3-0.6B shape, random bf16 weights; word-level tokenizer"
 for mode in ${MODES_RUN:-thread process}; do
   flag=""

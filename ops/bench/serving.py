@@ -575,6 +575,14 @@ def remote_model(base: str, api_key: str | None) -> str | None:
         return None
 
 
+def _commit() -> str:
+    try:
+        from ops.bench.results import git_commit
+    except ImportError:  # run as a file from elsewhere: no package on the path
+        return os.environ.get("ASYNCLLM_COMMIT", "unknown")
+    return git_commit()
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -775,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "benchmark": "serving",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": _commit(),
         "hardware": hardware(),
         "hardware_scope": (
             "the load generator only: the server at --url may run elsewhere"
