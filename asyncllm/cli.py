@@ -154,6 +154,7 @@ def settings_from(ns: argparse.Namespace) -> Any:
         ws_ping_interval=ns.ws_ping_interval,
         ws_ping_timeout=ns.ws_ping_timeout,
         ui=not ns.no_ui,
+        freeze_gc=True,  # `asyncllm serve` owns its process
         **kw,
     )
 

@@ -223,3 +223,40 @@ def test_random_token_ids(tok, ids):
     for skip in (True, False):
         deltas, d, _ = _stream(tok, ids, SamplingParams(skip_special_tokens=skip))
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_fast_decode_uses_the_backend_only_where_it_agrees(tok):
+    from asyncllm.engine import detokenizer as D
+
+    fast = D.fast_decode(tok)
+    assert fast == tok._tokenizer.decode  # the Rust backend, without transformers' wrapper
+    ids = tok.encode("Café 😀 日本", add_special_tokens=False)
+    for skip in (False, True):
+        assert fast(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
+
+    class Wrapped:
+        """A tokenizer whose decode post-processes the backend's text: no fast path."""
+
+        def __init__(self, inner):
+            self.inner = inner
+            self._tokenizer = inner._tokenizer
+
+        def __len__(self):
+            return len(self.inner)
+
+        def decode(self, ids, skip_special_tokens=False):
+            return self.inner.decode(ids, skip_special_tokens=skip_special_tokens).upper()
+
+    w = Wrapped(tok)
+    assert D.fast_decode(w) == w.decode
+    deltas, _, _ = _stream(w, ids)
+    assert "".join(deltas) == tok.decode(ids).upper()
+
+    class CleansUp(Wrapped):
+        clean_up_tokenization_spaces = True
+
+        def decode(self, ids, skip_special_tokens=False):
+            return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    c = CleansUp(tok)
+    assert D.fast_decode(c) == c.decode  # transformers would clean up: keep its decode

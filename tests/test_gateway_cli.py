@@ -49,6 +49,7 @@ def test_gateway_flags(monkeypatch):
     s = settings_from(ns)
     assert s.api_keys == ("c1", "e1", "e2") and s.allowed_origins == ("https://x.example",)
     assert s.resume_ttl == 2.5 and s.max_queue == 7 and s.ui is False
+    assert s.freeze_gc is True  # the server owns its process (embedding apps default to off)
 
 
 def test_bench_hook_forwards_or_explains(capsys, monkeypatch):

@@ -491,3 +491,17 @@ def test_fuzz_live_socket(fake, frame):
                 assert f["code"] in ("invalid_request", "not_found", "too_large", "overloaded"), f
     finally:
         ws.close()
+
+
+def test_freeze_gc_freezes_the_start_up_heap_only_when_asked():
+    import gc
+
+    gc.unfreeze()
+    try:
+        with run_server(FakeEngine(), GatewaySettings()):
+            assert gc.get_freeze_count() == 0  # an embedding app's heap is left alone
+        with run_server(FakeEngine(), GatewaySettings(freeze_gc=True)) as srv:
+            assert gc.get_freeze_count() > 0
+            assert httpx.get(srv.http + "/health").status_code == 200
+    finally:
+        gc.unfreeze()

@@ -13,6 +13,7 @@ or ruled out (then released), so `output_text` only ever grows.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from asyncllm.sampling_params import SamplingParams
@@ -26,6 +27,7 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
+        self._raw_decode = fast_decode(tokenizer)
         self.params = params
         self.skip_special_tokens = params.skip_special_tokens
         self.stop: list[str] = list(params.stop or [])
@@ -47,7 +49,7 @@ class IncrementalDetokenizer:
         self.finished = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._raw_decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _decode_new(self) -> str:
         """Text of the tokens after the read offset, or "" while it ends mid-character."""
@@ -127,6 +129,51 @@ class IncrementalDetokenizer:
 
 
 _token_cache: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_decoders: weakref.WeakKeyDictionary[Any, Callable[..., str]] = weakref.WeakKeyDictionary()
+
+
+def fast_decode(tokenizer: Any) -> Callable[..., str]:
+    """`decode(ids, skip_special_tokens=...)` for this tokenizer, by the Rust backend directly
+    where that gives the same text.
+
+    transformers' `decode` wraps the backend's in Python (argument normalisation, optional
+    clean-up) that cost more than the decode itself: the detokenizer decodes twice per token,
+    and on a GPU the engine's per-token host work is the limit at high batch sizes. The backend
+    is used only where transformers would not clean up spaces, and after a check that both
+    agree on a sample of ids; anything else (slow tokenizers, other wrappers) keeps `decode`."""
+    try:
+        cached = _decoders.get(tokenizer)
+    except TypeError:  # not weakly referenceable: no cache, no fast path
+        return tokenizer.decode
+    if cached is not None:
+        return cached
+    fn: Callable[..., str] = tokenizer.decode
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (
+        backend is not None
+        and callable(getattr(backend, "decode", None))
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        and _agrees(tokenizer, backend)
+    ):
+        fn = backend.decode
+    _decoders[tokenizer] = fn
+    return fn
+
+
+def _agrees(tokenizer: Any, backend: Any) -> bool:
+    try:
+        n = len(tokenizer)
+        step = max(1, n // 97)
+        samples = [list(range(i, min(n, i + 7))) for i in range(0, n, step)][:120]
+        samples.append(list(getattr(tokenizer, "all_special_ids", []) or [])[:8] + [0, 1])
+        for ids in samples:
+            for skip in (False, True):
+                want = tokenizer.decode(ids, skip_special_tokens=skip)
+                if backend.decode(ids, skip_special_tokens=skip) != want:
+                    return False
+    except Exception:
+        return False
+    return True
 
 
 def decode_token(tokenizer: Any, token_id: int) -> str:

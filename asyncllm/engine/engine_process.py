@@ -16,6 +16,7 @@ usual `if __name__ == "__main__":` guard.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 from collections.abc import Callable
@@ -148,6 +149,11 @@ def child_main(
             },
         )
     )
+    # Everything loaded so far (torch, the model, the tokenizer) lives as long as the process:
+    # take it out of the collector's view, so that a full collection, triggered by the outputs
+    # made every step, scans only what came after instead of stalling a step for a long time.
+    gc.collect()
+    gc.freeze()
     prompt_sent: set[str] = set()
 
     def get_commands(block: bool) -> list[Command]:

@@ -7,6 +7,7 @@ cancels every stream and shuts the engine down.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -82,6 +83,9 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
         except BaseException:
             prof.stop()
             raise
+        if settings.freeze_gc:
+            gc.collect()
+            gc.freeze()
         io.bind()
         logger.info("serving %s (max_model_len %d)", io.model_name, io.max_model_len)
         try:

@@ -43,6 +43,10 @@ class GatewaySettings:
     ui: bool = True  # serve the chat page at / when the file exists
     ui_file: str | None = field(default_factory=_default_ui_file)
     manage_engine: bool = True  # the app's lifespan starts and shuts down the engine
+    # gc.freeze() once the engine has started: for a process the server owns (asyncllm serve),
+    # whose start-up heap lives to the end; full collections then skip it instead of stalling
+    # the loop. Off for apps embedding the gateway: it would also pin their cyclic garbage.
+    freeze_gc: bool = False
     served_model_name: str | None = None  # None: the engine's model_config.served_model_name
 
     def __post_init__(self) -> None:
