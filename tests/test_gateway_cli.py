@@ -197,3 +197,21 @@ def test_serve_warns_when_no_api_key_is_configured(tiny_model_dir, monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="asyncllm"):
         cli.main(["serve", tiny_model_dir, "--port", "1"])
     assert len(ran) == 3 and "no API key" not in caplog.text
+
+
+def test_serve_puts_the_engine_in_its_own_process_on_a_gpu(monkeypatch):
+    import torch
+
+    from asyncllm.cli import serve_engine_args
+
+    def args(*flags):
+        return serve_engine_args(build_parser().parse_args(["serve", *flags]))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert args().engine_process is False  # CPU: the thread
+    assert args("--engine-process").engine_process is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert args().engine_process is True  # a GPU: the process
+    assert args("--no-engine-process").engine_process is False  # what the user said wins
+    assert args("--device", "cpu").engine_process is False
+    assert engine_args_from(build_parser().parse_args(["serve"])).engine_process is False

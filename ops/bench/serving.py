@@ -752,10 +752,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=ns.warmup,
         ws_batch=ns.ws_batch,
     )
-    from asyncllm.cli import engine_args_from
+    from asyncllm.cli import serve_engine_args
 
     try:
-        engine_args = engine_args_from(ns)
+        # asyncllm serve's defaults (the engine in its own process on a GPU), for both sides.
+        engine_args = serve_engine_args(ns)
     except ValueError as e:
         print(f"engine arguments: {e}", file=sys.stderr)
         return 2
@@ -769,7 +770,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         proc = None
         base = ns.url
         if base is None:
-            proc, base = start_server(_engine_flags(ns), ns.model, plan)
+            # The engine mode is stated, so the server runs what engine-direct ran.
+            flags = _engine_flags(ns) + (
+                ["--engine-process" if engine_args.engine_process else "--no-engine-process"]
+                if "engine_engine_process" not in vars(ns)
+                else []
+            )
+            proc, base = start_server(flags, ns.model, plan)
         else:
             wait_healthy(base, timeout=30)
             model_info.setdefault("served_model_name", remote_model(base, ns.api_key))
