@@ -109,7 +109,10 @@ def test_end_to_end_small_run(tiny_model_dir, tmp_path):
     assert res["workload"]["output_len"] == output_len
     runs = res["runs"]
     assert {(r["mode"], r["rate"], r["concurrency"]) for r in runs} == {
-        (m, rate, c) for m in ("engine", "ws", "http") for rate in ("inf", 200.0) for c in (2, 4)
+        (m, rate, c)
+        for m in ("engine", "engine-sink", "ws", "http")
+        for rate in ("inf", 200.0)
+        for c in (2, 4)
     }
     for r in runs:
         # every request delivered exactly output_len tokens, whichever way it went in
@@ -120,8 +123,12 @@ def test_end_to_end_small_run(tiny_model_dir, tmp_path):
             q = r[metric]
             assert 0 < q["p50"] <= q["p90"] <= q["p99"], (r["mode"], metric, q)
         assert r["ttft_ms"]["p99"] <= r["e2e_ms"]["p99"]
-    assert len(res["comparison"]) == 8  # (ws, http) x 2 rates x 2 concurrencies
+    # (ws, http) x 2 rates x 2 concurrencies, against each engine-direct anchor
+    assert len(res["comparison"]) == 16
+    assert {c["anchor"] for c in res["comparison"]} == {"engine", "engine-sink"}
     for c in res["comparison"]:
         assert c["tok_s_ratio"] > 0
+    assert res["targets"]["anchor"] == "engine"
+    assert res["targets_vs_engine_sink"]["anchor"] == "engine-sink"
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -22,10 +22,10 @@ for mode in ${MODES_RUN:-thread process}; do
   flag=""
   [ "$mode" = process ] && flag="--engine-process"
   echo "=== $mode $(date +%T)"
-  timeout ${RUN_TIMEOUT:-240} python3 -m ops.bench.serving $COMMON $flag --modes ${MODES:-engine,ws} \
+  timeout ${RUN_TIMEOUT:-240} python3 -m ops.bench.serving $COMMON $flag --modes ${MODES:-engine,engine-sink,ws} \
     --note "$NOTE; engine $mode" --no-plot --out "$OUT/serving-$mode.json" 2>&1 | grep -v " INFO " | tail -8
 done
-if [ -n "${PROFILE:-1}" ]; then
+if [ -n "${PROFILE-1}" ]; then  # PROFILE= (empty) skips it
   echo "=== profiled (process) $(date +%T)"
   ASYNCLLM_PROFILE_DIR="$OUT/prof" timeout 200 python3 -m ops.bench.serving --model "$M" \
     --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128 \

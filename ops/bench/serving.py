@@ -2,7 +2,10 @@
 
 The same workload (text prompts, `output_len` tokens each with EOS ignored, greedy) is offered
 three ways:
-  engine  AsyncLLMEngine.generate in this process (no gateway): the baseline
+  engine  AsyncLLMEngine.generate in this process (no gateway), one `async for` per request:
+          the baseline, as an application would use the engine
+  engine-sink  the same with generate(sink=...): outputs by callback in the engine's drain, the
+          cheapest way in (the gateway's own), a stricter baseline
   ws      WebSocket /v1/ws, streams multiplexed over a few sockets (`complete` frames)
   http    the OpenAI API, POST /v1/completions with stream=true (one connection per request)
 Requests arrive as a Poisson process at `rate` req/s (inf: all at once) and at most
@@ -40,7 +43,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "ops" / "bench" / "results"
-MODES = ("engine", "ws", "http")
+MODES = ("engine", "engine-sink", "ws", "http")
+ANCHORS = ("engine", "engine-sink")  # engine-direct modes the gateway's are compared against
 TARGET_TOK_S_RATIO = 0.95  # delivered tok/s through the gateway vs the engine, at 256 streams
 TARGET_ADDED_P99_MS = 5.0
 TARGET_CONCURRENCY = 256
@@ -173,12 +177,20 @@ def summarize(
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each load point with an engine run: each gateway mode's cost relative to it."""
+    """For each load point with an engine-direct run: each gateway mode's cost relative to it
+    (one row per gateway run and anchor mode)."""
     out = []
-    base = {(r["rate"], r["concurrency"]): r for r in runs if r["mode"] == "engine"}
+    for anchor in ANCHORS:
+        out += _compare_to(runs, anchor)
+    return out
+
+
+def _compare_to(runs: list[dict[str, Any]], anchor: str) -> list[dict[str, Any]]:
+    out = []
+    base = {(r["rate"], r["concurrency"]): r for r in runs if r["mode"] == anchor}
     for r in runs:
         b = base.get((r["rate"], r["concurrency"]))
-        if r["mode"] == "engine" or b is None:
+        if r["mode"] in ANCHORS or b is None:
             continue
 
         def added(metric: str, r: dict[str, Any] = r, b: dict[str, Any] = b) -> float | None:
@@ -191,6 +203,7 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             {
                 "mode": r["mode"],
+                "anchor": anchor,
                 "rate": r["rate"],
                 "concurrency": r["concurrency"],
                 "tok_s_ratio": ratio,
@@ -202,9 +215,16 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def targets(comparison: list[dict[str, Any]]) -> dict[str, Any]:
-    at = [c for c in comparison if c["mode"] == "ws" and c["concurrency"] == TARGET_CONCURRENCY]
+def targets(comparison: list[dict[str, Any]], anchor: str = "engine") -> dict[str, Any]:
+    at = [
+        c
+        for c in comparison
+        if c["mode"] == "ws"
+        and c.get("anchor", "engine") == anchor
+        and c["concurrency"] == TARGET_CONCURRENCY
+    ]
     res: dict[str, Any] = {
+        "anchor": anchor,
         "tok_s_ratio_min": TARGET_TOK_S_RATIO,
         "added_p99_ms_max": TARGET_ADDED_P99_MS,
         "at_concurrency": TARGET_CONCURRENCY,
@@ -223,9 +243,11 @@ def targets(comparison: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class EngineDriver:
-    """AsyncLLMEngine in this process: what the gateway's cost is measured against."""
+    """AsyncLLMEngine in this process: what the gateway's cost is measured against. With
+    `sink`, outputs come by callback (generate(sink=...)) instead of one `async for` step each."""
 
-    def __init__(self, engine: Any, output_len: int):
+    def __init__(self, engine: Any, output_len: int, sink: bool = False):
+        self.sink = sink
         from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
         self.engine = engine
@@ -239,7 +261,8 @@ class EngineDriver:
 
     async def __call__(self, i: int, prompt: str, r: RequestResult) -> None:
         self._n += 1
-        async for out in self.engine.generate(prompt, self.params, request_id=f"bench-{self._n}"):
+
+        def take(out: Any) -> None:
             n = len(out.outputs[0].token_ids)
             if n:
                 r.chunks.append(time.perf_counter())
@@ -249,6 +272,14 @@ class EngineDriver:
                 r.ok = reason == "length"
                 if not r.ok:
                     r.error = f"finish_reason {reason}"
+
+        rid = f"bench-{self._n}"
+        if self.sink:
+            async for _ in self.engine.generate(prompt, self.params, request_id=rid, sink=take):
+                pass
+            return
+        async for out in self.engine.generate(prompt, self.params, request_id=rid):
+            take(out)
 
 
 class WSDriver:
@@ -479,7 +510,11 @@ async def run_engine_direct(plan: Plan, engine_args: Any) -> tuple[list[dict[str
             "dtype": str(engine.model_config.dtype),
             "device": str(engine.model_config.device),
         }
-        runs = await sweep(plan, "engine", EngineDriver(engine, plan.output_len))
+        runs = []
+        for mode in ANCHORS:
+            if mode in plan.modes:
+                sink = mode == "engine-sink"
+                runs += await sweep(plan, mode, EngineDriver(engine, plan.output_len, sink))
     return runs, info
 
 
@@ -615,7 +650,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    colors = {"engine": "#1f77b4", "ws": "#d62728", "http": "#2ca02c"}
+    colors = {"engine": "#1f77b4", "engine-sink": "#9467bd", "ws": "#d62728", "http": "#2ca02c"}
     for mode in MODES:
         runs = sorted(
             (r for r in result["runs"] if r["mode"] == mode and r["delivered_tok_s"]),
@@ -695,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", default=None, help="a running server (http://host:port): ws/http only")
     p.add_argument("--api-key", default=os.environ.get("ASYNCLLM_API_KEY"))
-    p.add_argument("--modes", default="engine,ws,http", help="of engine, ws, http")
+    p.add_argument("--modes", default="engine,engine-sink,ws,http", help="of " + ", ".join(MODES))
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--concurrency", type=_ints, default=[256], help="comma list: 16,64,256")
     p.add_argument("--rates", type=_floats, default=[math.inf], help="req/s, comma list; inf")
@@ -731,8 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad or not modes:
         print(f"--modes: unknown {bad}; choose from {MODES}", file=sys.stderr)
         return 2
-    if ns.url and "engine" in modes:
-        modes.remove("engine")  # a remote server's engine cannot be driven from here
+    if ns.url:  # a remote server's engine cannot be driven from here
+        modes = [m for m in modes if m not in ANCHORS]
     for name in ("num_requests", "output_len", "prompt_words", "streams_per_socket"):
         if getattr(ns, name) < 1:
             print(f"--{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -763,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs: list[dict[str, Any]] = []
     model_info: dict[str, Any] = {}
-    if "engine" in modes:
+    if any(m in ANCHORS for m in modes):
         engine_runs, model_info = asyncio.run(run_engine_direct(plan, engine_args))
         runs += engine_runs
     if "ws" in modes or "http" in modes:
@@ -832,6 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "comparison": comparison,
         "targets": targets(comparison),
+        "targets_vs_engine_sink": targets(comparison, "engine-sink"),
     }
     out = Path(ns.out) if ns.out else RESULTS / default_name(result)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -843,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"wrote {png}")
     for c in comparison:
         _log(
-            f"{c['mode']} vs engine at rate={c['rate']} conc={c['concurrency']}: tok/s x"
+            f"{c['mode']} vs {c['anchor']} at rate={c['rate']} conc={c['concurrency']}: tok/s x"
             f"{c['tok_s_ratio']:.3f}, added p99 ttft {_ms(c['added_ttft_p99_ms'])} ms, "
             f"itl {_ms(c['added_itl_p99_ms'])} ms"
         )
