@@ -157,3 +157,86 @@ def test_pack_unpack_round_trip():
     bare = unpack("r", pack(out, with_prompt=False))
     assert bare.prompt is None and bare.prompt_token_ids is None
     assert bare.outputs == out.outputs and bare.metrics == out.metrics
+
+
+class _BigOutputs:
+    """An engine without a model whose every step gives each request 64 KiB of text: a reader
+    that stops reading fills the pipe within a step or two."""
+
+    def __init__(self, args):
+        from types import SimpleNamespace
+
+        self.tokenizer = None
+        self.model_config = SimpleNamespace(served_model_name="big", max_model_len=1 << 20)
+        self.vocab_size = 10
+        self.live: dict[str, int] = {}
+        self.steps = 0
+
+    def apply_chat_template(self, messages):
+        return [1]
+
+    def add_request(self, request_id, prompt, params, priority=0):
+        self.live[request_id] = params.max_tokens
+
+    def abort_request(self, ids):
+        return []
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def get_stats(self):
+        return self.steps
+
+    def step(self):
+        import time
+
+        from asyncllm.outputs import CompletionOutput
+
+        time.sleep(0.002)
+        self.steps += 1
+        outs = []
+        for rid, left in list(self.live.items()):
+            left -= 1
+            done = left == 0
+            c = CompletionOutput(0, "x" * 65536, [1], None, None, "length" if done else None)
+            outs.append(RequestOutput(rid, None, [1], [c], finished=done))
+            self.live[rid] = left
+            if done:
+                del self.live[rid]
+        return outs
+
+
+def _big_engine(args):
+    return _BigOutputs(args)
+
+
+def test_the_engine_process_never_waits_for_a_slow_reader():
+    """Outputs that wait for the pipe merge in the child; its engine keeps stepping."""
+    import time
+
+    from asyncllm.engine.engine_loop import Add, Shutdown
+    from asyncllm.engine.engine_process import EngineProcess
+
+    proc = EngineProcess(EngineArgs(model="unused"), _big_engine)
+    proc.start()
+    steps = 200
+    proc.send(Add("r", {"prompt_token_ids": [1]}, greedy(steps), 0))
+    time.sleep(2.0)  # read nothing: 200 steps x 64 KiB is far more than a pipe holds
+    text, last_stats, messages = "", None, 0
+    while True:
+        kind, payload = proc.recv()
+        assert kind == "out", (kind, payload)
+        items, last_stats = payload
+        messages += 1
+        out = items["r"]
+        text += out.outputs[0].text
+        if out.finished:
+            break
+    proc.send(Shutdown())
+    while (kind := proc.recv()[0]) == "out":  # the loop's last rounds (stats only)
+        pass
+    assert kind == "bye"
+    proc.join()
+    assert text == "x" * 65536 * steps  # nothing lost, nothing repeated
+    assert messages < steps / 4  # merged while nobody read, not one message per step
+    assert last_stats == steps

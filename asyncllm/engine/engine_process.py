@@ -6,8 +6,9 @@ itself. In its own process the engine loop runs unimpeded, and only pickled comm
 batches cross (vLLM's engine core process for the same reason).
 
 The crossings stay the two of AsyncLLMEngine: commands go down a pipe (a sender thread here
-forwards the inbox), and once per step the child sends every request's merged output up the pipe
-(a receiver thread here posts it to the outbox). Outputs travel as plain tuples (`pack` /
+forwards the inbox), and once per step the child hands every request's merged output to its
+own sender thread, which writes it up the pipe (a receiver thread here posts it to the outbox);
+outputs that wait for a slow reader merge, the engine never waits. Outputs travel as plain tuples (`pack` /
 `unpack`: unpickling dataclasses costs the server several microseconds per output), and a
 request's prompt goes up with its first output only. The child is started with "spawn" (CUDA cannot be forked), so programs that use it need the
 usual `if __name__ == "__main__":` guard.
@@ -19,13 +20,16 @@ import dataclasses
 import gc
 import logging
 import multiprocessing
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_loop import Command, Item, run_engine_loop
+from asyncllm.engine.engine_loop import Add, Command, Item, run_engine_loop
+from asyncllm.engine.stream import merge_outputs
 from asyncllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from asyncllm.profiling import profiled
+from asyncllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger(__name__)
 
@@ -154,39 +158,97 @@ def child_main(
     # made every step, scans only what came after instead of stalling a step for a long time.
     gc.collect()
     gc.freeze()
-    prompt_sent: set[str] = set()
+    outbox = _Outbox(conn)
+    kinds: dict[str, RequestOutputKind] = {}  # for merging outputs that wait for the pipe
 
     def get_commands(block: bool) -> list[Command]:
         cmds = [conn.recv()] if block else []
         while conn.poll():
             cmds.append(conn.recv())
+        for cmd in cmds:
+            if isinstance(cmd, Add):
+                kinds[cmd.request_id] = cmd.params.output_kind
         return cmds
 
     def post(items: dict[str, Item], stats: Any) -> bool:
-        packed: list[tuple[str, Any]] = []
-        for rid, item in items.items():
-            if isinstance(item, RequestOutput):
-                first = rid not in prompt_sent
-                prompt_sent.add(rid)
-                if item.finished:
-                    prompt_sent.discard(rid)
-                packed.append((rid, pack(item, with_prompt=first)))
-            else:
-                prompt_sent.discard(rid)
-                packed.append((rid, item))
-        conn.send(("out", (packed, stats)))
+        outbox.put(items, stats, kinds)
         return True
 
+    sender = threading.Thread(target=outbox.run, name="asyncllm-engine-outbox", daemon=True)
+    sender.start()
     try:
         profiled("engine-process", run_engine_loop, engine, get_commands, post)
     except BaseException as e:  # noqa: BLE001
         logger.exception("asyncllm: the engine process died")
-        try:
-            conn.send(("dead", f"{type(e).__name__}: {e}"))
-        except Exception:
-            pass
-        return
-    conn.send(("bye", None))
+        outbox.close(("dead", f"{type(e).__name__}: {e}"))
+    else:
+        outbox.close(("bye", None))
+    sender.join()
+
+
+class _Outbox:
+    """The child's side of the output pipe. The engine loop only merges its items in here; a
+    sender thread pickles and writes them. So the engine never waits for a slow reader (a full
+    pipe blocks the sender alone), and whatever piles up meanwhile goes as one message, merged
+    per request, as AsyncLLMEngine's own outbox does in thread mode."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self.items: dict[str, Item] = {}
+        self.stats: Any = None
+        self.last: tuple[str, Any] | None = None  # ("bye" | "dead", payload), after the rest
+        self.cond = threading.Condition()
+        self.prompt_sent: set[str] = set()
+
+    def put(self, items: dict[str, Item], stats: Any, kinds: dict[str, RequestOutputKind]) -> None:
+        with self.cond:
+            box = self.items
+            for rid, item in items.items():
+                prev = box.get(rid)
+                if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
+                    box[rid] = merge_outputs(prev, item, kinds[rid])
+                else:
+                    box[rid] = item
+                if not isinstance(item, RequestOutput) or item.finished:
+                    kinds.pop(rid, None)
+            self.stats = stats
+            self.cond.notify()
+
+    def close(self, last: tuple[str, Any]) -> None:
+        with self.cond:
+            self.last = last
+            self.cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while self.stats is None and self.last is None:
+                    self.cond.wait()
+                items, stats, self.items, self.stats = self.items, self.stats, {}, None
+                last = self.last if stats is None else None
+            try:
+                if stats is not None:
+                    self.conn.send(("out", (self._pack(items), stats)))
+                elif last is not None:
+                    self.conn.send(last)
+                    return
+            except (OSError, ValueError):  # the parent is gone: nobody to tell
+                return
+
+    def _pack(self, items: dict[str, Item]) -> list[tuple[str, Any]]:
+        packed: list[tuple[str, Any]] = []
+        sent = self.prompt_sent
+        for rid, item in items.items():
+            if isinstance(item, RequestOutput):
+                first = rid not in sent
+                sent.add(rid)
+                if item.finished:
+                    sent.discard(rid)
+                packed.append((rid, pack(item, with_prompt=first)))
+            else:
+                sent.discard(rid)
+                packed.append((rid, item))
+        return packed
 
 
 def pack(out: RequestOutput, with_prompt: bool) -> tuple:
