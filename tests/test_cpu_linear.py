@@ -27,6 +27,20 @@ def test_packed_linear_equals_f_linear(shape, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pointwise", [True, False])
+def test_packed_linear_paths_and_strided_inputs(pointwise, monkeypatch):
+    """Both oneDNN paths (dense-in/out `_linear_pointwise`, and `mkldnn_linear` where torch lacks
+    it), on a strided input (a column slice, as q/k/v views are) and a batch of 64."""
+    if not pointwise:
+        monkeypatch.setattr("asyncllm.engine.layers.cpu_linear._pointwise_available", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
+    layer = PackedLinear(w, b)
+    assert layer.pointwise is (pointwise and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    for x in (torch.randn(64, 100, generator=g)[:, 3:51], torch.randn(5, 48, generator=g)):
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_the_cpu_engine_runs_on_packed_linears(tiny_model_dirs):
     from asyncllm import LLM
 
