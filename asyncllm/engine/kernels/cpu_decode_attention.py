@@ -6,13 +6,9 @@ The torch backend's decode path gathers every sequence's KV blocks into a padded
 blocks where they are, once, for all query heads of a KV head (GQA), OpenMP-parallel over
 (sequence, KV head).
 
-It is compiled at first use with the system C compiler (`gcc`, or `$ASYNCLLM_CC`) and loaded with
-ctypes: no torch headers, about a second. The built library is cached in
-`$ASYNCLLM_KERNEL_CACHE` (default `$XDG_CACHE_HOME/asyncllm/kernels`, i.e. `~/.cache/...`) under
-a hash of the source, compiler, flags, CPU flags and OpenMP runtime; it is built to a temporary
-file and renamed, so processes building at once do not race. It links against the OpenMP runtime
-torch already loaded (the CPU wheel bundles its own libgomp): one thread pool, shared with
-torch's intra-op threads, instead of two fighting over the cores.
+It is compiled at first use with the system C compiler and loaded with ctypes; the build, its
+cache and the link against torch's OpenMP runtime are shared with the other CPU kernels
+(asyncllm.engine.kernels._cpu_build).
 
 No compiler, a failed build or `ASYNCLLM_CPU_ATTENTION=torch`: `decode()` returns None and the
 caller uses the torch path (logged once).
@@ -21,26 +17,34 @@ caller uses the torch path (logged once).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import shutil  # noqa: F401 - tests reach the build's tools through this module
+import subprocess  # noqa: F401
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from asyncllm.engine.kernels import _cpu_build
+from asyncllm.engine.kernels._cpu_build import cache_dir, compiler, openmp_runtime
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall"]
 SYMBOL = "asyncllm_paged_decode_attention_f32"
+__all__ = ["cache_dir", "compiler", "decode", "enabled", "load", "openmp_runtime", "usable"]
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = getattr(lib, SYMBOL)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    fn.argtypes = [p, p, i64, i64, p, p, i64, i32, p, i32, i32, i32, i32, i32, i64]
+    fn.argtypes += [ctypes.c_float, i32]
+    fn.restype = ctypes.c_int
+
+
+_library = _cpu_build.CLibrary(SOURCE, "CPU paged decode attention", _declare, logger)
 
 
 def enabled() -> bool:
@@ -49,102 +53,19 @@ def enabled() -> bool:
     return os.environ.get("ASYNCLLM_CPU_ATTENTION", "auto").lower() != "torch"
 
 
-def compiler() -> str:
-    return os.environ.get("ASYNCLLM_CC") or "gcc"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("ASYNCLLM_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "asyncllm" / "kernels"
-
-
-def openmp_runtime() -> str | None:
-    """The OpenMP runtime this process already has mapped (torch's), or None."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        name = os.path.basename(path)
-        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
-            return path
-    return None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _build(cc: str, out_dir: Path) -> Path:
     """The cached library, built if missing. Raises on any failure."""
-    cc_path = shutil.which(cc)
-    if cc_path is None:
-        raise FileNotFoundError(f"C compiler {cc!r} not found")
-    omp = openmp_runtime()
-    # Compile with -fopenmp (pragmas), but link the runtime torch loaded, by path, not the
-    # compiler's own -lgomp: a second runtime would start a second thread pool.
-    link = [omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else ["-fopenmp"]
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256()
-    for part in (src, cc_path, str(os.stat(cc_path).st_mtime_ns), " ".join(CFLAGS), str(link)):
-        key.update(part if isinstance(part, bytes) else part.encode())
-        key.update(b"\0")
-    key.update(_cpu_flags().encode())
-    key.update(platform.machine().encode())
-    target = out_dir / f"cpu_decode_attention-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
-        obj, so = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        for cmd in (
-            [cc, *CFLAGS, "-c", str(SOURCE), "-o", str(obj)],
-            [cc, "-shared", str(obj), *link, "-o", str(so)],
-        ):
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if r.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
-        os.replace(so, target)  # atomic: a concurrent builder's identical file may be replaced
-    return target
+    return _library.build(cc, out_dir)
 
 
 def load() -> ctypes.CDLL | None:
     """The kernel library, building it on first use; None (logged once) if that fails."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    try:
-        path = _build(compiler(), cache_dir())
-        lib = ctypes.CDLL(str(path))
-        fn = getattr(lib, SYMBOL)
-    except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
-        logger.info("CPU paged decode attention unavailable, using the torch path: %s", e)
-        return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    fn.argtypes = [p, p, i64, i64, p, p, i64, i32, p, i32, i32, i32, i32, i32, i64]
-    fn.argtypes += [ctypes.c_float, i32]
-    fn.restype = ctypes.c_int
-    _lib = lib
-    logger.debug("CPU paged decode attention loaded from %s", path)
-    return _lib
+    return _library.load()
 
 
 def reset() -> None:
     """Forget the loaded library (tests: rebuild under another compiler or cache dir)."""
-    global _lib, _tried
-    _lib, _tried = None, False
+    _library.reset()
 
 
 def usable(q: Tensor, kv_cache: Tensor) -> bool:
