@@ -1,4 +1,4 @@
-"""Triton kernels for paged attention and cache writes, with plain-torch references.
+"""Triton kernels for paged attention and cache writes, the CPU's C kernels, plain-torch references.
 
 Exports are lazy: `reference` needs only torch, the kernels need triton (not installed everywhere).
 """
@@ -31,11 +31,18 @@ _fused: Any = None
 
 
 def fused_ops(x: Any) -> Any:
-    """The fused-kernel module (asyncllm.engine.kernels.fused) when `x` is a CUDA tensor and
-    triton imports, else None: the layers' hook for their fast path."""
+    """The layers' hook for their fast path: the Triton fused-kernel module
+    (asyncllm.engine.kernels.fused) when `x` is a CUDA tensor and triton imports; the C one
+    (asyncllm.engine.kernels.cpu_fused, same functions) when `x` is a float32 CPU tensor and its
+    library builds; else None (the layers' torch ops). `ASYNCLLM_FUSED=0` turns off the first,
+    `ASYNCLLM_CPU_FUSED=0` the second."""
     global _fused
     if not getattr(x, "is_cuda", False):
-        return None
+        if getattr(getattr(x, "device", None), "type", None) != "cpu":
+            return None
+        from asyncllm.engine.kernels import cpu_fused
+
+        return cpu_fused if cpu_fused.available(x) else None
     if _fused is None:
         try:
             from asyncllm.engine.kernels import fused

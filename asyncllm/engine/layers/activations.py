@@ -14,7 +14,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ops = fused_ops(x)
         if ops is not None and x.dim() == 2:
-            return ops.silu_and_mul(x.contiguous())  # one Triton kernel instead of three
+            return ops.silu_and_mul(x.contiguous())  # one kernel (Triton or C) instead of three
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asyncllm.engine.kernels import cpu_decode_attention
+from asyncllm.engine.kernels import cpu_decode_attention, fused_ops
 
 
 @dataclass
@@ -51,7 +51,12 @@ class AttentionBackend:
 
 
 def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Store each new token's K/V at its flat slot; slots of -1 (padding) are skipped."""
+    """Store each new token's K/V at its flat slot; slots of -1 (padding) are skipped. On the
+    CPU in float32 one C call (asyncllm.engine.kernels.cpu_fused) instead of the torch ops."""
+    if k.device.type == "cpu":
+        ops = fused_ops(k)
+        if ops is not None and ops.write_kv_cache(k, v, kv_cache, slot_mapping):
+            return
     _, num_blocks, block_size, heads, dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, heads, dim)
     keep = slot_mapping >= 0

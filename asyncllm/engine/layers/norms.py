@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
             and self.weight.dtype == x.dtype
             and (residual is None or residual.dtype == x.dtype)
         ):
-            # one Triton kernel instead of eight (asyncllm.engine.kernels.fused)
+            # one kernel instead of eight (kernels.fused on CUDA, kernels.cpu_fused on the CPU)
             return ops.rms_norm(x.contiguous(), self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual

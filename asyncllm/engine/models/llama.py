@@ -71,7 +71,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         ops = fused_ops(qkv)
         if ops is not None and qkv.dim() == 2:
-            # q/k norm and rotary in one Triton kernel (asyncllm.engine.kernels.fused)
+            # q/k norm and rotary in one kernel (kernels.fused; on the CPU kernels.cpu_fused, in place)
             rope = self._rotary[0]
             norm = self.q_norm is not None
             q, k = ops.qk_norm_rope(
