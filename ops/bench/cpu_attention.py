@@ -1,15 +1,19 @@
 """CPU decode attention: the paged C kernel (asyncllm.engine.kernels.cpu_decode_attention) against
-the torch backend's gather + masked SDPA path.
+the torch backend's gather + masked SDPA path; and end-to-end A/Bs of the other CPU fast paths.
 
 python -m ops.bench.cpu_attention micro [--json PATH]   one layer's decode attention, ms per call
-python -m ops.bench.cpu_attention e2e [--json PATH]     the CPU benchmark's asyncllm run, A/B
+python -m ops.bench.cpu_attention e2e [--switch S] [--json PATH]   the CPU benchmark's asyncllm
+    run, A/B of S (comma-separated, toggled together): `attention` (the C decode attention vs
+    `ASYNCLLM_CPU_ATTENTION=torch`, the default), `fused` (the C fused elementwise kernels vs
+    `ASYNCLLM_CPU_FUSED=0`), `linear` (oneDNN `_linear_pointwise` vs `mkldnn_linear` with
+    to_mkldnn/to_dense copies, the same packed weights re-laid out in place)
 
 micro: SmolLM2-135M shapes (Hq 9, Hkv 3, D 64, block 16), batch 64, contexts drawn from the CPU
 benchmark's range (~40..170) and a few fixed ones; each timing cycles through 30 layers' caches
 (as the model does) so the cache is not served from L3.
 e2e: `LLM(device="cpu")` on ops.bench.cpu's 64 chat prompts x 128 greedy tokens (EOS ignored),
-in one process, the kernel on and off (`ASYNCLLM_CPU_ATTENTION=torch`) in ABBA order after an
-untimed pass (so every timed pass sees the same prefix-cache state); identical tokens required.
+in one process, the switched paths new and old in ABBA order after an untimed pass (so every
+timed pass sees the same prefix-cache state); identical tokens required.
 Run on a quiet machine: the 1-minute load goes into the record.
 """
 
@@ -114,6 +118,31 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+SWITCHES = ("attention", "fused", "linear")
+
+
+def _linear_switch(model: Any):
+    """set(new: bool): every PackedLinear on `_linear_pointwise` (new) or on `mkldnn_linear`
+    with the activation copies (old), from the same weights."""
+    from asyncllm.engine.layers.cpu_linear import PackedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    forms = []
+    for m in layers:
+        if not m.pointwise:
+            sys.exit("this torch has no _linear_pointwise: nothing to compare")
+        w = m.weight_packed.to_dense()
+        old = (w.to_mkldnn(), None if m.bias_packed is None else m.bias_packed.to_mkldnn())
+        forms.append(((m.weight_packed, m.bias_packed), old))
+
+    def set_new(new: bool) -> None:
+        for m, (fnew, fold) in zip(layers, forms, strict=True):
+            m.pointwise = new
+            m.weight_packed, m.bias_packed = fnew if new else fold
+
+    return set_new
+
+
 def e2e(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -122,6 +151,9 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     from asyncllm.engine.loader import load_tokenizer, resolve_model
     from ops.bench.cpu import MAX_TOKENS, chat_prompts
 
+    switches = [x for x in args.switch.split(",") if x]
+    if not switches or any(x not in SWITCHES for x in switches):
+        sys.exit(f"--switch: comma-separated names from {SWITCHES}")
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(resolve_model(None))
 
@@ -143,12 +175,25 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     TorchAttentionBackend._decode = staticmethod(timed_decode)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     llm = LLM(None, device="cpu")
+    set_linear = _linear_switch(llm.llm_engine.runner.model) if "linear" in switches else None
+
+    def set_variant(new: bool) -> None:
+        env = {
+            "attention": ("ASYNCLLM_CPU_ATTENTION", "torch"),
+            "fused": ("ASYNCLLM_CPU_FUSED", "0"),
+        }
+        for name in switches:
+            if name in env:
+                key, off = env[name]
+                if new:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = off
+        if set_linear is not None:
+            set_linear(new)
 
     def one(variant: str) -> dict[str, Any]:
-        if variant == "torch":
-            os.environ["ASYNCLLM_CPU_ATTENTION"] = "torch"
-        else:
-            os.environ.pop("ASYNCLLM_CPU_ATTENTION", None)
+        set_variant(variant == "new")
         load = round(os.getloadavg()[0], 2)
         attn[0] = 0.0
         t0 = time.perf_counter()
@@ -157,7 +202,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         ids = [list(o.outputs[0].token_ids) for o in outs]
         n = sum(len(x) for x in ids)
         print(
-            f"{variant:>6}: {elapsed:6.2f} s  {n / elapsed:6.1f} tok/s  decode attention "
+            f"{variant:>4}: {elapsed:6.2f} s  {n / elapsed:6.1f} tok/s  decode attention "
             f"{attn[0]:5.2f} s  (load before {load})",
             file=sys.stderr,
             flush=True,
@@ -165,23 +210,24 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         return {"variant": variant, "elapsed_s": elapsed, "tok_per_s": n / elapsed,
                 "decode_attention_s": attn[0], "load_before": load, "ids": ids}  # fmt: skip
 
-    one("kernel")  # untimed: warm-up and the same prefix-cache state for every timed pass
-    runs = [one(v) for v in ["kernel", "torch", "torch", "kernel"] * args.rounds]
+    one("new")  # untimed: warm-up and the same prefix-cache state for every timed pass
+    runs = [one(v) for v in ["new", "old", "old", "new"] * args.rounds]
     identical = all(r["ids"] == runs[0]["ids"] for r in runs)
-    os.environ.pop("ASYNCLLM_CPU_ATTENTION", None)
+    set_variant(True)
 
     def mean(v: str) -> float:
         xs = [r["tok_per_s"] for r in runs if r["variant"] == v]
         return sum(xs) / len(xs)
 
     summary = {
-        "torch_tok_per_s": round(mean("torch"), 1),
-        "kernel_tok_per_s": round(mean("kernel"), 1),
+        "old_tok_per_s": round(mean("old"), 1),
+        "new_tok_per_s": round(mean("new"), 1),
     }
-    summary["speedup"] = round(summary["kernel_tok_per_s"] / summary["torch_tok_per_s"], 3)
+    summary["speedup"] = round(summary["new_tok_per_s"] / summary["old_tok_per_s"], 3)
     print(f"{summary}, identical tokens: {identical}", file=sys.stderr, flush=True)
     return {
         "benchmark": "cpu_attention_e2e",
+        "switch": switches,
         "workload": f"{len(prompts)} chat prompts, {MAX_TOKENS} greedy tokens each, EOS ignored, "
         "float32, one LLM(device='cpu'), prefix caching on, ABBA order after an untimed pass",
         "threads": args.threads,
@@ -199,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1, help="e2e: ABBA blocks (each variant twice)")
+    p.add_argument("--switch", default="attention", help="e2e: what to A/B (see the docstring)")
     p.add_argument("--json", help="also write the record here")
     args = p.parse_args(argv)
     rec = micro(args) if args.mode == "micro" else e2e(args)
