@@ -74,6 +74,23 @@ def test_kernel_matches_torch_decode(lib, hq, hkv, d, block_size):
     assert torch.equal(out[~real], torch.zeros_like(out[~real]))
 
 
+@pytest.mark.parametrize("batch", [1, 3, 4, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_work_split_per_sequence_or_per_head(lib, batch, threads):
+    """Enough sequences: one work item per sequence (all KV heads); few: per (sequence, head).
+    Both give the reference's answers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(batch * 10 + threads)
+        lens = torch.randint(1, 200, (batch,), generator=gen).tolist()
+        q, cache, tables, seq_lens = make_decode(gen, lens, 9, 3, 64, 16)
+        out = cda.decode(q, cache, tables, seq_lens, 0.125)
+        torch.testing.assert_close(out, reference(q, cache, tables, seq_lens, 0.125))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_kernel_matches_float64_on_long_contexts(lib):
     gen = torch.Generator().manual_seed(11)
     lens = [700, 1, 1025, 333]

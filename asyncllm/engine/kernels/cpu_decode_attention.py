@@ -4,7 +4,8 @@ The torch backend's decode path gathers every sequence's KV blocks into a padded
 `index_select` per layer per step) and runs a masked SDPA over it; on the CPU benchmark that was
 ~24% of the time. This kernel (`cpu_decode_attention.c`, next to this file) reads each sequence's
 blocks where they are, once, for all query heads of a KV head (GQA), OpenMP-parallel over
-(sequence, KV head).
+sequences (all KV heads of a block in one contiguous read), or over (sequence, KV head) when there
+are fewer than two sequences per thread.
 
 It is compiled at first use with the system C compiler and loaded with ctypes; the build, its
 cache and the link against torch's OpenMP runtime are shared with the other CPU kernels
@@ -124,7 +125,8 @@ def decode(
     )
     if bad:
         raise RuntimeError(
-            f"CPU decode attention: {bad} (sequence, kv head) items had a block id outside "
+            f"CPU decode attention: {bad} work items (sequences or (sequence, kv head) pairs) "
+            f"had a block id outside "
             f"[0, {num_blocks}) (or a scratch allocation failed)"
         )
     return out
