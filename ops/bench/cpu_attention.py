@@ -7,6 +7,9 @@ python -m ops.bench.cpu_attention e2e [--switch S] [--json PATH]   the CPU bench
     `ASYNCLLM_CPU_ATTENTION=torch`, the default), `fused` (the C fused elementwise kernels vs
     `ASYNCLLM_CPU_FUSED=0`), `linear` (oneDNN `_linear_pointwise` vs `mkldnn_linear` with
     to_mkldnn/to_dense copies, the same packed weights re-laid out in place)
+python -m ops.bench.cpu_attention profile [--old S] [--json PATH]   the same run once (after an
+    untimed one), wall time per part (perf_counter around each layer kind, the attention, the
+    vocabulary projection, the sampler; the rest is the host), with the paths in S old
 
 micro: SmolLM2-135M shapes (Hq 9, Hkv 3, D 64, block 16), batch 64, contexts drawn from the CPU
 benchmark's range (~40..170) and a few fixed ones; each timing cycles through 30 layers' caches
@@ -237,18 +240,112 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _profile_parts(model: Any, engine: Any) -> tuple[dict[str, float], dict[str, int]]:
+    """Wrap each part's forward with a perf_counter accumulator; parts are nested only where
+    the names say (attention's KV write is inside `attention (backend)`)."""
+    import asyncllm.engine.layers.attention as attn_mod
+    from asyncllm.engine.layers.activations import SiluAndMul
+    from asyncllm.engine.layers.cpu_linear import PackedLinear
+    from asyncllm.engine.layers.norms import RMSNorm
+    from asyncllm.engine.layers.rotary import RotaryEmbedding
+    from asyncllm.engine.models.llama import Attention
+
+    acc: dict[str, float] = {}
+    calls: dict[str, int] = {}
+
+    def wrap(owner: Any, name: str, part: str, static: bool = False) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            acc[part] = acc.get(part, 0.0) + time.perf_counter() - t0
+            calls[part] = calls.get(part, 0) + 1
+            return out
+
+        setattr(owner, name, staticmethod(timed) if static else timed)
+
+    lm = getattr(model, "packed_logits", None) or model.lm_head
+    for m in model.modules():
+        if isinstance(m, PackedLinear) and m is not lm:
+            wrap(m, "forward", "linear layers (GEMM)")
+    wrap(model, "compute_logits", "vocabulary projection (GEMM)")
+    wrap(RMSNorm, "forward", "RMSNorm (+ residual add)")
+    wrap(SiluAndMul, "forward", "SiLU-and-mul")
+    wrap(RotaryEmbedding, "forward", "rotary (torch path)")
+    wrap(attn_mod.TorchAttentionBackend, "forward", "attention backend (KV write + attention)")
+    wrap(attn_mod.TorchAttentionBackend, "_decode", "  of it: decode attention", static=True)
+    wrap(attn_mod, "write_kv_cache", "  of it: KV cache write")
+    wrap(Attention, "forward", "attention layer (all of: qkv, rotary, backend, o)")
+    wrap(engine.sampler, "launch", "sampler")
+    wrap(engine.runner, "execute", "model runner execute (forward + logits)")
+    return acc, calls
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from asyncllm import LLM, SamplingParams
+    from asyncllm.engine.loader import load_tokenizer, resolve_model
+    from ops.bench.cpu import MAX_TOKENS, chat_prompts
+
+    old = [x for x in args.old.split(",") if x]
+    if any(x not in SWITCHES for x in old):
+        sys.exit(f"--old: comma-separated names from {SWITCHES}")
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(resolve_model(None))
+
+    def encode(convo):
+        text = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
+
+    prompts = [{"prompt_token_ids": encode(c)} for c in chat_prompts(args.num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    llm = LLM(None, device="cpu")
+    model = llm.llm_engine.runner.model
+    if "attention" in old:
+        os.environ["ASYNCLLM_CPU_ATTENTION"] = "torch"
+    if "fused" in old:
+        os.environ["ASYNCLLM_CPU_FUSED"] = "0"
+    if "linear" in old:
+        _linear_switch(model)(False)
+    llm.generate(prompts, params, use_tqdm=False)  # untimed: warm-up, the prefix-cache state
+    acc, calls = _profile_parts(model, llm.llm_engine)
+    load = round(os.getloadavg()[0], 2)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"old: {old or 'none'}; {wall:.2f} s, {n / wall:.1f} tok/s, load before {load}",
+          file=sys.stderr)  # fmt: skip
+    for part, t in acc.items():
+        print(f"{part:>52}: {t:6.2f} s  {100 * t / wall:5.1f}%  ({calls[part]} calls)",
+              file=sys.stderr)  # fmt: skip
+    return {
+        "benchmark": "cpu_profile",
+        "old_paths": old,
+        "threads": args.threads,
+        "load_before": load,
+        "elapsed_s": wall,
+        "tok_per_s": n / wall,
+        "parts_s": {k: round(v, 3) for k, v in acc.items()},
+        "calls": calls,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ops.bench.cpu_attention")
-    p.add_argument("mode", choices=["micro", "e2e"])
+    p.add_argument("mode", choices=["micro", "e2e", "profile"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("ASYNCLLM_BENCH_THREADS", 2)))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1, help="e2e: ABBA blocks (each variant twice)")
     p.add_argument("--switch", default="attention", help="e2e: what to A/B (see the docstring)")
+    p.add_argument("--old", default="", help="profile: the paths to run old (see e2e's --switch)")
     p.add_argument("--json", help="also write the record here")
     args = p.parse_args(argv)
-    rec = micro(args) if args.mode == "micro" else e2e(args)
+    rec = {"micro": micro, "e2e": e2e, "profile": profile}[args.mode](args)
     text = json.dumps(rec, indent=2)
     print(text)
     if args.json:
