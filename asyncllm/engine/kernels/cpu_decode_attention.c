@@ -58,10 +58,12 @@ static inline vf exp_nonpos(vf x) {
     return (vf)(~tiny & (vi)e);
 }
 
+/* Into L2 (locality 1), not L1: a block is 192 lines and L1's miss buffers are few; asking for
+ * L1 stalled on them (2 threads, B=64: 0.96 -> 0.80 ms per call with L2 hints). */
 static inline __attribute__((always_inline)) void prefetch_rows(const float *p, int rows,
                                                                  int64_t stride, int width) {
     for (int t = 0; t < rows; t++)
-        for (int d = 0; d < width; d += 64 / sizeof(float)) __builtin_prefetch(p + t * stride + d);
+        for (int d = 0; d < width; d += 64 / sizeof(float)) __builtin_prefetch(p + t * stride + d, 0, 1);
 }
 
 /* One work item: KV heads h0 .. h0 + NH - 1 of one sequence (all of them, or one when there are
