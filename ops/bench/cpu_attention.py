@@ -146,25 +146,32 @@ def _linear_switch(model: Any):
     return set_new
 
 
-def e2e(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from asyncllm import LLM, SamplingParams
-    from asyncllm.engine.layers.attention import TorchAttentionBackend
+def _benchmark_prompts(n: int) -> list[dict[str, list[int]]]:
+    """The CPU benchmark's first `n` chat prompts as token ids (chat template applied)."""
     from asyncllm.engine.loader import load_tokenizer, resolve_model
-    from ops.bench.cpu import MAX_TOKENS, chat_prompts
+    from ops.bench.cpu import chat_prompts
 
-    switches = [x for x in args.switch.split(",") if x]
-    if not switches or any(x not in SWITCHES for x in switches):
-        sys.exit(f"--switch: comma-separated names from {SWITCHES}")
-    torch.set_num_threads(args.threads)
     tok = load_tokenizer(resolve_model(None))
 
     def encode(convo):
         text = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
         return tok.encode(text, add_special_tokens=False)
 
-    prompts = [{"prompt_token_ids": encode(c)} for c in chat_prompts(args.num_prompts)]
+    return [{"prompt_token_ids": encode(c)} for c in chat_prompts(n)]
+
+
+def e2e(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from asyncllm import LLM, SamplingParams
+    from asyncllm.engine.layers.attention import TorchAttentionBackend
+    from ops.bench.cpu import MAX_TOKENS
+
+    switches = [x for x in args.switch.split(",") if x]
+    if not switches or any(x not in SWITCHES for x in switches):
+        sys.exit(f"--switch: comma-separated names from {SWITCHES}")
+    torch.set_num_threads(args.threads)
+    prompts = _benchmark_prompts(args.num_prompts)
     # time inside the decode attention (either path), to see the change apart from the noise
     attn = [0.0]
     inner = TorchAttentionBackend._decode
@@ -286,20 +293,13 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from asyncllm import LLM, SamplingParams
-    from asyncllm.engine.loader import load_tokenizer, resolve_model
-    from ops.bench.cpu import MAX_TOKENS, chat_prompts
+    from ops.bench.cpu import MAX_TOKENS
 
     old = [x for x in args.old.split(",") if x]
     if any(x not in SWITCHES for x in old):
         sys.exit(f"--old: comma-separated names from {SWITCHES}")
     torch.set_num_threads(args.threads)
-    tok = load_tokenizer(resolve_model(None))
-
-    def encode(convo):
-        text = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False)
-
-    prompts = [{"prompt_token_ids": encode(c)} for c in chat_prompts(args.num_prompts)]
+    prompts = _benchmark_prompts(args.num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     llm = LLM(None, device="cpu")
     model = llm.llm_engine.runner.model
