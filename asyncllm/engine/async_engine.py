@@ -38,9 +38,9 @@ import sniffio
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_loop import Abort as _Abort
 from asyncllm.engine.engine_loop import Add as _Add
-from asyncllm.engine.engine_loop import Command, Item, run_engine_loop
+from asyncllm.engine.engine_loop import Command, Item, merge_items, run_engine_loop
 from asyncllm.engine.engine_loop import Shutdown as _Shutdown
-from asyncllm.engine.stream import RequestStream, merge_outputs
+from asyncllm.engine.stream import RequestStream
 from asyncllm.outputs import RequestOutput
 from asyncllm.profiling import profiled
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -390,14 +390,7 @@ class AsyncLLMEngine:
         if not items and dead is None:
             return True
         with self._outbox_lock:
-            box = self._outbox
-            for rid, item in items.items():
-                prev = box.get(rid)
-                if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
-                    kind = self._kinds.get(rid, RequestOutputKind.CUMULATIVE)
-                    box[rid] = merge_outputs(prev, item, kind)
-                else:
-                    box[rid] = item
+            merge_items(self._outbox, items, self._kinds)
             if dead is not None:
                 self._outbox_dead = dead
             if self._drain_scheduled:

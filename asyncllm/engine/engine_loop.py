@@ -43,13 +43,17 @@ def run_engine_loop(
     engine: Any,
     get_commands: Callable[[bool], list[Command]],
     post: Callable[[dict[str, Item], Any], bool],
+    kinds: dict[str, RequestOutputKind] | None = None,
 ) -> None:
     """Until a Shutdown command (or `post` returning False: nobody is listening any more).
 
     `get_commands(block)`: every queued command, waiting for at least one if `block`.
     `post(items, stats)`: this round's items by request id, and the engine's stats after it.
+    `kinds`: the live requests' output kinds, kept here (a request's entry stays until after
+    the post of its last item); pass a dict to read them from `post`, for merging.
     Exceptions from a step propagate: the caller turns them into the engine's death."""
-    kinds: dict[str, RequestOutputKind] = {}  # live requests' output kinds, for merging
+    if kinds is None:
+        kinds = {}
     while True:
         cmds = get_commands(not engine.has_unfinished_requests())
         items: dict[str, Item] = {}
@@ -103,3 +107,17 @@ def _emit(
         if isinstance(prev, RequestOutput):
             out = merge_outputs(prev, out, kinds[rid])
         items[rid] = out
+
+
+def merge_items(
+    box: dict[str, Item], items: dict[str, Item], kinds: dict[str, RequestOutputKind]
+) -> None:
+    """Add `items` to outputs still waiting in `box`: a request's outputs merge (by its kind),
+    an exception replaces whatever waited."""
+    for rid, item in items.items():
+        prev = box.get(rid)
+        if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
+            kind = kinds.get(rid, RequestOutputKind.CUMULATIVE)
+            box[rid] = merge_outputs(prev, item, kind)
+        else:
+            box[rid] = item

@@ -7,10 +7,11 @@ batches cross (vLLM's engine core process for the same reason).
 
 The crossings stay the two of AsyncLLMEngine: commands go down a pipe (a sender thread here
 forwards the inbox), and once per step the child hands every request's merged output to its
-own sender thread, which writes it up the pipe (a receiver thread here posts it to the outbox);
-outputs that wait for a slow reader merge, the engine never waits. Outputs travel as plain tuples (`pack` /
-`unpack`: unpickling dataclasses costs the server several microseconds per output), and a
-request's prompt goes up with its first output only. The child is started with "spawn" (CUDA cannot be forked), so programs that use it need the
+own sender thread, which writes it up the pipe (a receiver thread here posts it to the outbox):
+outputs that wait for a slow reader merge, the engine never waits. Outputs travel as plain
+tuples (`pack` / `unpack`: unpickling dataclasses costs the server several microseconds per
+output), and a request's prompt goes up with its first output only. The child is started with
+"spawn" (CUDA cannot be forked), so programs that use it need the
 usual `if __name__ == "__main__":` guard.
 """
 
@@ -25,8 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_loop import Add, Command, Item, run_engine_loop
-from asyncllm.engine.stream import merge_outputs
+from asyncllm.engine.engine_loop import Command, Item, merge_items, run_engine_loop
 from asyncllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from asyncllm.profiling import profiled
 from asyncllm.sampling_params import RequestOutputKind
@@ -159,15 +159,12 @@ def child_main(
     gc.collect()
     gc.freeze()
     outbox = _Outbox(conn)
-    kinds: dict[str, RequestOutputKind] = {}  # for merging outputs that wait for the pipe
+    kinds: dict[str, RequestOutputKind] = {}  # the loop's own, for merging waiting outputs
 
     def get_commands(block: bool) -> list[Command]:
         cmds = [conn.recv()] if block else []
         while conn.poll():
             cmds.append(conn.recv())
-        for cmd in cmds:
-            if isinstance(cmd, Add):
-                kinds[cmd.request_id] = cmd.params.output_kind
         return cmds
 
     def post(items: dict[str, Item], stats: Any) -> bool:
@@ -177,7 +174,7 @@ def child_main(
     sender = threading.Thread(target=outbox.run, name="asyncllm-engine-outbox", daemon=True)
     sender.start()
     try:
-        profiled("engine-process", run_engine_loop, engine, get_commands, post)
+        profiled("engine-process", run_engine_loop, engine, get_commands, post, kinds)
     except BaseException as e:  # noqa: BLE001
         logger.exception("asyncllm: the engine process died")
         outbox.close(("dead", f"{type(e).__name__}: {e}"))
@@ -202,15 +199,7 @@ class _Outbox:
 
     def put(self, items: dict[str, Item], stats: Any, kinds: dict[str, RequestOutputKind]) -> None:
         with self.cond:
-            box = self.items
-            for rid, item in items.items():
-                prev = box.get(rid)
-                if isinstance(prev, RequestOutput) and isinstance(item, RequestOutput):
-                    box[rid] = merge_outputs(prev, item, kinds[rid])
-                else:
-                    box[rid] = item
-                if not isinstance(item, RequestOutput) or item.finished:
-                    kinds.pop(rid, None)
+            merge_items(self.items, items, kinds)
             self.stats = stats
             self.cond.notify()
 

@@ -161,7 +161,7 @@ class EngineIO:
         tokenizer does, and at a burst of hundreds of new streams it was most of their TTFT."""
         try:
             if messages is not None:
-                size = sum(_content_chars(m) for m in messages)
+                size = sum(len(m["content"]) for m in messages)  # parse_messages: strings
                 fn: Callable[[Any], list[int]] = self._encode_chat_sync
                 arg: Any = messages
             else:
@@ -305,16 +305,6 @@ class _Converter:
             self.finished = True
             self.final_pieces = pieces
         return pieces
-
-
-def _content_chars(message: Any) -> int:
-    """A message's size for the inline-or-thread choice (content may be a list of parts)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(len(str(p.get("text", ""))) if isinstance(p, dict) else 0 for p in content)
-    return 0
 
 
 def _summary_outcome(pieces: list[Piece]) -> str:
