@@ -528,7 +528,7 @@ def batch_messages(frames: list[str], limit: int = MAX_BATCH_BYTES) -> list[str]
 def _batch(group: list[str]) -> str:
     if len(group) == 1:
         return group[0]
-    return '{"type":"batch","frames":[' + ",".join(group) + "]}"
+    return f'{{"type":"{BATCH}","frames":[' + ",".join(group) + "]}"
 
 
 def encode(msg: dict[str, Any]) -> str:
