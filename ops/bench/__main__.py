@@ -1,4 +1,4 @@
-"""python -m ops.bench throughput|latency|cpu [--baseline hf] [...]   (serving: ops.bench.serving)
+"""python -m ops.bench throughput|latency|cpu [--baseline hf] [...]   (serving, peer: their own flags)
 
 Writes ops/bench/results/<benchmark>-<gpu>-<date>.json (cpu: cpu-<date>.json) and prints a table.
 """
@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from ops.bench import serving
 
         return serving.main(argv[1:])
+    if argv[:1] == ["peer"]:  # asyncllm against nano-vllm + FA4, each engine in its own process
+        from ops.bench import peer
+
+        return peer.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
     p.add_argument("benchmark", choices=["throughput", "latency", "cpu"])
     p.add_argument("--baseline", choices=["hf", "none"], default="none")

@@ -27,16 +27,30 @@ QWEN3_0_6B = dict(
     bos_token_id=151643,
     eos_token_id=151645,
 )
+# Qwen3-8B's shape (the larger of the peer benchmark's two shapes): untied head.
+QWEN3_8B = dict(
+    QWEN3_0_6B,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}
 # transformers' own initialiser range. (0.05 made the residual stream so large that transformers'
 # bf16 run drifted 0.34 nats per token from its own float32 run on the same weights.)
 INIT_STD = 0.02
-DEFAULT_DIR = (
-    Path(os.environ.get("ASYNCLLM_BENCH_DIR", "/tmp/asyncllm-bench"))
-    / f"qwen3-0.6b-random-std{INIT_STD}"
-)
+BENCH_ROOT = Path(os.environ.get("ASYNCLLM_BENCH_DIR", "/tmp/asyncllm-bench"))
+DEFAULT_DIR = BENCH_ROOT / f"qwen3-0.6b-random-std{INIT_STD}"
 
 
-def _tokenizer(out: Path, vocab_size: int) -> None:
+def shape_dir(shape: str) -> Path:
+    """Where the random model of a named shape (SHAPES) is written."""
+    return BENCH_ROOT / f"{shape}-random-std{INIT_STD}"
+
+
+def _tokenizer(out: Path, vocab_size: int, eos_token_id: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,20 +58,22 @@ def _tokenizer(out: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=f"<t{QWEN3_0_6B['eos_token_id']}>", unk_token="<t0>"
+        tokenizer_object=tok, eos_token=f"<t{eos_token_id}>", unk_token="<t0>"
     )
     fast.save_pretrained(out)
 
 
-def build_model_dir(out: Path = DEFAULT_DIR, seed: int = 0, device: str | None = None) -> Path:
-    """Write (once) and return the random Qwen3-0.6B-shape model directory."""
+def build_model_dir(
+    out: Path = DEFAULT_DIR, seed: int = 0, device: str | None = None, shape: dict = QWEN3_0_6B
+) -> Path:
+    """Write (once) and return a random model directory of `shape` (Qwen3-0.6B's by default)."""
     out = Path(out)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen3Config(**QWEN3_0_6B)
+    cfg = Qwen3Config(**shape)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     with torch.device(dev):
@@ -67,7 +83,7 @@ def build_model_dir(out: Path = DEFAULT_DIR, seed: int = 0, device: str | None =
             if p.dim() > 1:
                 p.normal_(0.0, INIT_STD)
     model.save_pretrained(out, safe_serialization=True)
-    _tokenizer(out, cfg.vocab_size)
+    _tokenizer(out, cfg.vocab_size, shape["eos_token_id"])
     (out / "bench_model.json").write_text(json.dumps({"seed": seed, "init_std": INIT_STD}))
     del model
     if dev == "cuda":
