@@ -20,6 +20,13 @@ def compute(bm: BlockManager, seq: Sequence, n: int) -> None:
     bm.register_computed(seq)
 
 
+def match(bm: BlockManager, seq: Sequence) -> int:
+    """Match `seq`'s prefix and apply it, as the scheduler does; returns the tokens reused."""
+    found = bm.match_prefix(seq)
+    found.apply(seq)
+    return found.num_tokens
+
+
 def test_allocate_and_free_returns_every_block():
     bm = BlockManager(num_blocks=8, block_size=4)
     seq = make_seq(list(range(10)))
@@ -39,14 +46,14 @@ def test_prefix_cache_reuses_full_blocks_and_leaves_one_token():
     bm.free(a)
     # Same 12-token prompt: at most 8 tokens reused, so at least one token is computed.
     b = make_seq(list(range(12)))
-    assert bm.match_prefix(b) == 8
+    assert match(bm, b) == 8
     assert b.block_table == a.block_table[:0] or len(b.block_table) == 2
     # A longer prompt sharing the prefix reuses all three blocks.
     c = make_seq(list(range(12)) + [99, 98])
-    assert bm.match_prefix(c) == 12
+    assert match(bm, c) == 12
     # Different first block: nothing reused, even if later blocks repeat (chained hash).
     d = make_seq([7] + list(range(1, 12)) + [5])
-    assert bm.match_prefix(d) == 0
+    assert match(bm, d) == 0
 
 
 def test_shared_blocks_are_refcounted_and_revived_o1():
@@ -54,7 +61,7 @@ def test_shared_blocks_are_refcounted_and_revived_o1():
     a = make_seq([1, 2, 3, 4, 5])
     compute(bm, a, 5)
     b = make_seq([1, 2, 3, 4, 9])
-    assert bm.match_prefix(b) == 4
+    assert match(bm, b) == 4
     shared = a.block_table[:2]
     assert b.block_table == shared
     assert all(bm.blocks[i].ref_count == 2 for i in shared)
@@ -64,7 +71,7 @@ def test_shared_blocks_are_refcounted_and_revived_o1():
     assert bm.num_free_blocks == 6
     # Revival takes the cached blocks back out of the free queue.
     e = make_seq([1, 2, 3, 4, 0])
-    assert bm.match_prefix(e) == 4 and bm.num_free_blocks == 4
+    assert match(bm, e) == 4 and bm.num_free_blocks == 4
 
 
 def test_lru_evicts_least_recently_freed_first():
@@ -77,8 +84,8 @@ def test_lru_evicts_least_recently_freed_first():
     bm.free(b)
     c = make_seq([8, 9, 10, 11, 12])  # needs 3 blocks: evicts from a's blocks first (older)
     compute(bm, c, 5)
-    assert bm.match_prefix(make_seq([5, 6, 7])) == 2  # b's prefix survived
-    assert make_seq([1, 2, 3]) and bm.match_prefix(make_seq([1, 2, 3])) == 0
+    assert match(bm, make_seq([5, 6, 7])) == 2  # b's prefix survived
+    assert make_seq([1, 2, 3]) and match(bm, make_seq([1, 2, 3])) == 0
 
 
 def test_fork_and_copy_on_write():
@@ -111,6 +118,19 @@ def test_free_twice_is_caught():
     a.block_table = table
     with pytest.raises(AssertionError):
         bm.free(a)
+
+
+def test_match_prefix_leaves_the_sequence_alone_until_applied():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    compute(bm, make_seq([1, 2, 3, 4, 5]), 5)
+    b = make_seq([1, 2, 3, 4, 9])
+    found = bm.match_prefix(b)
+    assert found.num_tokens == 4 and len(found.block_ids) == 2
+    assert all(bm.blocks[i].ref_count == 2 for i in found.block_ids)  # referenced for b
+    assert b.block_table == [] and b.num_computed_tokens == 0 and b.block_hashes == []
+    found.apply(b)
+    assert b.block_table == found.block_ids and b.num_computed_tokens == 4
+    assert b.num_hashed_blocks == 2
 
 
 def test_no_blocks_is_an_error():

@@ -22,6 +22,21 @@ class Block:
     token_ids: tuple[int, ...] | None = None  # checked on a hit, so a hash collision cannot alias
 
 
+@dataclass
+class PrefixMatch:
+    """What match_prefix found: the cached blocks (already referenced) that hold the prefix."""
+
+    block_ids: list[int]
+    num_tokens: int  # tokens those blocks hold: they need no computing
+    block_hashes: list[int]  # the sequence's chained block hashes, as far as they were computed
+
+    def apply(self, seq: Sequence) -> None:
+        seq.block_table = list(self.block_ids)
+        seq.num_hashed_blocks = len(self.block_ids)
+        seq.num_computed_tokens = self.num_tokens
+        seq.block_hashes = self.block_hashes
+
+
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
@@ -117,23 +132,31 @@ class BlockManager:
     # ---- prefix cache -----------------------------------------------------------------------
     def _hash_of_block(self, seq: Sequence, i: int) -> int:
         """The chained hash of `seq`'s i-th full block (computed once per sequence)."""
-        while len(seq.block_hashes) <= i:
-            j = len(seq.block_hashes)
-            parent = seq.block_hashes[j - 1] if j else None
-            toks = tuple(seq.token_ids[j * self.block_size : (j + 1) * self.block_size])
-            seq.block_hashes.append(chain_hash(parent, toks))
+        self._extend_hashes(seq.token_ids, seq.block_hashes, i + 1)
         return seq.block_hashes[i]
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Attach every cached block of `seq`'s prefix; returns the number of tokens reused.
+    def _extend_hashes(self, token_ids: list[int], hashes: list[int], n: int) -> None:
+        """Extend `hashes` with the chained hashes of the blocks after it, up to `n` of them."""
+        bs = self.block_size
+        while len(hashes) < n:
+            j = len(hashes)
+            hashes.append(
+                chain_hash(hashes[j - 1] if j else None, tuple(token_ids[j * bs : (j + 1) * bs]))
+            )
+
+    def match_prefix(self, seq: Sequence) -> PrefixMatch:
+        """Reference every cached block of `seq`'s prefix and return them; `seq` is not changed
+        (the scheduler applies the match: `PrefixMatch.apply`).
 
         At least one token is always left to compute, so the step has logits to sample from."""
+        hashes = list(seq.block_hashes)
         if not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens:
-            return 0
+            return PrefixMatch([], 0, hashes)
+        block_ids: list[int] = []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            h = self._hash_of_block(seq, i)
-            block_id = self.hash_to_block.get(h)
+            self._extend_hashes(seq.token_ids, hashes, i + 1)
+            block_id = self.hash_to_block.get(hashes[i])
             if block_id is None:
                 break
             block = self.blocks[block_id]
@@ -143,12 +166,10 @@ class BlockManager:
             if block.ref_count == 0:
                 del self.free_queue[block_id]  # revive: O(1)
             block.ref_count += 1
-            seq.block_table.append(block_id)
-        n = len(seq.block_table)
-        seq.num_hashed_blocks = n
-        seq.num_computed_tokens = n * self.block_size
-        self.prefix_hit_tokens += seq.num_computed_tokens
-        return seq.num_computed_tokens
+            block_ids.append(block_id)
+        num_tokens = len(block_ids) * self.block_size
+        self.prefix_hit_tokens += num_tokens
+        return PrefixMatch(block_ids, num_tokens, hashes)
 
     def unmatch_prefix(self, seq: Sequence) -> None:
         """Undo match_prefix for a waiting sequence that could not be scheduled after all."""

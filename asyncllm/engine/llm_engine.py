@@ -27,6 +27,7 @@ import torch
 from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
+from asyncllm.engine.executor import UniProcExecutor
 from asyncllm.engine.model_runner import ModelRunner
 from asyncllm.engine.sampler import (
     PendingSample,
@@ -35,7 +36,7 @@ from asyncllm.engine.sampler import (
     compute_prompt_logprobs,
     needs_history,
 )
-from asyncllm.engine.scheduler import ScheduledSeq, Scheduler
+from asyncllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from asyncllm.engine.sequence import Request, Sequence
 from asyncllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -97,6 +98,7 @@ class LLMEngine:
         self.scheduler_config = scheduler_config
         self.tokenizer = tokenizer
         self.runner = runner
+        self.executor = UniProcExecutor(runner)
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.eos_token_ids = _eos_ids(model_config.hf_config, tokenizer)
         self.block_manager = BlockManager(
@@ -273,7 +275,7 @@ class LLMEngine:
         """Run one step; returns the outputs of the step it resolves (with async scheduling, the
         one launched by the previous call)."""
         sched = self.scheduler.schedule()
-        launched = self._launch(sched.scheduled, sched.block_copies) if not sched.empty else None
+        launched = self._launch(sched) if not sched.empty else None
         prev, self._in_flight = self._in_flight, None
         outputs = self._resolve(prev) if prev is not None else []
         if launched is not None:
@@ -285,21 +287,12 @@ class LLMEngine:
                 outputs = self._resolve(launched)
         return outputs
 
-    def _launch(
-        self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]]
-    ) -> _LaunchedStep:
+    def _launch(self, sched: SchedulerOutput) -> _LaunchedStep:
         self.num_steps += 1
-        self.runner.copy_blocks(block_copies)
-        want_prompt_lp = [
-            s.seq.request.params.prompt_logprobs is not None
-            and s.seq.num_computed_tokens < s.seq.num_prompt_tokens - 1
-            and s.seq.num_output_tokens == 0
-            and s.seq.num_pending == 0
-            for s in scheduled
-        ]
+        scheduled = sched.scheduled
         prev = self._in_flight
         prev_tokens = prev.sample.tokens if prev is not None and prev.sample is not None else None
-        logits = self.runner.execute(scheduled, want_prompt_lp, prev_tokens)
+        logits = self.executor.execute(sched.step, prev_tokens)
 
         for i, (lg, start) in logits.prompt_logits.items():
             self._add_prompt_logprobs(scheduled[i].seq, lg, start)

@@ -14,7 +14,7 @@ import torch
 
 from asyncllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from asyncllm.engine.layers.attention import AttentionMetadata
-from asyncllm.engine.scheduler import ScheduledSeq
+from asyncllm.engine.step_message import StepMessage
 
 _ARRAY_CODES = {torch.int32: "i", torch.int64: "q"}
 
@@ -23,9 +23,19 @@ _ARRAY_CODES = {torch.int32: "i", torch.int64: "q"}
 class StepLogits:
     # Logits of the last token of each sequence that samples this step, in `sample_seqs` order.
     sample_logits: torch.Tensor | None
-    sample_index: list[int]  # index into the scheduled list for each row of sample_logits
+    sample_index: list[int]  # index into the step's batch for each row of sample_logits
     # For sequences that asked for prompt logprobs: scheduled index -> (logits [k,V], first position)
     prompt_logits: dict[int, tuple[torch.Tensor, int]]
+
+
+@dataclass
+class SeqState:
+    """The runner's copy of a sequence, built only from step messages."""
+
+    token_ids: list[int]  # the tokens the host knew when it last sent this sequence
+    block_table: list[int]
+    num_computed_tokens: int
+    num_prompt_tokens: int
 
 
 def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -57,6 +67,7 @@ class ModelRunner:
         self.pin = self.device.type == "cuda"
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner = None  # set by enable_cuda_graphs on CUDA
+        self.states: dict[int, SeqState] = {}  # seq_id -> state, from the step messages
 
     # ---- KV cache ---------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -86,11 +97,35 @@ class ModelRunner:
         t = torch.tensor(data, dtype=dtype, pin_memory=self.pin)
         return t.to(self.device, non_blocking=True) if self.pin else t
 
+    def update_states(self, step: StepMessage) -> None:
+        """Bring the per-sequence state up to `step`: drops, new sequences, deltas."""
+        states = self.states
+        for sid in step.dropped_seq_ids:
+            states.pop(sid, None)
+        for new in step.new_seqs:
+            states[new.seq_id] = SeqState(
+                list(new.token_ids),
+                list(new.block_ids),
+                new.num_computed_tokens,
+                new.num_prompt_tokens,
+            )
+        c = step.cached
+        for i, sid in enumerate(c.seq_ids):
+            st = states[sid]
+            if c.new_token_ids[i]:
+                st.token_ids += c.new_token_ids[i]
+            frm, blocks = c.block_ids_from[i], c.new_block_ids[i]
+            if blocks or frm != len(st.block_table):
+                del st.block_table[frm:]
+                st.block_table += blocks
+            st.num_computed_tokens = c.num_computed_tokens[i]
+
     def prepare(
-        self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
+        self, step: StepMessage, prev_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """`prev_tokens`: the in-flight step's sampled tokens on the device (async scheduling);
-        a sequence whose input is its pending token reads it from row `seq.pending_row`."""
+        """Inputs of `step`'s batch from the runner's own state (update_states first).
+        `prev_tokens`: the in-flight step's sampled tokens on the device (async scheduling); a
+        row whose input is still pending reads it from `prev_tokens[step.pending_rows[i]]`."""
         bs = self.block_size
         input_ids: list[int] = []
         fill_dst: list[int] = []  # positions in input_ids whose token is still on the device
@@ -99,38 +134,37 @@ class ModelRunner:
         slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
-        width = max(len(s.seq.block_table) for s in scheduled)
+        rows = [self.states[sid] for sid in step.seq_ids]
+        width = max(len(st.block_table) for st in rows)
         tables: list[int] = []
-        for s in scheduled:
-            seq = s.seq
-            start = seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            known = len(seq.token_ids)
-            if end > known:
-                # Only a decode can feed on a pending token: the scheduler never schedules a
-                # prefill past the known tokens.
-                assert end == known + 1 == start + 1 and prev_tokens is not None, (start, end)
+        for st, num_new, pending_row in zip(
+            rows, step.num_new_tokens, step.pending_rows, strict=True
+        ):
+            start = st.num_computed_tokens
+            end = start + num_new
+            if pending_row >= 0:
+                assert end == len(st.token_ids) + 1 == start + 1 and prev_tokens is not None
                 fill_dst.append(len(input_ids))
-                fill_src.append(seq.pending_row)
+                fill_src.append(pending_row)
                 input_ids.append(0)
             else:
-                input_ids += seq.token_ids[start:end]
+                input_ids += st.token_ids[start:end]
             positions += range(start, end)
-            table = seq.block_table
+            table = st.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            qsl.append(qsl[-1] + s.num_new_tokens)
+            qsl.append(qsl[-1] + num_new)
             seq_lens.append(end)
             tables += table + [0] * (width - len(table))
         meta = AttentionMetadata(
             query_start_loc=self._to_device(qsl, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
             slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._to_device(tables, torch.int32).view(len(scheduled), width),
-            max_query_len=max(s.num_new_tokens for s in scheduled),
+            block_tables=self._to_device(tables, torch.int32).view(len(rows), width),
+            max_query_len=max(step.num_new_tokens),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
-            decode_only=all(s.num_new_tokens == 1 for s in scheduled),
+            decode_only=all(n == 1 for n in step.num_new_tokens),
         )
         ids = self._to_device(input_ids, torch.int64)
         if fill_dst:
@@ -141,21 +175,19 @@ class ModelRunner:
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(
-        self,
-        scheduled: list[ScheduledSeq],
-        prompt_logprob_mask: list[bool],
-        prev_tokens: torch.Tensor | None = None,
-    ) -> StepLogits:
-        """Run one forward over `scheduled`. `prompt_logprob_mask[i]`: sequence i wants the logits
-        of every prompt position it computes this step. `prev_tokens`: see `prepare`."""
-        ids, pos, meta = self.prepare(scheduled, prev_tokens)
+    def execute(self, step: StepMessage, prev_tokens: torch.Tensor | None = None) -> StepLogits:
+        """Run one step: block copies, then one forward over `step`'s batch, then the logits the
+        driver samples from (and those of prompt positions for rows that asked for them).
+        `prev_tokens`: see `prepare`."""
+        self.copy_blocks(step.block_copies)
+        self.update_states(step)
+        ids, pos, meta = self.prepare(step, prev_tokens)
         if self.graph_runner is not None and meta.decode_only and self.graph_runner.can_run(meta):
             hidden = self.graph_runner.run(ids, pos, meta)
         else:
             hidden = self.model(ids, pos, self.kv_caches, meta)
 
-        sample_index = [i for i, s in enumerate(scheduled) if s.completes]
+        sample_index = [i for i, samples in enumerate(step.samples) if samples]
         last_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_index]
         sample_logits = None
         if last_rows:
@@ -167,13 +199,13 @@ class ModelRunner:
             sample_logits = self.model.compute_logits(hidden_sel)
 
         prompt_logits: dict[int, tuple[torch.Tensor, int]] = {}
-        for i, want in enumerate(prompt_logprob_mask):
+        for i, want in enumerate(step.prompt_logprobs):
             if not want:
                 continue
-            s = scheduled[i]
-            start = s.seq.num_computed_tokens
+            st = self.states[step.seq_ids[i]]
+            start = st.num_computed_tokens
             # Only positions inside the prompt predict prompt tokens: position p predicts p+1.
-            last = min(start + s.num_new_tokens, s.seq.num_prompt_tokens - 1)
+            last = min(start + step.num_new_tokens[i], st.num_prompt_tokens - 1)
             if last <= start:
                 continue
             a = meta.query_start_loc_cpu[i]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from asyncllm.config import SchedulerConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.sequence import Sequence, SequenceStatus
+from asyncllm.engine.step_message import StepMessage
+from asyncllm.engine.step_writer import StepWriter
 
 
 @dataclass
@@ -29,9 +31,12 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
+    """The driver's view of a step (live sequences) and `step`, the runner's (plain data)."""
+
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    step: StepMessage = field(default_factory=StepMessage)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -49,6 +54,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.num_preemptions = 0
+        self.writer = StepWriter()  # what the runner knows of each sequence; writes the message
 
     # ---- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -66,6 +72,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self.writer.drop(seq)
         seq.status = SequenceStatus.FINISHED
 
     def has_unfinished(self) -> bool:
@@ -74,6 +81,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self.writer.drop(seq)
         seq.num_computed_tokens = 0
         self.num_preemptions += 1
         self.add(seq)
@@ -103,8 +111,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.block_copies += bm.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new))
+                self._allocate(seq, num_new, out)
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
                 i += 1
@@ -124,7 +131,9 @@ class Scheduler:
                 break
             if not seq.block_table and seq.num_computed_tokens == 0:
                 if seq.request.params.prompt_logprobs is None:
-                    cached = bm.match_prefix(seq)
+                    match = bm.match_prefix(seq)
+                    match.apply(seq)
+                    cached = match.num_tokens
                     if seq.request.num_cached_tokens == 0 and seq.num_output_tokens == 0:
                         seq.request.num_cached_tokens = cached
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -141,8 +150,18 @@ class Scheduler:
                     )
                 break
             self.waiting.pop(0)
-            out.block_copies += bm.allocate(seq, num_new)
             self.add_running(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            self._allocate(seq, num_new, out)
             budget -= num_new
+        out.step = self.writer.write(out.scheduled, out.block_copies)
         return out
+
+    def _allocate(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        copies = self.block_manager.allocate(seq, num_new)
+        if copies:
+            # Copy-on-write replaced the block the next token lands in.
+            self.writer.replaced_block(
+                seq, seq.num_computed_tokens // self.block_manager.block_size
+            )
+        out.block_copies += copies
+        out.scheduled.append(ScheduledSeq(seq, num_new))
