@@ -53,7 +53,7 @@ def test_runner_state_built_from_messages_gives_the_live_sequences_inputs(tiny_m
     engine = llm.llm_engine
     runner, scheduler = engine.runner, engine.scheduler
     last: list = []
-    checked = {"steps": 0, "cached": 0, "pending": 0}
+    checked = {"steps": 0, "cached": 0, "pending": 0, "copies": 0}
     real_schedule, real_prepare = scheduler.schedule, runner.prepare
 
     def schedule():
@@ -79,18 +79,20 @@ def test_runner_state_built_from_messages_gives_the_live_sequences_inputs(tiny_m
         checked["steps"] += 1
         checked["cached"] += len(step.cached)
         checked["pending"] += sum(r >= 0 for r in step.pending_rows)
+        checked["copies"] += len(step.block_copies)
         pickle.loads(pickle.dumps(step))
         return ids, pos, meta
 
     scheduler.schedule, runner.prepare = schedule, prepare
     params = [
-        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+        # n=3 on a 5-token prompt: the children share a part-filled block (copy-on-write).
         SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2),
         SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
     ]
     llm.generate(PROMPTS, params, use_tqdm=False)
-    assert checked["steps"] > 10 and checked["cached"] > 0
+    assert checked["steps"] > 10 and checked["cached"] > 0 and checked["copies"] > 0
     assert (checked["pending"] > 0) == CONFIGS[config]["async_scheduling"]
     if config.startswith("preempting"):
         assert engine.get_stats().num_preemptions > 0

@@ -29,6 +29,7 @@ from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from asyncllm.engine.executor import UniProcExecutor
 from asyncllm.engine.model_runner import ModelRunner
+from asyncllm.engine.output_builder import collect_outputs, make_output
 from asyncllm.engine.sampler import (
     PendingSample,
     Sampler,
@@ -38,8 +39,8 @@ from asyncllm.engine.sampler import (
 )
 from asyncllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from asyncllm.engine.sequence import Request, Sequence
-from asyncllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+from asyncllm.outputs import Logprob, RequestOutput
+from asyncllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class LLMEngine:
                         seq.detokenizer.finish()
             req.forked = True  # an aborted n>1 parent will never fork
             req.finished_time = time.monotonic()
-            outputs.append(self._make_output(req, final=True))
+            outputs.append(make_output(req, final=True))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -346,7 +347,7 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             touched[req.request_id] = req
-        return self._collect_outputs(touched)
+        return collect_outputs(touched, self.requests)
 
     def _sampling_rows(
         self, scheduled: list[ScheduledSeq], sample_index: list[int]
@@ -436,69 +437,3 @@ class LLMEngine:
             if seq.detokenizer is not None and not isinstance(stop_reason, str):
                 seq.detokenizer.finish()
             self.scheduler.finish(seq)
-
-    # ---- outputs ----------------------------------------------------------------------------
-    def _collect_outputs(self, touched: dict[str, Request]) -> list[RequestOutput]:
-        outputs = []
-        for rid, req in touched.items():
-            finished = req.finished
-            if finished:
-                req.finished_time = time.monotonic()
-                self.requests.pop(rid, None)
-            if req.params.output_kind is RequestOutputKind.FINAL_ONLY and not finished:
-                continue
-            outputs.append(self._make_output(req, final=finished))
-        return outputs
-
-    def _make_output(self, req: Request, final: bool) -> RequestOutput:
-        delta = req.params.output_kind is RequestOutputKind.DELTA
-        comps = []
-        for seq in req.seqs:
-            text = seq.output_text
-            out_ids = seq.output_token_ids
-            if delta:
-                new_text = text[seq.num_sent_chars :]
-                new_ids = out_ids[seq.num_sent_tokens :]
-                lps = seq.logprobs[seq.num_sent_logprobs :] if seq.logprobs is not None else None
-                if not new_ids and not new_text and not (final and seq.finish_reason):
-                    continue
-                comps.append(
-                    CompletionOutput(
-                        seq.index,
-                        new_text,
-                        new_ids,
-                        seq.cumulative_logprob,
-                        lps,
-                        seq.finish_reason,
-                        seq.stop_reason,
-                    )
-                )
-            else:
-                comps.append(
-                    CompletionOutput(
-                        seq.index,
-                        text,
-                        list(out_ids),
-                        seq.cumulative_logprob,
-                        list(seq.logprobs) if seq.logprobs is not None else None,
-                        seq.finish_reason,
-                        seq.stop_reason,
-                    )
-                )
-            seq.num_sent_chars = len(text)
-            seq.num_sent_tokens = len(out_ids)
-            seq.num_sent_logprobs = len(seq.logprobs) if seq.logprobs is not None else 0
-        prompt_lp = req.prompt_logprobs
-        if delta and req.extra.get("prompt_logprobs_sent"):
-            prompt_lp = None
-        req.extra["prompt_logprobs_sent"] = True
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=sorted(comps, key=lambda c: c.index),
-            finished=final,
-            prompt_logprobs=prompt_lp,
-            num_cached_tokens=req.num_cached_tokens,
-            metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
-        )

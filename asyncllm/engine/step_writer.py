@@ -37,40 +37,45 @@ class StepWriter:
             return StepMessage()  # nothing runs: the drops wait for the next message
         msg = StepMessage(block_copies=list(block_copies), dropped_seq_ids=self._dropped)
         self._dropped = []
-        cached = msg.cached
-        sent = self._sent
+        sent, replaced = self._sent, self._replaced
+        c = msg.cached
+        # Bound once: this loop runs for every sequence of every step.
+        new_append = msg.new_seqs.append
+        c_ids, c_toks, c_from = c.seq_ids.append, c.new_token_ids.append, c.block_ids_from.append
+        c_blocks, c_computed = c.new_block_ids.append, c.num_computed_tokens.append
+        samples, pending_rows = msg.samples.append, msg.pending_rows.append
+        prompt_lp = msg.prompt_logprobs.append
         for item in scheduled:
             seq = item.seq
             sid = seq.seq_id
             start = seq.num_computed_tokens
-            known = len(seq.token_ids)
-            table = seq.block_table
+            end = start + item.num_new_tokens
+            tokens, table = seq.token_ids, seq.block_table
+            known = len(tokens)
             prev = sent.get(sid)
             if prev is None:
-                msg.new_seqs.append(
-                    NewSeqData(sid, list(seq.token_ids), list(table), start, seq.num_prompt_tokens)
-                )
+                new_append(NewSeqData(sid, list(tokens), list(table), start, seq.num_prompt_tokens))
             else:
-                n_tok, n_blk = prev
-                frm = min(n_blk, self._replaced.pop(sid, n_blk))
-                cached.seq_ids.append(sid)
-                cached.new_token_ids.append(seq.token_ids[n_tok:] if known > n_tok else [])
-                cached.block_ids_from.append(frm)
-                cached.new_block_ids.append(table[frm:] if len(table) > frm else [])
-                cached.num_computed_tokens.append(start)
+                n_tok, frm = prev
+                if replaced and sid in replaced:
+                    frm = min(frm, replaced[sid])
+                c_ids(sid)
+                c_toks(tokens[n_tok:])
+                c_from(frm)
+                c_blocks(table[frm:])
+                c_computed(start)
             sent[sid] = (known, len(table))
-            n = item.num_new_tokens
-            msg.seq_ids.append(sid)
-            msg.num_new_tokens.append(n)
-            msg.samples.append(start + n == seq.num_tokens)
+            samples(end == known + seq.num_pending)
             # Only a decode feeds on a token still on the device: the scheduler never schedules a
             # prefill past the known tokens.
-            msg.pending_rows.append(seq.pending_row if start + n > known else -1)
-            msg.prompt_logprobs.append(
+            pending_rows(seq.pending_row if end > known else -1)
+            prompt_lp(
                 seq.request.params.prompt_logprobs is not None
                 and start < seq.num_prompt_tokens - 1
-                and seq.num_output_tokens == 0
+                and known == seq.num_prompt_tokens  # no output token yet
                 and seq.num_pending == 0
             )
-        self._replaced.clear()
+        msg.seq_ids = [item.seq.seq_id for item in scheduled]
+        msg.num_new_tokens = [item.num_new_tokens for item in scheduled]
+        replaced.clear()
         return msg
