@@ -4,6 +4,9 @@ unfinished prompt chunks), then on chunks of waiting prompts. There is no prefil
 When KV blocks run out, the lowest-priority, latest-arrived running sequence is preempted: its
 blocks are freed and it waits to be recomputed (its generated tokens are kept, so it resumes with
 the same output).
+
+Each step's output carries `step`, the plain message the model runner reads (step_message.py,
+written by step_writer.py); the live sequences stay on this side.
 """
 
 from __future__ import annotations
