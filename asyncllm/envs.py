@@ -105,6 +105,11 @@ def commit() -> str | None:
     return _str("ASYNCLLM_COMMIT")
 
 
+def peer_path() -> str | None:
+    """ASYNCLLM_PEER_PATH: the peer engine's checkout for `python -m ops.bench peer`."""
+    return _str("ASYNCLLM_PEER_PATH")
+
+
 VARIABLES = {
     "ASYNCLLM_FUSED": fused,
     "ASYNCLLM_CPU_FUSED": cpu_fused,
@@ -119,4 +124,5 @@ VARIABLES = {
     "ASYNCLLM_BENCH_DIR": bench_dir,
     "ASYNCLLM_BENCH_THREADS": bench_threads,
     "ASYNCLLM_COMMIT": commit,
+    "ASYNCLLM_PEER_PATH": peer_path,
 }

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asyncllm.engine.kernels import cpu_fused as cf
 from asyncllm.engine.kernel_paths import select_fused_ops
+from asyncllm.engine.kernels import cpu_fused as cf
 from asyncllm.engine.layers.activations import SiluAndMul
 from asyncllm.engine.layers.attention import write_kv_cache
 from asyncllm.engine.layers.norms import RMSNorm

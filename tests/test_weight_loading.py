@@ -43,7 +43,10 @@ def fuse_on_disk(src: str, dst: Path) -> Path:
         elif ".gate_proj." in name:
             parts = [name, name.replace("gate_proj", "up_proj")]
             fused[name.replace("gate_proj", "gate_up_proj")] = torch.cat([state[p] for p in parts])
-        elif name == "lm_head.weight" and t.data_ptr() == state["model.embed_tokens.weight"].data_ptr():
+        elif (
+            name == "lm_head.weight"
+            and t.data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+        ):
             continue  # tied: transformers saves no separate head
         else:
             fused[name] = t.contiguous()

@@ -100,7 +100,9 @@ def select_kernel_paths(
         name = attention_backend
         if name == "auto":
             name = default_attention_backend(device)
-        attention = get_attention_backend(name, device, fused_ops=fused, decode_kernel=decode_kernel)
+        attention = get_attention_backend(
+            name, device, fused_ops=fused, decode_kernel=decode_kernel
+        )
     uses_decode_kernel = attention.name == "torch" and getattr(attention, "decode_kernel", False)
     return KernelPaths(
         device=device,

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from asyncllm.engine.kernels._common import next_pow2
 
+
 # ---- RMSNorm with the residual add ----------------------------------------------------------------
 @triton.jit
 def _rms_norm_kernel(

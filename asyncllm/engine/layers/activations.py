@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 

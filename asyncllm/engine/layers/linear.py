@@ -159,7 +159,9 @@ class LinearBase(nn.Module):
 
     def _split(self, size: int, what: str) -> int:
         if size % self.tp_size:
-            raise ValueError(f"{self.prefix}: {what} {size} is not divisible by tp_size {self.tp_size}")
+            raise ValueError(
+                f"{self.prefix}: {what} {size} is not divisible by tp_size {self.tp_size}"
+            )
         return size // self.tp_size
 
     def _make_bias(self, size: int, output_dim: int | None) -> None:

@@ -5,9 +5,9 @@ the CPU in float32), or None for the torch ops below."""
 
 from __future__ import annotations
 
-import torch
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 

@@ -152,7 +152,11 @@ class MLP(nn.Module):
         bias = bool(getattr(hf_config, "mlp_bias", False))
         hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden, [inter, inter], bias=bias, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+            hidden,
+            [inter, inter],
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
             inter, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.down_proj"
