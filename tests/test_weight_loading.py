@@ -56,7 +56,7 @@ def fuse_on_disk(src: str, dst: Path) -> Path:
 
 
 def greedy(path: str) -> list[list[int]]:
-    llm = LLM(path)
+    llm = LLM(path, device="cpu")
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -119,7 +119,7 @@ def test_rank_shards_of_the_parallel_layers():
 
 def test_startup_line_names_the_kernel_paths(tiny_model_dir, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="asyncllm.engine.kernel_paths"):
-        LLM(tiny_model_dir)
+        LLM(tiny_model_dir, device="cpu")
     lines = [r.getMessage() for r in caplog.records if r.name == "asyncllm.engine.kernel_paths"]
     assert len(lines) == 1
     line = lines[0]
@@ -130,9 +130,20 @@ def test_startup_line_names_the_kernel_paths(tiny_model_dir, caplog, monkeypatch
     monkeypatch.setenv("ASYNCLLM_CPU_ATTENTION", "torch")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="asyncllm.engine.kernel_paths"):
-        llm = LLM(tiny_model_dir)
+        llm = LLM(tiny_model_dir, device="cpu")
     line = caplog.records[-1].getMessage()
     assert "fused ops=torch" in line and "CPU decode attention=torch" in line, line
     model = llm.llm_engine.runner.model
     assert model.kernels.fused is None and not model.kernels.attention.decode_kernel
     assert all(getattr(m, "ops", None) is None for m in model.modules())
+
+
+@pytest.mark.gpu
+def test_startup_line_on_cuda(tiny_model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="asyncllm.engine.kernel_paths"):
+        LLM(tiny_model_dir, device="cuda")
+    lines = [r.getMessage() for r in caplog.records if r.name == "asyncllm.engine.kernel_paths"]
+    assert len(lines) == 1
+    for part in ("attention=triton", "fused ops=triton", "CPU decode attention=torch",
+                 "linear=dense", "CUDA graphs=on"):  # fmt: skip
+        assert part in lines[0], lines[0]
