@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from asyncllm import envs
+
 T = TypeVar("T")
 
 ENV = "ASYNCLLM_PROFILE_DIR"
@@ -44,7 +46,7 @@ def _dump(prof: Any, out: str, name: str) -> None:
 
 def profiled(name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     """`fn(*args, **kw)`, under cProfile when ASYNCLLM_PROFILE_DIR is set."""
-    out = os.environ.get(ENV)
+    out = envs.profile_dir()
     prof = _enable(name) if out else None
     if prof is None:
         return fn(*args, **kw)
@@ -60,7 +62,7 @@ class ThreadProfile:
 
     def __init__(self, name: str):
         self.name = name
-        self.out = os.environ.get(ENV)
+        self.out = envs.profile_dir()
         self._prof: Any = None
 
     def start(self) -> None:

@@ -11,11 +11,11 @@ Needs only `pip install asyncllm[client]`. A dropped connection is survived tran
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import anyio
 
+from asyncllm import envs
 from asyncllm.client import AsyncLLMClientError, Client, StreamLost
 
 
@@ -58,8 +58,8 @@ async def bot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", default=os.environ.get("ASYNCLLM_URL", "ws://127.0.0.1:8000/v1/ws"))
-    p.add_argument("--api-key", default=os.environ.get("ASYNCLLM_API_KEY"))
+    p.add_argument("--url", default=envs.url())
+    p.add_argument("--api-key", default=envs.api_key())
     p.add_argument("--system", default="You are a helpful assistant. Answer briefly.")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)

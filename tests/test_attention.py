@@ -10,8 +10,8 @@ import torch
 from asyncllm.engine.layers.attention import (
     AttentionMetadata,
     TorchAttentionBackend,
-    get_attention_backend,
 )
+from asyncllm.engine.layers.attention_backends import get_attention_backend
 
 
 def dense_reference(q, k_all, v_all, offset, scale):

@@ -1,5 +1,5 @@
 """The CPU fused kernels (asyncllm.engine.kernels.cpu_fused) against the layers' torch ops: many
-shapes, odd sizes, strided inputs; the `fused_ops` routing and its switch; the fallback without
+shapes, odd sizes, strided inputs; the routing (kernel_paths.select_fused_ops) and its switch; the fallback without
 a compiler; and the engine's greedy tokens with the kernels on and off."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asyncllm.engine.kernel_paths import select_fused_ops
 from asyncllm.engine.kernels import cpu_fused as cf
-from asyncllm.engine.kernels import fused_ops
 from asyncllm.engine.layers.activations import SiluAndMul
 from asyncllm.engine.layers.attention import write_kv_cache
 from asyncllm.engine.layers.norms import RMSNorm
@@ -26,40 +26,28 @@ def lib():
         pytest.skip("no C compiler: the kernels cannot be built here")
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    """A context that runs the layers' torch ops (ASYNCLLM_CPU_FUSED=0) for the reference."""
-
-    class Off:
-        def __enter__(self):
-            monkeypatch.setenv("ASYNCLLM_CPU_FUSED", "0")
-
-        def __exit__(self, *exc):
-            monkeypatch.delenv("ASYNCLLM_CPU_FUSED", raising=False)
-
-    return Off()
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def test_routing_and_switch(lib, monkeypatch):
-    x = torch.zeros(2, 8)
-    assert fused_ops(x) is cf
-    assert fused_ops(x.bfloat16()) is None
-    assert fused_ops(x.double()) is None
+    """Chosen once per device and dtype (asyncllm.engine.kernel_paths): C for float32 on the CPU."""
+    assert select_fused_ops("cpu", torch.float32) is cf
+    assert select_fused_ops("cpu", torch.bfloat16) is None
+    assert select_fused_ops("cpu", torch.float64) is None
     monkeypatch.setenv("ASYNCLLM_CPU_FUSED", "0")
-    assert fused_ops(x) is None
+    assert select_fused_ops("cpu", torch.float32) is None
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 8), (7, 33), (64, 576), (3, 1), (300, 1000), (0, 16)])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("strided", [False, True])
-def test_rms_norm(lib, torch_path, rows, cols, with_residual, strided):
+def test_rms_norm(lib, rows, cols, with_residual, strided):
     g = gen(rows * 1000 + cols)
-    norm = RMSNorm(cols, eps=1e-5)
+    norm = RMSNorm(cols, eps=1e-5, ops=cf)
     norm.weight.data = torch.randn(cols, generator=g)
+    torch_norm = RMSNorm(cols, eps=1e-5)  # the layer's torch ops, for the reference
+    torch_norm.weight.data = norm.weight.data
     if strided:  # column slices of wider rows, as views of a projection are
         x = torch.randn(rows, cols + 7, generator=g)[:, 3 : 3 + cols]
         res = torch.randn(rows, cols + 5, generator=g)[:, :cols] if with_residual else None
@@ -67,8 +55,7 @@ def test_rms_norm(lib, torch_path, rows, cols, with_residual, strided):
         x = torch.randn(rows, cols, generator=g) * 3
         res = torch.randn(rows, cols, generator=g) if with_residual else None
     out, new_res = norm(x, res)
-    with torch_path:
-        ref, ref_res = norm(x, res)
+    ref, ref_res = torch_norm(x, res)
     assert out.shape == ref.shape and new_res.shape == ref_res.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(new_res, ref_res)  # the add is one float32 rounding either way
@@ -88,16 +75,14 @@ def test_rms_norm_direct_checks(lib):
 
 @pytest.mark.parametrize("rows,d", [(1, 1), (5, 17), (64, 1536), (130, 600), (0, 4)])
 @pytest.mark.parametrize("strided", [False, True])
-def test_silu_and_mul(lib, torch_path, rows, d, strided):
+def test_silu_and_mul(lib, rows, d, strided):
     g = gen(rows * 7 + d)
     if strided:
         x = torch.randn(rows, 2 * d + 9, generator=g)[:, 4 : 4 + 2 * d] * 5
     else:
         x = torch.randn(rows, 2 * d, generator=g) * 5
-    act = SiluAndMul()
-    out = act(x)
-    with torch_path:
-        ref = act(x)
+    out = SiluAndMul(cf)(x)
+    ref = SiluAndMul()(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -173,7 +158,7 @@ def test_qk_norm_rope_checks(lib):
 
 
 @pytest.mark.parametrize("t,hkv,d,block_size", [(1, 1, 8, 1), (64, 3, 64, 16), (37, 2, 128, 32)])
-def test_write_kv_cache(lib, torch_path, t, hkv, d, block_size):
+def test_write_kv_cache(lib, t, hkv, d, block_size):
     g = gen(t + hkv + d)
     num_blocks = -(-t // block_size) + 3
     qkv = torch.randn(t, (4 * hkv + 2 * hkv) * d, generator=g)
@@ -183,9 +168,8 @@ def test_write_kv_cache(lib, torch_path, t, hkv, d, block_size):
     slots[:: max(1, t // 4)] = -1  # padding rows write nothing
     cache = torch.randn(2, num_blocks, block_size, hkv, d, generator=g)
     want = cache.clone()
-    with torch_path:
-        write_kv_cache(k, v, want, slots)
-    write_kv_cache(k, v, cache, slots)
+    write_kv_cache(k, v, want, slots)  # the torch ops
+    write_kv_cache(k, v, cache, slots, cf)
     assert torch.equal(cache, want)
 
 
@@ -205,9 +189,9 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog, cc):
     cf.reset()
     try:
         x, r = torch.randn(4, 32), torch.randn(4, 32)
-        norm = RMSNorm(32)
         with caplog.at_level(logging.INFO, logger=cf.__name__):
-            assert fused_ops(x) is None
+            assert all(select_fused_ops("cpu", torch.float32) is None for _ in range(3))
+            norm = RMSNorm(32, ops=select_fused_ops("cpu", torch.float32))
             out = [norm(x, r) for _ in range(3)][-1]
         assert sum("unavailable" in rec.message for rec in caplog.records) == 1
         s = x + r
@@ -220,10 +204,13 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog, cc):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "llama3_scaled_untied"])
 def test_engine_greedy_tokens_same_with_and_without(lib, tiny_model_dirs, monkeypatch, arch):
     """The whole CPU engine (prefill, chunked prefill and decode) with the fused kernels on and
-    off: the same greedy tokens."""
+    off (the switch read once, when an engine is built): the same greedy tokens."""
     from asyncllm import LLM, SamplingParams
 
-    llm = LLM(tiny_model_dirs[arch], max_num_batched_tokens=64, enable_prefix_caching=False)
+    def build():
+        return LLM(tiny_model_dirs[arch], max_num_batched_tokens=64, enable_prefix_caching=False)
+
+    llm = build()
     prompts = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(n)]}
                for i, n in enumerate([3, 17, 40, 1, 70])]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -237,5 +224,8 @@ def test_engine_greedy_tokens_same_with_and_without(lib, tiny_model_dirs, monkey
     on = run()
     assert calls  # the fused path ran
     monkeypatch.setenv("ASYNCLLM_CPU_FUSED", "0")
+    llm = build()
+    n = len(calls)
     off = run()
+    assert len(calls) == n  # and now it did not
     assert on == off

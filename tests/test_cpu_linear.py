@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asyncllm.engine.layers.cpu_linear import PackedLinear, prepack_cpu_linears
+from asyncllm.engine.layers.cpu_linear import PackedLinear
+from asyncllm.engine.layers.linear import LinearBase
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build"
@@ -42,14 +43,21 @@ def test_packed_linear_paths_and_strided_inputs(pointwise, monkeypatch):
 
 
 def test_the_cpu_engine_runs_on_packed_linears(tiny_model_dirs):
+    """The dense linear method packs every linear layer after loading (its
+    process_weights_after_loading) and drops the dense copy; a tied head packs a copy of the
+    embedding, which keeps its dense weight."""
     from asyncllm import LLM
 
     tied = LLM(tiny_model_dirs["llama"]).llm_engine.runner.model
     layer = tied.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, PackedLinear)
-    assert isinstance(layer.mlp.down_proj, PackedLinear)
-    assert tied.lm_head is None and isinstance(tied.packed_logits, PackedLinear)
+    assert isinstance(layer.self_attn.qkv_proj.packed, PackedLinear)
+    assert isinstance(layer.mlp.down_proj.packed, PackedLinear)
+    assert "weight" not in layer.mlp.down_proj._parameters  # replaced, not duplicated
+    assert tied.lm_head.tied and isinstance(tied.lm_head.packed, PackedLinear)
+    assert tied.model.embed_tokens.weight.layout == torch.strided  # the embedding stays dense
     untied = LLM(tiny_model_dirs["llama3_scaled_untied"]).llm_engine.runner.model
-    assert isinstance(untied.lm_head, PackedLinear)
+    assert isinstance(untied.lm_head.packed, PackedLinear)
     assert not any(isinstance(m, torch.nn.Linear) for m in untied.modules())
-    assert prepack_cpu_linears(untied) == 0  # nothing dense is left to pack
+    linears = [m for m in untied.modules() if isinstance(m, LinearBase)]
+    assert len(linears) == 4 * untied.config.num_hidden_layers
+    assert all(isinstance(m.packed, PackedLinear) for m in linears)

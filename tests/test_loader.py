@@ -15,7 +15,8 @@ import torch
 
 from asyncllm.config import ModelConfig
 from asyncllm.engine import loader
-from asyncllm.engine.layers.attention import AttentionMetadata, get_attention_backend
+from asyncllm.engine.layers.attention import AttentionMetadata
+from asyncllm.engine.layers.attention_backends import get_attention_backend
 from asyncllm.engine.loader import (
     ResolvedModel,
     load_hf_config,

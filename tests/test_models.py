@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from asyncllm.config import ModelConfig
-from asyncllm.engine.layers.attention import AttentionMetadata, get_attention_backend
+from asyncllm.engine.kernel_paths import select_kernel_paths
+from asyncllm.engine.layers.attention import AttentionMetadata
 from asyncllm.engine.loader import load_hf_config, load_model, resolve_model
 from asyncllm.engine.models import get_model_class, kv_cache_shape
 from tests.tiny_models import ARCHITECTURES
@@ -28,7 +29,7 @@ def load_ours(path: str, dtype=torch.float32, device: str = "cpu", backend: str 
         served_model_name="tiny",
         gguf_file=resolved.gguf_file,
     )
-    return load_model(mc, get_attention_backend(backend, torch.device(device))), cfg
+    return load_model(mc, kernels=select_kernel_paths(mc.device, dtype, backend)), cfg
 
 
 def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:

@@ -124,21 +124,21 @@ def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util:
 
 
 def build_engine_parts(args: EngineArgs):
-    from asyncllm.engine.layers.attention import get_attention_backend
+    from asyncllm.engine.kernel_paths import log_kernel_paths, select_kernel_paths
     from asyncllm.engine.loader import load_model
     from asyncllm.engine.model_runner import ModelRunner
 
     torch.manual_seed(args.seed)
     mc, tokenizer = build_model_config(args)
-    backend = args.attention_backend
-    if backend == "auto":
-        backend = "triton" if mc.device.type == "cuda" else "torch"
-    attn = get_attention_backend(backend, mc.device)
-    model = load_model(mc, attn)
-    if mc.device.type == "cpu" and mc.dtype == torch.float32:
-        from asyncllm.engine.layers.cpu_linear import prepack_cpu_linears
-
-        prepack_cpu_linears(model)
+    # Every kernel path is chosen here, once, for this device and dtype.
+    kernels = select_kernel_paths(
+        mc.device,
+        mc.dtype,
+        args.attention_backend,
+        cuda_graphs=mc.device.type == "cuda" and not args.enforce_eager,
+    )
+    attn = kernels.attention
+    model = load_model(mc, kernels=kernels)
     max_batched = args.max_num_batched_tokens or (8192 if mc.device.type == "cuda" else 2048)
     sc = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
@@ -159,11 +159,13 @@ def build_engine_parts(args: EngineArgs):
         cc.num_blocks * cc.block_size,
         mc.device,
     )
-    if mc.device.type == "cuda" and not args.enforce_eager:
+    if kernels.cuda_graphs:
         try:
             from asyncllm.engine.cuda_graphs import enable_cuda_graphs
         except ImportError:
             logger.warning("CUDA graphs unavailable; decoding eagerly")
+            kernels.cuda_graphs = False
         else:
             enable_cuda_graphs(runner)
+    log_kernel_paths(kernels, model)
     return mc, cc, sc, tokenizer, runner

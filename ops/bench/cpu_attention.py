@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+from asyncllm import envs
+
 HQ, HKV, D, BS, LAYERS = 9, 3, 64, 16, 30
 
 
@@ -124,6 +126,26 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
 SWITCHES = ("attention", "fused", "linear")
 
 
+def _path_switch(model: Any):
+    """set(name, new: bool) for "attention" (the paged C decode kernel vs the torch path) and
+    "fused" (the C fused ops vs the layers' torch ops) on a built model. The engine chooses its
+    paths once at start-up (asyncllm.engine.kernel_paths), so an in-process A/B flips the
+    choice on the model's parts instead of the environment switches."""
+    kernels = model.kernels
+    chosen_decode, chosen_ops = kernels.attention.decode_kernel, kernels.fused
+    holders = [m for m in model.modules() if hasattr(m, "ops")]
+
+    def set_path(name: str, new: bool) -> None:
+        if name == "attention":
+            kernels.attention.decode_kernel = chosen_decode if new else False
+        elif name == "fused":
+            for m in holders:
+                m.ops = chosen_ops if new else None
+            kernels.attention.fused_ops = chosen_ops if new else None
+
+    return set_path
+
+
 def _linear_switch(model: Any):
     """set(new: bool): every PackedLinear on `_linear_pointwise` (new) or on `mkldnn_linear`
     with the activation copies (old), from the same weights."""
@@ -182,23 +204,17 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         attn[0] += time.perf_counter() - t0
         return out
 
-    TorchAttentionBackend._decode = staticmethod(timed_decode)
+    TorchAttentionBackend._decode = timed_decode  # a method: self comes first in `a`
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     llm = LLM(None, device="cpu")
     set_linear = _linear_switch(llm.llm_engine.runner.model) if "linear" in switches else None
 
+    set_path = _path_switch(llm.llm_engine.runner.model)
+
     def set_variant(new: bool) -> None:
-        env = {
-            "attention": ("ASYNCLLM_CPU_ATTENTION", "torch"),
-            "fused": ("ASYNCLLM_CPU_FUSED", "0"),
-        }
         for name in switches:
-            if name in env:
-                key, off = env[name]
-                if new:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = off
+            if name in ("attention", "fused"):
+                set_path(name, new)
         if set_linear is not None:
             set_linear(new)
 
@@ -272,7 +288,7 @@ def _profile_parts(model: Any, engine: Any) -> tuple[dict[str, float], dict[str,
 
         setattr(owner, name, staticmethod(timed) if static else timed)
 
-    lm = getattr(model, "packed_logits", None) or model.lm_head
+    lm = getattr(model.lm_head, "packed", None)
     for m in model.modules():
         if isinstance(m, PackedLinear) and m is not lm:
             wrap(m, "forward", "linear layers (GEMM)")
@@ -281,7 +297,7 @@ def _profile_parts(model: Any, engine: Any) -> tuple[dict[str, float], dict[str,
     wrap(SiluAndMul, "forward", "SiLU-and-mul")
     wrap(RotaryEmbedding, "forward", "rotary (torch path)")
     wrap(attn_mod.TorchAttentionBackend, "forward", "attention backend (KV write + attention)")
-    wrap(attn_mod.TorchAttentionBackend, "_decode", "  of it: decode attention", static=True)
+    wrap(attn_mod.TorchAttentionBackend, "_decode", "  of it: decode attention")
     wrap(attn_mod, "write_kv_cache", "  of it: KV cache write")
     wrap(Attention, "forward", "attention layer (all of: qkv, rotary, backend, o)")
     wrap(engine.sampler, "launch", "sampler")
@@ -303,10 +319,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     llm = LLM(None, device="cpu")
     model = llm.llm_engine.runner.model
-    if "attention" in old:
-        os.environ["ASYNCLLM_CPU_ATTENTION"] = "torch"
-    if "fused" in old:
-        os.environ["ASYNCLLM_CPU_FUSED"] = "0"
+    for name in ("attention", "fused"):
+        if name in old:
+            _path_switch(model)(name, False)
     if "linear" in old:
         _linear_switch(model)(False)
     llm.generate(prompts, params, use_tqdm=False)  # untimed: warm-up, the prefix-cache state
@@ -336,7 +351,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ops.bench.cpu_attention")
     p.add_argument("mode", choices=["micro", "e2e", "profile"])
-    p.add_argument("--threads", type=int, default=int(os.environ.get("ASYNCLLM_BENCH_THREADS", 2)))
+    p.add_argument("--threads", type=int, default=envs.bench_threads())
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--num-prompts", type=int, default=64)

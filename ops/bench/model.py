@@ -5,10 +5,11 @@ so asyncllm and transformers load the very same weights. Nothing is downloaded."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from asyncllm import envs
 
 QWEN3_0_6B = dict(
     vocab_size=151936,
@@ -41,7 +42,7 @@ SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}
 # transformers' own initialiser range. (0.05 made the residual stream so large that transformers'
 # bf16 run drifted 0.34 nats per token from its own float32 run on the same weights.)
 INIT_STD = 0.02
-BENCH_ROOT = Path(os.environ.get("ASYNCLLM_BENCH_DIR", "/tmp/asyncllm-bench"))
+BENCH_ROOT = envs.bench_dir()
 DEFAULT_DIR = BENCH_ROOT / f"qwen3-0.6b-random-std{INIT_STD}"
 
 

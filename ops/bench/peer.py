@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from asyncllm import envs
 from ops.bench import model, results
 
 PEER = "nano-vllm+fa4"
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.bench peer", description=__doc__)
     p.add_argument("--shapes", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--what", default="throughput,latency")
-    p.add_argument("--peer-path", default=os.environ.get("ASYNCLLM_PEER_PATH"))
+    p.add_argument("--peer-path", default=envs.peer_path())
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--timeout", type=int, default=400, help="seconds per engine run")
     p.add_argument("--out", default=str(results.RESULTS_DIR))

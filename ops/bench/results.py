@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from asyncllm import envs
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # The H100 this project targets, as measured on the lent machine (see NOTES.md).
@@ -45,8 +46,8 @@ def measure_copy_bandwidth(gib: float = 4.0, reps: int = 20) -> float:
 def git_commit() -> str:
     """HEAD (with -dirty for uncommitted changes); ASYNCLLM_COMMIT where the tree has no .git
     (the lent GPU machine gets a copy of the working tree only)."""
-    if os.environ.get("ASYNCLLM_COMMIT"):
-        return os.environ["ASYNCLLM_COMMIT"]
+    if envs.commit():
+        return envs.commit()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asyncllm import envs
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "ops" / "bench" / "results"
 MODES = ("engine", "engine-sink", "ws", "http")
@@ -614,7 +616,7 @@ def _commit() -> str:
     try:
         from ops.bench.results import git_commit
     except ImportError:  # run as a file from elsewhere: no package on the path
-        return os.environ.get("ASYNCLLM_COMMIT", "unknown")
+        return envs.commit() or "unknown"
     return git_commit()
 
 
@@ -729,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="HF dir, hub id, .gguf (default: the default model)"
     )
     p.add_argument("--url", default=None, help="a running server (http://host:port): ws/http only")
-    p.add_argument("--api-key", default=os.environ.get("ASYNCLLM_API_KEY"))
+    p.add_argument("--api-key", default=envs.api_key())
     p.add_argument("--modes", default="engine,engine-sink,ws,http", help="of " + ", ".join(MODES))
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--concurrency", type=_ints, default=[256], help="comma list: 16,64,256")

@@ -25,19 +25,17 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from asyncllm import envs
+
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall"]
 
 
 def compiler() -> str:
-    return os.environ.get("ASYNCLLM_CC") or "gcc"
+    return envs.cc()
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("ASYNCLLM_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "asyncllm" / "kernels"
+    return envs.kernel_cache()
 
 
 def openmp_runtime() -> str | None:

@@ -11,15 +11,14 @@ It is compiled at first use with the system C compiler and loaded with ctypes; t
 cache and the link against torch's OpenMP runtime are shared with the other CPU kernels
 (asyncllm.engine.kernels._cpu_build).
 
-No compiler, a failed build or `ASYNCLLM_CPU_ATTENTION=torch`: `decode()` returns None and the
-caller uses the torch path (logged once).
+No compiler or a failed build: `decode()` returns None and the caller uses the torch path (logged
+once). `ASYNCLLM_CPU_ATTENTION=torch` keeps the torch backend from calling it at all.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import shutil  # noqa: F401 - tests reach the build's tools through this module
 import subprocess  # noqa: F401
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from asyncllm import envs
 from asyncllm.engine.kernels import _cpu_build
 from asyncllm.engine.kernels._cpu_build import cache_dir, compiler, openmp_runtime
 
@@ -49,9 +49,9 @@ _library = _cpu_build.CLibrary(SOURCE, "CPU paged decode attention", _declare, l
 
 
 def enabled() -> bool:
-    """False when `ASYNCLLM_CPU_ATTENTION=torch` forces the torch path (read on every call, so
-    an A/B in one process can flip it)."""
-    return os.environ.get("ASYNCLLM_CPU_ATTENTION", "auto").lower() != "torch"
+    """False when `ASYNCLLM_CPU_ATTENTION=torch` forces the torch path (the torch backend reads
+    it once, when it is built; asyncllm.engine.kernel_paths)."""
+    return envs.cpu_attention() != "torch"
 
 
 def _build(cc: str, out_dir: Path) -> Path:
@@ -69,14 +69,19 @@ def reset() -> None:
     _library.reset()
 
 
-def usable(q: Tensor, kv_cache: Tensor) -> bool:
+def applies(q: Tensor, kv_cache: Tensor) -> bool:
+    """Whether the kernel computes this case: float32 queries and cache on the CPU."""
     return (
         q.device.type == "cpu"
         and q.dtype == torch.float32
         and kv_cache.dtype == torch.float32
         and kv_cache.device.type == "cpu"
-        and enabled()
     )
+
+
+def usable(q: Tensor, kv_cache: Tensor) -> bool:
+    """`applies` and not switched off by the environment."""
+    return applies(q, kv_cache) and enabled()
 
 
 def decode(
@@ -85,7 +90,7 @@ def decode(
     """q [B,Hq,D] (one new token per sequence) against each sequence's first seq_lens[b] cached
     tokens -> [B,Hq,D]; None when the kernel is not available (use the torch path). Rows with
     seq_len 0 (padding) come out as zeros."""
-    lib = load() if enabled() else None
+    lib = load()
     if lib is None:
         return None
     batch, hq, d = q.shape

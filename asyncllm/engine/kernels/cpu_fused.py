@@ -2,7 +2,7 @@
 SiLU-and-mul, q/k (RMSNorm +) rotary in place, and the KV cache write.
 
 The CPU counterpart of asyncllm.engine.kernels.fused (Triton), with the same functions and
-signatures, so the layers take either through `fused_ops(x)`. Written as torch ops these are ~25
+signatures, so the layers take either (chosen once by asyncllm.engine.kernel_paths). Written as torch ops these are ~25
 small ops per layer at batch 64 (each a pass over memory plus ~10 us of dispatch); the C code
 (`cpu_fused.c`, next to this file, built and loaded like the decode attention kernel by
 asyncllm.engine.kernels._cpu_build) does each in one pass over rows that are in cache.
@@ -11,21 +11,21 @@ Rounding: float32 throughout, with -ffp-contract=off, so rotary, SiLU-and-mul's 
 KV write give torch's bits; RMSNorm's sum of squares and SiLU's exp round differently from
 torch's (float32 tolerance, not bits).
 
-`available(x)` says whether to use them: a CPU float32 tensor, `ASYNCLLM_CPU_FUSED` not `0`
-(read on every call, so an A/B in one process can flip it) and the library built (no compiler
-or a failed build: logged once, and the layers keep their torch ops).
+`available(x)` says whether to use them: a CPU float32 tensor, `ASYNCLLM_CPU_FUSED` not `0` and
+the library built (no compiler or a failed build: logged once, and the layers keep their torch
+ops). The engine asks once, at start-up (asyncllm.engine.kernel_paths).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from asyncllm import envs
 from asyncllm.engine.kernels import _cpu_build
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ _library = _cpu_build.CLibrary(SOURCE, "CPU fused kernels", _declare, logger, CF
 
 
 def enabled() -> bool:
-    return os.environ.get("ASYNCLLM_CPU_FUSED", "1") != "0"
+    return envs.cpu_fused()
 
 
 def load() -> ctypes.CDLL | None:

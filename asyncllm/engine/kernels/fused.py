@@ -7,25 +7,17 @@ to ~10. Each reproduces the rounding of the torch code it replaces (the layers' 
 follow transformers): float32 arithmetic, results cast to the model dtype where torch casts them,
 so the fused and unfused paths agree to the last bit in float32 and to rounding in bf16.
 
-`enabled(x)` says whether to take the fused path for a tensor: CUDA tensors when triton imports
+asyncllm.engine.kernel_paths picks this module for CUDA models when triton imports
 (ASYNCLLM_FUSED=0 turns it off; the interpreter tests call the kernels directly).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from asyncllm.engine.kernels._common import next_pow2
-
-_ENABLED = os.environ.get("ASYNCLLM_FUSED", "1") != "0"
-
-
-def enabled(x: torch.Tensor) -> bool:
-    return _ENABLED and x.is_cuda
 
 
 # ---- RMSNorm with the residual add ----------------------------------------------------------------

@@ -1,19 +1,23 @@
 """Paged attention: the metadata of one step, the backend interface, and the torch reference.
 
+Backends are looked up by name in asyncllm.engine.layers.attention_backends (which imports this
+module and the Triton one; neither imports it back), chosen once at start-up by
+asyncllm.engine.kernel_paths.
+
 KV cache: one tensor per layer, `[2, num_blocks, block_size, num_kv_heads, head_dim]` (0 = K,
 1 = V). A flat slot is `block_id * block_size + offset`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asyncllm.engine.kernels import cpu_decode_attention, fused_ops
+from asyncllm.engine.kernels import cpu_decode_attention
 
 
 @dataclass
@@ -50,13 +54,14 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def write_kv_cache(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Store each new token's K/V at its flat slot; slots of -1 (padding) are skipped. On the
-    CPU in float32 one C call (asyncllm.engine.kernels.cpu_fused) instead of the torch ops."""
-    if k.device.type == "cpu":
-        ops = fused_ops(k)
-        if ops is not None and ops.write_kv_cache(k, v, kv_cache, slot_mapping):
-            return
+def write_kv_cache(
+    k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor, ops: Any = None
+) -> None:
+    """Store each new token's K/V at its flat slot; slots of -1 (padding) are skipped. With the
+    CPU's fused ops (asyncllm.engine.kernels.cpu_fused) one C call instead of the torch ops."""
+    write = getattr(ops, "write_kv_cache", None)
+    if write is not None and write(k, v, kv_cache, slot_mapping):
+        return
     _, num_blocks, block_size, heads, dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, heads, dim)
     keep = slot_mapping >= 0
@@ -82,9 +87,19 @@ class TorchAttentionBackend(AttentionBackend):
 
     Decode-only work (query_len 1) runs as one padded, masked SDPA over all such sequences (on
     the CPU in float32: the paged C kernel instead, `ASYNCLLM_CPU_ATTENTION=torch` to force the
-    SDPA path); prefills loop per sequence."""
+    SDPA path); prefills loop per sequence.
+
+    `decode_kernel`: whether float32 CPU decodes take the paged C kernel (None: what
+    `ASYNCLLM_CPU_ATTENTION` says, read here, once). `fused_ops`: the fused-op module whose
+    `write_kv_cache` stores the new K/V (the CPU's C one), or None for the torch ops."""
 
     name = "torch"
+
+    def __init__(self, decode_kernel: bool | None = None, fused_ops: Any = None):
+        if decode_kernel is None:
+            decode_kernel = cpu_decode_attention.enabled()
+        self.decode_kernel = decode_kernel
+        self.fused_ops = fused_ops if hasattr(fused_ops, "write_kv_cache") else None
 
     def forward(
         self,
@@ -95,7 +110,7 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> Tensor:
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping, self.fused_ops)
         qsl = meta.query_start_loc_cpu
         lens = meta.seq_lens_cpu
         num_seqs = len(lens)
@@ -135,8 +150,8 @@ class TorchAttentionBackend(AttentionBackend):
             out[start:end] = _attend(q[start:end], kb, vb, length - n, scale)
         return out
 
-    @staticmethod
     def _decode(
+        self,
         q: Tensor,
         kv_cache: Tensor,
         block_tables: Tensor,
@@ -147,7 +162,7 @@ class TorchAttentionBackend(AttentionBackend):
         """One new token per sequence. CPU float32: the paged C kernel, which reads the cache in
         place (asyncllm.engine.kernels.cpu_decode_attention; padding rows come out as zeros);
         elsewhere, or without a C compiler, the gather + SDPA reference."""
-        if cpu_decode_attention.usable(q, kv_cache):
+        if self.decode_kernel and cpu_decode_attention.applies(q, kv_cache):
             out = cpu_decode_attention.decode(q, kv_cache, block_tables, seq_lens, scale)
             if out is not None:
                 return out
@@ -207,22 +222,3 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, offset: int, scale: float) -> Tenso
             qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
     return out.squeeze(0).transpose(0, 1)
-
-
-def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """ "torch" (reference; any device) or "triton" (CUDA; asyncllm.engine.layers.triton_attention)."""
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "triton":
-        if torch.device(device).type != "cuda":
-            raise ValueError("attention backend 'triton' needs a CUDA device; use 'torch' on CPU")
-        try:
-            # Lazy: importing it pulls in Triton, which CPU installs need not have.
-            module = importlib.import_module("asyncllm.engine.layers.triton_attention")
-            backend_cls = module.TritonAttentionBackend
-        except (ImportError, AttributeError) as e:
-            raise ValueError(
-                f"attention backend 'triton' is not available ({e}); install triton or use 'torch'"
-            ) from e
-        return backend_cls(torch.device(device))
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'")

@@ -6,16 +6,15 @@ machines (2 cores, batch 64, SmolLM2-135M shapes: gate/up 1.83 -> 1.32 ms, down 
 the 49152-wide vocabulary projection 71 -> 33 ms; the whole benchmark ~16% faster, the same greedy
 tokens). The packed weight replaces the dense one, so memory does not grow, except for a tied
 vocabulary projection, whose dense matrix the embedding still needs.
+
+The dense linear method (asyncllm.engine.layers.linear.UnquantizedLinearMethod) packs each
+layer's weight once after loading, through `prepack_usable` and `PackedLinear`.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor, nn
-
-logger = logging.getLogger(__name__)
 
 
 def _pointwise_available() -> bool:
@@ -62,25 +61,12 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-def _usable(weight: Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
-
-
-def prepack_cpu_linears(model: nn.Module) -> int:
-    """Replace the model's float32 CPU `nn.Linear`s by PackedLinear, and give a tied vocabulary
-    projection a packed copy (`model.packed_logits`). Returns how many were packed; 0 where
-    oneDNN is not available (then nothing changes)."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and _usable(child.weight):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-                count += 1
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if getattr(model, "lm_head", "untied") is None and embed is not None and _usable(embed.weight):
-        model.packed_logits = PackedLinear(embed.weight, None)
-        count += 1
-    logger.info("prepacked %d linear layers for oneDNN (float32 CPU)", count)
-    return count
+def prepack_usable(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether weights on this device in this dtype are prepacked (the dense linear method's
+    `process_weights_after_loading`, asyncllm.engine.layers.linear): float32 on the CPU, where
+    this torch has oneDNN."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+    )

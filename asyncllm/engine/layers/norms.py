@@ -1,18 +1,22 @@
-"""RMSNorm, with the residual add fused in (one pass instead of two in the decoder layer)."""
+"""RMSNorm, with the residual add fused in (one pass instead of two in the decoder layer).
+
+`ops`: the fused-op module chosen at start-up (asyncllm.engine.kernel_paths: Triton on CUDA, C on
+the CPU in float32), or None for the torch ops below."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from asyncllm.engine.kernels import fused_ops
-
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, ops: Any = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.ops = ops
 
     def _norm(self, x: Tensor) -> Tensor:
         # float32 statistics and the cast back before the weight, exactly as transformers does.
@@ -23,7 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (norm(x + residual), x + residual); without a residual, x is the residual."""
-        ops = fused_ops(x)
+        ops = self.ops
         if (
             ops is not None
             and x.dim() == 2

@@ -1,9 +1,12 @@
 """Llama-family decoder (Llama 2/3, Mistral, SmolLM) with a paged KV cache.
 
-Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) are the same network with two switches, so
-they subclass this one. q/k/v are one fused linear and gate/up another: fewer, larger matmuls.
-The forward has no host syncs and no branching on tensor values, so decode can be captured in
-a CUDA graph."""
+The model class is a set of factories: `make_attention` and `make_mlp` build one layer's parts
+(given the config, the layer index and the parameter prefix), so a different attention (sliding
+window, another norm) or MLP (MoE) is a different part, chosen by a subclass, never an `if` in
+here. Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) subclass this one. Every projection is
+a linear layer of asyncllm.engine.layers.linear (q/k/v one merged matmul, gate/up another), so a
+quantized checkpoint's linear method plugs in without touching this file. The forward has no
+host syncs and no branching on tensor values, so decode can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -14,11 +17,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asyncllm.engine.kernels import fused_ops
+from asyncllm.engine.kernel_paths import KernelPaths
 from asyncllm.engine.layers.activations import get_act_and_mul
-from asyncllm.engine.layers.attention import AttentionBackend, AttentionMetadata
+from asyncllm.engine.layers.attention import AttentionMetadata
+from asyncllm.engine.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    QuantizationConfig,
+    RowParallelLinear,
+)
 from asyncllm.engine.layers.norms import RMSNorm
 from asyncllm.engine.layers.rotary import RotaryEmbedding
+from asyncllm.engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from asyncllm.engine.models.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -35,33 +46,58 @@ def num_kv_heads_of(hf_config: Any) -> int:
 
 
 class Attention(nn.Module):
+    """Full causal self-attention over the paged cache: merged q/k/v, optional per-head q/k
+    RMSNorm, rotary, the chosen backend, o_proj."""
+
     def __init__(
         self,
         hf_config: Any,
-        backend: AttentionBackend,
+        layer_idx: int,
+        prefix: str,
+        *,
+        kernels: KernelPaths,
         rotary: RotaryEmbedding,
+        quant_config: QuantizationConfig | None,
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
     ):
         super().__init__()
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = num_kv_heads_of(hf_config)
-        if self.num_heads % self.num_kv_heads:
+        self.layer_idx = layer_idx
+        total_heads, total_kv = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
+        if total_heads % total_kv:
             raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads})"
+                f"num_attention_heads ({total_heads}) must be a multiple of "
+                f"num_key_value_heads ({total_kv})"
             )
         self.head_dim = head_dim_of(hf_config)
+        hidden = hf_config.hidden_size
+        self.qkv_proj = QKVParallelLinear(
+            hidden,
+            self.head_dim,
+            total_heads,
+            total_kv,
+            bias=qkv_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        hidden = hf_config.hidden_size
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
-        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.o_proj = RowParallelLinear(
+            total_heads * self.head_dim,
+            hidden,
+            bias=o_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        ops = kernels.fused
+        eps = hf_config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, eps, ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps, ops) if qk_norm else None
         self.scale = self.head_dim**-0.5
-        self.backend = backend
+        self.backend = kernels.attention
+        self.ops = ops
         # Shared by every layer; kept out of this module's state dict.
         self._rotary = (rotary,)
 
@@ -69,7 +105,7 @@ class Attention(nn.Module):
         self, positions: Tensor, x: Tensor, kv_cache: Tensor, meta: AttentionMetadata
     ) -> Tensor:
         qkv = self.qkv_proj(x)
-        ops = fused_ops(qkv)
+        ops = self.ops
         if ops is not None and qkv.dim() == 2:
             # q/k norm and rotary in one kernel (kernels.fused; on the CPU kernels.cpu_fused, in place)
             rope = self._rotary[0]
@@ -102,26 +138,49 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hf_config: Any):
+    """The dense gated MLP: merged gate/up, activation-and-multiply, down."""
+
+    def __init__(
+        self,
+        hf_config: Any,
+        prefix: str,
+        *,
+        ops: Any,
+        quant_config: QuantizationConfig | None,
+    ):
         super().__init__()
         bias = bool(getattr(hf_config, "mlp_bias", False))
         hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act = get_act_and_mul(getattr(hf_config, "hidden_act", "silu"))
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden,
+            [inter, inter],
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            inter, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
+        self.act = get_act_and_mul(getattr(hf_config, "hidden_act", "silu"), ops)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, backend, rotary, biases: tuple[bool, bool], qk_norm: bool):
+    """Pre-norm residual block around the parts it is given: `self_attn(positions, h, cache,
+    meta)` and `mlp(h)`."""
+
+    def __init__(
+        self, hf_config: Any, layer_idx: int, attention: nn.Module, mlp: nn.Module, ops: Any
+    ):
         super().__init__()
+        self.layer_idx = layer_idx
         eps = hf_config.rms_norm_eps
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.self_attn = Attention(hf_config, backend, rotary, *biases, qk_norm)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.mlp = MLP(hf_config)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, ops)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, ops)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -138,17 +197,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, hf_config: Any, backend, biases: tuple[bool, bool], qk_norm: bool):
+    def __init__(self, hf_config: Any, rotary: RotaryEmbedding, layers: list[nn.Module], ops: Any):
         super().__init__()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.rotary = RotaryEmbedding(
-            head_dim_of(hf_config), int(hf_config.max_position_embeddings), hf_config
+        self.embed_tokens = VocabParallelEmbedding(
+            hf_config.vocab_size, hf_config.hidden_size, prefix="model.embed_tokens"
         )
-        self.layers = nn.ModuleList(
-            DecoderLayer(hf_config, backend, self.rotary, biases, qk_norm)
-            for _ in range(hf_config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ops)
 
     def forward(
         self,
@@ -165,7 +221,7 @@ class DecoderModel(nn.Module):
         return x
 
 
-# transformers' separate projections -> (our fused parameter, which shard)
+# transformers' separate projections -> (our merged parameter, which shard)
 _STACKED = {
     "q_proj": ("qkv_proj", "q"),
     "k_proj": ("qkv_proj", "k"),
@@ -184,9 +240,16 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(hf_config, "attention_bias", False))
         return bias, bias
 
-    def __init__(self, hf_config: Any, attn_backend: AttentionBackend):
+    def __init__(
+        self,
+        hf_config: Any,
+        kernels: KernelPaths,
+        quant_config: QuantizationConfig | None = None,
+    ):
         super().__init__()
         self.config = hf_config
+        self.kernels = kernels
+        self.quant_config = quant_config
         window = getattr(hf_config, "sliding_window", None)
         uses_window = getattr(hf_config, "use_sliding_window", True)
         if window and uses_window and window < hf_config.max_position_embeddings:
@@ -196,14 +259,52 @@ class LlamaForCausalLM(nn.Module):
                 "than the window attend to all tokens",
                 window,
             )
-        biases = self.attention_biases(hf_config)
-        self.model = DecoderModel(hf_config, attn_backend, biases, self.qk_norm)
+        rotary = RotaryEmbedding(
+            head_dim_of(hf_config), int(hf_config.max_position_embeddings), hf_config
+        )
+        self._rotary = (rotary,)  # for the factories; owned (and listed) by self.model
+        layers = [
+            self.make_layer(hf_config, i, f"model.layers.{i}")
+            for i in range(hf_config.num_hidden_layers)
+        ]
+        self.model = DecoderModel(hf_config, rotary, layers, kernels.fused)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            quant_config=quant_config,
+            prefix="lm_head",
+            tie_to=self.model.embed_tokens if self.tie_word_embeddings else None,
+        )
 
+    # ---- the parts of one decoder layer (override in a subclass for other parts) ----------
+    def make_layer(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
+        return DecoderLayer(
+            hf_config,
+            layer_idx,
+            self.make_attention(hf_config, layer_idx, f"{prefix}.self_attn"),
+            self.make_mlp(hf_config, layer_idx, f"{prefix}.mlp"),
+            self.kernels.fused,
+        )
+
+    def make_attention(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
+        qkv_bias, o_bias = self.attention_biases(hf_config)
+        return Attention(
+            hf_config,
+            layer_idx,
+            prefix,
+            kernels=self.kernels,
+            rotary=self._rotary[0],
+            quant_config=self.quant_config,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=self.qk_norm,
+        )
+
+    def make_mlp(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
+        return MLP(hf_config, prefix, ops=self.kernels.fused, quant_config=self.quant_config)
+
+    # ---- running -------------------------------------------------------------------------
     def forward(
         self,
         input_ids: Tensor,
@@ -216,61 +317,15 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, H] -> float32 logits [N, V]."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        packed = getattr(self, "packed_logits", None)  # the CPU's prepacked copy (cpu_linear.py)
-        if packed is not None:
-            return packed(hidden).float()
-        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Load tensors named as transformers names them; q/k/v and gate/up are stacked into the
-        fused parameters. Every parameter must be loaded exactly once."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        attn0 = self.model.layers[0].self_attn
-        q, kv = attn0.q_size, attn0.kv_size
-        inter = self.config.intermediate_size
-        offsets = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), 0: (0, inter), 1: (inter, inter)}
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding is the head
-            target, shard = name, None
-            for hf_part, (ours, shard_id) in _STACKED.items():
-                if f".{hf_part}." in name:
-                    target, shard = name.replace(f".{hf_part}.", f".{ours}."), shard_id
-                    break
-            param = params.get(target)
-            if param is None:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
-                )
-            if shard is None:
-                dest = param
-            else:
-                start, size = offsets[shard]
-                dest = param.narrow(0, start, size)
-            if dest.shape != tensor.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
-            loaded.add(name if shard is None else f"{target}:{shard}")
-        expected = set()
-        for pname in params:
-            module_name = pname.rpartition(".")[0]
-            if module_name.endswith("qkv_proj"):
-                expected |= {f"{pname}:{s}" for s in ("q", "k", "v")}
-            elif module_name.endswith("gate_up_proj"):
-                expected |= {f"{pname}:{s}" for s in (0, 1)}
-            else:
-                expected.add(pname)
-        missing = expected - loaded
-        if missing:
-            raise ValueError(
-                f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:5]}"
-            )
+        """Load tensors named as transformers names them, each through its parameter's
+        weight_loader: separate q/k/v and gate/up by shard id, fused-on-disk ones whole."""
+
+        def skip(name: str) -> bool:
+            # rotary tables are computed; a tied head is the embedding
+            return "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head.tied)
+
+        load_weights(self, weights, _STACKED, skip)

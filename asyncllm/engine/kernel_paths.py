@@ -1,0 +1,131 @@
+"""The kernel paths of one engine, chosen once at start-up for its device and dtype.
+
+Which attention backend, which fused elementwise ops (Triton on CUDA, C on the CPU in float32,
+the layers' torch ops otherwise), whether the CPU decode attention kernel runs, which linear
+method, CUDA graphs on or off. The model gets the choice at construction (layers hold the ops
+they were given; nothing dispatches per call), and the engine logs it in one line. The
+environment switches (asyncllm.envs) are read here and nowhere later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from asyncllm import envs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KernelPaths:
+    device: torch.device
+    dtype: torch.dtype
+    attention: Any  # AttentionBackend
+    fused: ModuleType | None  # kernels.fused or kernels.cpu_fused (same functions), or None
+    cpu_decode_attention: bool  # the paged C decode kernel (torch backend, CPU float32)
+    cuda_graphs: bool = False
+
+    @property
+    def fused_name(self) -> str:
+        if self.fused is None:
+            return "torch"
+        return "c" if self.fused.__name__.endswith("cpu_fused") else "triton"
+
+    def describe(self, linear: str = "dense") -> str:
+        """The one start-up line."""
+        return (
+            f"kernel paths on {self.device} {str(self.dtype).removeprefix('torch.')}: "
+            f"attention={self.attention.name}, fused ops={self.fused_name}, "
+            f"CPU decode attention={'c' if self.cpu_decode_attention else 'torch'}, "
+            f"linear={linear}, CUDA graphs={'on' if self.cuda_graphs else 'off'}"
+        )
+
+
+def select_fused_ops(device: torch.device | str, dtype: torch.dtype) -> ModuleType | None:
+    """The fused-op module for a model on this device in this dtype: kernels.fused on CUDA when
+    triton imports (`ASYNCLLM_FUSED=0`: none), kernels.cpu_fused for float32 on the CPU when its
+    library builds (`ASYNCLLM_CPU_FUSED=0`: none), else None (the layers' torch ops)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not envs.fused():
+            return None
+        try:
+            from asyncllm.engine.kernels import fused
+        except ImportError:
+            return None
+        return fused
+    if device.type == "cpu" and dtype == torch.float32:
+        from asyncllm.engine.kernels import cpu_fused
+
+        if cpu_fused.available(torch.empty(0, dtype=dtype)):
+            return cpu_fused
+    return None
+
+
+def select_cpu_decode_attention(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """The paged C decode kernel: float32 on the CPU, not switched off
+    (`ASYNCLLM_CPU_ATTENTION=torch`), and its library builds."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return False
+    from asyncllm.engine.kernels import cpu_decode_attention
+
+    return cpu_decode_attention.enabled() and cpu_decode_attention.load() is not None
+
+
+def default_attention_backend(device: torch.device | str) -> str:
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def select_kernel_paths(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    attention_backend: str = "auto",
+    *,
+    cuda_graphs: bool = False,
+    attention: Any = None,
+) -> KernelPaths:
+    """Everything decided for this device and dtype. `attention`: an already built backend
+    (tests); otherwise `attention_backend` by name ("auto": triton on CUDA, torch elsewhere)."""
+    from asyncllm.engine.layers.attention_backends import get_attention_backend
+
+    device = torch.device(device)
+    fused = select_fused_ops(device, dtype)
+    decode_kernel = select_cpu_decode_attention(device, dtype)
+    if attention is None:
+        name = attention_backend
+        if name == "auto":
+            name = default_attention_backend(device)
+        attention = get_attention_backend(
+            name, device, fused_ops=fused, decode_kernel=decode_kernel
+        )
+    uses_decode_kernel = attention.name == "torch" and getattr(attention, "decode_kernel", False)
+    return KernelPaths(
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        fused=fused,
+        cpu_decode_attention=bool(uses_decode_kernel and decode_kernel),
+        cuda_graphs=cuda_graphs and device.type == "cuda",
+    )
+
+
+def linear_methods(model: torch.nn.Module, paths: KernelPaths) -> str:
+    """The linear methods a loaded model runs, named (normally one)."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            names[method.describe(paths.device, paths.dtype)] = None
+    return " + ".join(names) or "none"
+
+
+def log_kernel_paths(paths: KernelPaths, model: torch.nn.Module | None = None) -> str:
+    """Log (info) and return the one line naming the paths that run."""
+    line = paths.describe(linear_methods(model, paths) if model is not None else "dense")
+    logger.info("%s", line)
+    return line

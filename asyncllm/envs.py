@@ -1,0 +1,128 @@
+"""Every `ASYNCLLM_*` environment variable, in one place, typed and documented.
+
+Each is read through a function, at the moment it is needed (tests monkeypatch the environment),
+never cached at import. Importing this module imports no torch (the client and gateway use it).
+The engine reads its kernel switches once, at start-up (asyncllm.engine.kernel_paths).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def _flag(name: str, default: bool) -> bool:
+    """`0` turns a switch off, anything else (set and non-empty) on."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    return value.strip() != "0"
+
+
+def _xdg_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
+# ---- kernel switches (read once at engine start-up) ---------------------------------------------
+def fused() -> bool:
+    """ASYNCLLM_FUSED: `0` turns off the Triton fused elementwise kernels on CUDA (default on)."""
+    return _flag("ASYNCLLM_FUSED", True)
+
+
+def cpu_fused() -> bool:
+    """ASYNCLLM_CPU_FUSED: `0` turns off the C fused elementwise kernels on the CPU (default on)."""
+    return _flag("ASYNCLLM_CPU_FUSED", True)
+
+
+def cpu_attention() -> str:
+    """ASYNCLLM_CPU_ATTENTION: `torch` forces the gather + SDPA decode path on the CPU instead of
+    the paged C kernel; `auto` (default) uses the kernel where it builds."""
+    return (_str("ASYNCLLM_CPU_ATTENTION", "auto") or "auto").lower()
+
+
+# ---- the CPU kernels' build ----------------------------------------------------------------------
+def cc() -> str:
+    """ASYNCLLM_CC: the C compiler for the CPU kernels (default `gcc`)."""
+    return _str("ASYNCLLM_CC", "gcc") or "gcc"
+
+
+def kernel_cache() -> Path:
+    """ASYNCLLM_KERNEL_CACHE: where built CPU kernels are cached
+    (default `$XDG_CACHE_HOME/asyncllm/kernels`)."""
+    env = _str("ASYNCLLM_KERNEL_CACHE")
+    return Path(env) if env else _xdg_cache() / "asyncllm" / "kernels"
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """ASYNCLLM_CACHE_DIR: asyncllm's own cache (GGUF-derived configs and tokenizers; default
+    `$XDG_CACHE_HOME/asyncllm`)."""
+    env = _str("ASYNCLLM_CACHE_DIR")
+    return Path(env) if env else _xdg_cache() / "asyncllm"
+
+
+# ---- serving and diagnostics ---------------------------------------------------------------------
+def api_keys() -> tuple[str, ...]:
+    """ASYNCLLM_API_KEYS: comma-separated API keys the gateway accepts (empty: no auth)."""
+    raw = os.environ.get("ASYNCLLM_API_KEYS", "")
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def profile_dir() -> str | None:
+    """ASYNCLLM_PROFILE_DIR: when set, cProfile the engine loop, the engine process's receiver and
+    the gateway's event loop into `.pstats` files there."""
+    return _str("ASYNCLLM_PROFILE_DIR")
+
+
+# ---- clients, examples and benchmarks ------------------------------------------------------------
+def api_key() -> str | None:
+    """ASYNCLLM_API_KEY: the key examples and benchmarks send to a gateway."""
+    return _str("ASYNCLLM_API_KEY")
+
+
+def url(default: str = "ws://127.0.0.1:8000/v1/ws") -> str:
+    """ASYNCLLM_URL: the gateway the example bot connects to."""
+    return _str("ASYNCLLM_URL", default) or default
+
+
+def bench_dir() -> Path:
+    """ASYNCLLM_BENCH_DIR: benchmarks' scratch directory (default `/tmp/asyncllm-bench`)."""
+    return Path(_str("ASYNCLLM_BENCH_DIR", "/tmp/asyncllm-bench") or "/tmp/asyncllm-bench")
+
+
+def bench_threads(default: int = 2) -> int:
+    """ASYNCLLM_BENCH_THREADS: torch threads of the CPU benchmarks (default 2)."""
+    return int(_str("ASYNCLLM_BENCH_THREADS") or default)
+
+
+def commit() -> str | None:
+    """ASYNCLLM_COMMIT: the commit benchmark results record where the tree has no `.git`."""
+    return _str("ASYNCLLM_COMMIT")
+
+
+def peer_path() -> str | None:
+    """ASYNCLLM_PEER_PATH: the peer engine's checkout for `python -m ops.bench peer`."""
+    return _str("ASYNCLLM_PEER_PATH")
+
+
+VARIABLES = {
+    "ASYNCLLM_FUSED": fused,
+    "ASYNCLLM_CPU_FUSED": cpu_fused,
+    "ASYNCLLM_CPU_ATTENTION": cpu_attention,
+    "ASYNCLLM_CC": cc,
+    "ASYNCLLM_KERNEL_CACHE": kernel_cache,
+    "ASYNCLLM_CACHE_DIR": cache_dir,
+    "ASYNCLLM_API_KEYS": api_keys,
+    "ASYNCLLM_PROFILE_DIR": profile_dir,
+    "ASYNCLLM_API_KEY": api_key,
+    "ASYNCLLM_URL": url,
+    "ASYNCLLM_BENCH_DIR": bench_dir,
+    "ASYNCLLM_BENCH_THREADS": bench_threads,
+    "ASYNCLLM_COMMIT": commit,
+    "ASYNCLLM_PEER_PATH": peer_path,
+}
