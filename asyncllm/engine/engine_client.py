@@ -8,7 +8,7 @@ the gateway imports it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from asyncllm.outputs import RequestOutput
@@ -41,6 +41,17 @@ class EngineStatsView(Protocol):
     def kv_blocks_free(self) -> int: ...
 
 
+class OutputIterator(Protocol):
+    """What `generate` returns: an async iterator of outputs that can be closed early (an async
+    generator is one)."""
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    def __anext__(self) -> Awaitable[RequestOutput]: ...
+
+    def aclose(self) -> Awaitable[None]: ...
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """An engine a server can start, stream from and stop.
@@ -48,9 +59,16 @@ class EngineClient(Protocol):
     `tokenizer`, `model_config` and `vocab_size` are None until the model is loaded (`start()`),
     unless the engine was built around a loaded one."""
 
-    tokenizer: Any  # a transformers tokenizer: encode, apply_chat_template, chat_template, len()
-    model_config: ServedModel | None
-    vocab_size: int | None
+    @property
+    def tokenizer(self) -> Any:
+        """A transformers tokenizer: encode, apply_chat_template, chat_template, len()."""
+        ...
+
+    @property
+    def model_config(self) -> ServedModel | None: ...
+
+    @property
+    def vocab_size(self) -> int | None: ...
 
     @property
     def errored(self) -> bool:
@@ -76,7 +94,7 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         priority: int = 0,
         sink: Callable[[RequestOutput], None] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> OutputIterator:
         """One request's outputs. With `sink`, each output goes to `sink(output)` on the event
         loop instead and the iteration yields nothing, ending with the request. Leaving the
         iteration early aborts the request. Bad input raises ValueError (at the latest from the

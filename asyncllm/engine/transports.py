@@ -91,6 +91,7 @@ class ThreadTransport:
         if self.engine is None:
             from asyncllm.engine.llm_engine import LLMEngine
 
+            assert self.args is not None
             self.engine = await anyio.to_thread.run_sync(LLMEngine.from_engine_args, self.args)
         info = _info_of(self.engine)
         self.thread = threading.Thread(
