@@ -110,7 +110,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    # vLLM's knob for its slow-tokenizer path. Here special tokens are decoded as the tokenizer
+    # decodes them, with no spaces put around them (what transformers 5's tokenizers, and vLLM
+    # with a fast tokenizer, do whatever this says), so True is refused rather than ignored.
+    spaces_between_special_tokens: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -172,6 +175,12 @@ class SamplingParams:
             fail("logit_bias", "values must be in [-100, 100]")
         if self.stop and not self.detokenize:
             fail("stop", "needs detokenize=True (stop strings are matched on the text)")
+        if self.spaces_between_special_tokens:
+            fail(
+                "spaces_between_special_tokens",
+                "is not supported: special tokens are decoded without spaces around them; "
+                "leave it False",
+            )
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", "must be a RequestOutputKind")
 
