@@ -17,6 +17,7 @@ _BACKENDS = ("auto", "torch", "triton")
 @dataclass
 class EngineArgs:
     model: str | None = None  # HF dir, hub cache repo id, .gguf file; None = the default model
+    # A tokenizer other than the model's: a directory, a .gguf file or a cached hub repo id.
     tokenizer: str | None = None
     revision: str | None = None
     device: str = "auto"
@@ -38,6 +39,8 @@ class EngineArgs:
     # AsyncLLMEngine: run the engine loop in a child process, so that it shares no GIL with the
     # event loop streaming its outputs (servers with many streams on a GPU).
     engine_process: bool = False
+    # Let transformers run config/tokenizer code shipped with the model (AutoConfig,
+    # AutoTokenizer); the network is still never reached, and the architecture must be ours.
     trust_remote_code: bool = False
     served_model_name: str | None = None
 

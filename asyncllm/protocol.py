@@ -17,11 +17,12 @@ hundreds of streams was most of the gateway's cost per token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from asyncllm.sampling_params import PARAM_RANGES, check_param
 
 PROTOCOL_VERSION = 1
 WS_PATH = "/v1/ws"
@@ -92,8 +93,8 @@ class ProtocolError(ValueError):
 class GenParams:
     """The `params` object of chat/complete frames: OpenAI chat fields plus `priority`.
 
-    None means "not given": the server's defaults apply. Types and plain ranges are checked here;
-    SamplingParams checks the rest again on the server.
+    None means "not given": the server's defaults apply. Types and ranges are checked here, by
+    SamplingParams' own table (PARAM_RANGES); SamplingParams checks the rest on the server.
     """
 
     max_tokens: int | None = None
@@ -147,31 +148,22 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-_INT_FIELDS = {
-    # name: minimum value
-    "max_tokens": 1,
-    "top_k": -1,
-    "seed": None,
-    "top_logprobs": 0,
-    "n": 1,
-    "priority": None,
-    "min_tokens": 0,
-}
-_FLOAT_FIELDS = {
-    # name: (minimum, maximum) inclusive; None = open
-    "temperature": (0.0, None),
-    "top_p": (0.0, 1.0),
-    "min_p": (0.0, 1.0),
-    "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0),
-    "repetition_penalty": (0.0, None),
-}
+# Numeric params: each checked by SamplingParams' own table (PARAM_RANGES), under the
+# SamplingParams field it maps onto, so both refuse the same values with the same message.
+_NUMERIC_FIELDS = {
+    # params name: SamplingParams field
+    **{
+        name: name
+        for name in (
+            "max_tokens", "top_k", "seed", "n", "min_tokens", "temperature", "top_p", "min_p",
+            "presence_penalty", "frequency_penalty", "repetition_penalty",
+        )
+    },
+    "top_logprobs": "logprobs",
+}  # fmt: skip
+MAX_TOP_LOGPROBS = 20
 _BOOL_FIELDS = ("logprobs", "return_token_ids", "ignore_eos")
-PARAM_FIELDS = frozenset([*_INT_FIELDS, *_FLOAT_FIELDS, *_BOOL_FIELDS, "stop", "stop_token_ids"])
+PARAM_FIELDS = frozenset([*_NUMERIC_FIELDS, "priority", *_BOOL_FIELDS, "stop", "stop_token_ids"])
 
 
 def parse_params(
@@ -191,29 +183,26 @@ def parse_params(
             id,
         )
     kw: dict[str, Any] = {}
-    for name, lo in _INT_FIELDS.items():
+    for name, field_name in _NUMERIC_FIELDS.items():
         v = obj.get(name)
         if v is None:
             continue
-        if not _is_int(v):
-            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be an integer", id)
-        if lo is not None and v < lo:
-            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be >= {lo}, got {v}", id)
-        kw[name] = v
+        msg = check_param(field_name, v, label=name)
+        if msg is not None:
+            raise ProtocolError(INVALID_REQUEST, msg, id)
+        kw[name] = v if PARAM_RANGES[field_name].integer else float(v)
+    priority = obj.get("priority")
+    if priority is not None:
+        if not _is_int(priority):
+            raise ProtocolError(INVALID_REQUEST, "params.priority must be an integer", id)
+        kw["priority"] = priority
+    # Server limits beyond the ranges: sizes, not validity.
     if kw.get("n", 1) > MAX_N:
         raise ProtocolError(TOO_LARGE, f"params.n must be <= {MAX_N}", id)
-    if kw.get("top_logprobs", 0) > 20:
-        raise ProtocolError(INVALID_REQUEST, "params.top_logprobs must be <= 20", id)
-    for name, (lo, hi) in _FLOAT_FIELDS.items():
-        v = obj.get(name)
-        if v is None:
-            continue
-        if not _is_num(v):
-            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be a number", id)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-            raise ProtocolError(INVALID_REQUEST, f"params.{name} must be in {rng}, got {v}", id)
-        kw[name] = float(v)
+    if kw.get("top_logprobs", 0) > MAX_TOP_LOGPROBS:
+        raise ProtocolError(
+            INVALID_REQUEST, f"params.top_logprobs must be <= {MAX_TOP_LOGPROBS}", id
+        )
     for name in _BOOL_FIELDS:
         v = obj.get(name)
         if v is None:

@@ -1,9 +1,16 @@
-"""Sampling parameters, named and defaulted as in vLLM so that user habits carry over."""
+"""Sampling parameters, named and defaulted as in vLLM so that user habits carry over.
+
+`PARAM_RANGES` is the one table of the numeric fields' types and ranges: SamplingParams checks
+against it, and so does the WebSocket/HTTP params parser (asyncllm/protocol.py), so a value out of
+range gets the same message whichever way it came in. No torch here (the client imports this).
+"""
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestOutputKind(enum.Enum):
@@ -13,6 +20,74 @@ class RequestOutputKind(enum.Enum):
 
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """A numeric field's type and bounds (None: unbounded; `open`: the bound itself is out).
+    Booleans are not numbers here, nor are NaN and infinities."""
+
+    integer: bool
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    what: str | None = None  # the message's wording, where the bounds alone would mislead
+
+    def describe(self) -> str:
+        if self.what is not None:
+            return self.what
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = _fmt(self.lo), _fmt(self.hi)
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"{kind} in {left}{lo}, {hi}{right}"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {hi}"
+        return kind
+
+    def accepts(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int if self.integer else (int, float)):
+            return False
+        if not self.integer and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
+
+
+PARAM_RANGES: dict[str, ParamRange] = {
+    "n": ParamRange(True, lo=1),
+    "presence_penalty": ParamRange(False, -2.0, 2.0),
+    "frequency_penalty": ParamRange(False, -2.0, 2.0),
+    "repetition_penalty": ParamRange(False, lo=0.0, lo_open=True),
+    "temperature": ParamRange(False, lo=0.0),
+    "top_p": ParamRange(False, 0.0, 1.0, lo_open=True),
+    "top_k": ParamRange(True, lo=-1, what="0 or -1 (off) or a positive integer"),
+    "min_p": ParamRange(False, 0.0, 1.0),
+    "seed": ParamRange(True),
+    "max_tokens": ParamRange(True, lo=1),
+    "min_tokens": ParamRange(True, lo=0),
+    "logprobs": ParamRange(True, lo=0),
+    "prompt_logprobs": ParamRange(True, lo=0),
+}
+# Fields that may also be None ("not set").
+_OPTIONAL = frozenset({"seed", "max_tokens", "logprobs", "prompt_logprobs"})
+
+
+def check_param(name: str, value: Any, label: str | None = None) -> str | None:
+    """The error message for a value of field `name` outside its type or range (None: fine).
+    `label`: the name to show, when the caller's field maps onto this one (top_logprobs)."""
+    spec = PARAM_RANGES[name]
+    if spec.accepts(value):
+        return None
+    return f"{label or name} must be {spec.describe()}, got {value!r}"
 
 
 @dataclass
@@ -35,7 +110,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    # vLLM's knob for its slow-tokenizer path. Here special tokens are decoded as the tokenizer
+    # decodes them, with no spaces put around them (what transformers 5's tokenizers, and vLLM
+    # with a fast tokenizer, do whatever this says), so True is refused rather than ignored.
+    spaces_between_special_tokens: bool = False
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -67,30 +145,13 @@ class SamplingParams:
         def fail(name: str, msg: str) -> None:
             raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            fail("n", "must be an integer >= 1")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            fail("presence_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            fail("frequency_penalty", "must be in [-2, 2]")
-        if not 0.0 < self.repetition_penalty:
-            fail("repetition_penalty", "must be > 0")
-        if not 0.0 <= self.temperature:
-            fail("temperature", "must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("top_k", "must be 0 or -1 (off) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "must be an integer")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
-            fail("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            fail("min_tokens", "must be an integer >= 0")
+        for name in PARAM_RANGES:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            msg = check_param(name, value)
+            if msg is not None:
+                raise ValueError(msg)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
@@ -114,6 +175,12 @@ class SamplingParams:
             fail("logit_bias", "values must be in [-100, 100]")
         if self.stop and not self.detokenize:
             fail("stop", "needs detokenize=True (stop strings are matched on the text)")
+        if self.spaces_between_special_tokens:
+            fail(
+                "spaces_between_special_tokens",
+                "is not supported: special tokens are decoded without spaces around them; "
+                "leave it False",
+            )
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", "must be a RequestOutputKind")
 

@@ -1,16 +1,15 @@
 """Test helpers for the gateway: a real uvicorn on 127.0.0.1 in a background thread, a socket
-client that records frames, and a small fake engine with the AsyncLLMEngine interface (for the
-session/limit logic, independent of the model)."""
+client that records frames, and a small fake engine implementing EngineClient, the contract the
+gateway is written against (for the session/limit logic, independent of the model)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -18,6 +17,7 @@ import orjson
 import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
+from asyncllm.engine.engine_client import EngineClient
 from asyncllm.gateway import GatewaySettings, build_app, uvicorn_config
 from asyncllm.outputs import CompletionOutput, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -39,7 +39,7 @@ class Server:
 
 
 @contextmanager
-def run_server(engine: Any, settings: GatewaySettings | None = None) -> Iterator[Server]:
+def run_server(engine: EngineClient, settings: GatewaySettings | None = None) -> Iterator[Server]:
     """build_app + uvicorn on a random free port, in a thread; stopped (lifespan exit) after."""
     settings = settings or GatewaySettings()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -159,12 +159,19 @@ class FakeStats:
 
 
 @dataclass
+class FakeModelConfig:
+    served_model_name: str
+    max_model_len: int
+
+
+@dataclass
 class FakeEngine:
-    """Generates fake_text, one character per step of `step_s` seconds; DELTA outputs."""
+    """An EngineClient that generates fake_text, one character per step of `step_s` seconds;
+    DELTA outputs (to the sink when one is given, as AsyncLLMEngine does)."""
 
     step_s: float = 0.005
     max_model_len: int = 512
-    errored: bool = False
+    errored: bool = False  # set by tests: the engine "died"
     active: set[str] = field(default_factory=set)
     aborted: list[str] = field(default_factory=list)
     started: bool = False
@@ -172,10 +179,10 @@ class FakeEngine:
 
     def __post_init__(self) -> None:
         self.tokenizer = CharTokenizer()
-        self.model_config = SimpleNamespace(
-            served_model_name="fake-model", max_model_len=self.max_model_len
+        self.model_config: FakeModelConfig | None = FakeModelConfig(
+            "fake-model", self.max_model_len
         )
-        self.vocab_size = 4096
+        self.vocab_size: int | None = 4096
 
     async def start(self) -> None:
         self.started = True
@@ -192,8 +199,14 @@ class FakeEngine:
             self.aborted.append(request_id)
 
     async def generate(
-        self, prompt: Any, params: SamplingParams, request_id: str | None = None, priority: int = 0
-    ) -> AsyncIterator[RequestOutput]:
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        sink: Callable[[RequestOutput], None] | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        params = sampling_params or SamplingParams()
         if self.errored:
             raise RuntimeError("engine dead")
         ids = prompt["prompt_token_ids"]
@@ -216,6 +229,10 @@ class FakeEngine:
                     )
                     for k in range(params.n)
                 ]
-                yield RequestOutput(rid, None, ids, outs, finished=last)
+                out = RequestOutput(rid, None, ids, outs, finished=last)
+                if sink is not None:
+                    sink(out)
+                else:
+                    yield out
         finally:
             self.active.discard(rid)

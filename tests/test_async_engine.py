@@ -399,7 +399,7 @@ async def test_not_started_and_shut_down(llm):
         tg.start_soon(eng.shutdown)
         tg.start_soon(eng.shutdown)
     await eng.shutdown()  # idempotent
-    assert eng._thread is not None and not eng._thread.is_alive()
+    assert eng._transport.thread is not None and not eng._transport.thread.is_alive()
     with pytest.raises(EngineDeadError):
         eng.generate("Hi", greedy(2))
     with pytest.raises(RuntimeError):
@@ -427,7 +427,7 @@ async def test_shutdown_ends_open_streams_with_abort(llm):
             await eng.shutdown()
     assert sorted(last) == [0, 1, 2, 3]
     assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in last.values())
-    assert not eng._thread.is_alive() and eng._engine is None
+    assert not eng._transport.thread.is_alive() and eng._transport.engine is None
     stats = llm.llm_engine.get_stats()
     assert stats.num_running == stats.num_waiting == 0
     assert stats.kv_blocks_free == stats.kv_blocks_total
@@ -457,7 +457,7 @@ async def test_fatal_step_error_reaches_every_stream(tiny_model_dir):
     assert ticks >= min(5, load_s / 0.005 / 4)
     async with eng:
         assert eng.model_config.max_model_len > 0 and eng.tokenizer is not None
-        runner = eng._engine.runner
+        runner = eng._transport.engine.runner
         real_execute = runner.execute
         calls = 0
         fault_at: list[float] = []
@@ -497,7 +497,7 @@ async def test_fatal_step_error_reaches_every_stream(tiny_model_dir):
             eng.generate("Hi", greedy(2))  # fails at once
         assert time.monotonic() - t1 < 0.1
         await eng.abort("whatever")  # no-op, no hang
-    assert not eng._thread.is_alive()
+    assert not eng._transport.thread.is_alive()
     await eng.shutdown()
 
 

@@ -47,7 +47,7 @@ async def _settle(eng: AsyncLLMEngine) -> None:
 async def test_process_engine_streams_abort_errors_sink_and_shutdown(tiny_model_dir, refs):
     eng = AsyncLLMEngine.from_engine_args(_args(tiny_model_dir))
     async with eng:
-        assert eng._proc is not None and eng._proc.proc.is_alive()
+        assert eng._transport.proc is not None and eng._transport.proc.proc.is_alive()
         assert eng.model_config.max_model_len == 512 and eng.tokenizer is not None
         got: dict[str, tuple[list[int], str]] = {}
 
@@ -98,7 +98,7 @@ async def test_process_engine_streams_abort_errors_sink_and_shutdown(tiny_model_
             break
         await _settle(eng)
         assert eng.stats().kv_blocks_free == eng.stats().kv_blocks_total
-        proc = eng._proc.proc
+        proc = eng._transport.proc.proc
     assert not proc.is_alive() and proc.exitcode == 0  # shut down cleanly with the block
     await eng.shutdown()  # idempotent
 
@@ -113,7 +113,7 @@ async def test_a_dead_engine_process_ends_every_stream(tiny_model_dir):
             try:
                 async for out in eng.generate(PROMPTS[i % 5], greedy(100_000)):
                     if out.outputs[0].token_ids and i == 0:
-                        eng._proc.proc.kill()  # the child dies mid-run, without a word
+                        eng._transport.proc.proc.kill()  # the child dies mid-run, without a word
             except EngineDeadError as e:
                 errors.append(e)
 

@@ -19,11 +19,6 @@ PROMPTS = [
 MAX_NEW = 12
 
 
-def _prompt_ids(llm: LLM) -> list[list[int]]:
-    tok = llm.get_tokenizer()
-    return [tok.encode(p) for p in PROMPTS]
-
-
 @pytest.fixture(scope="module")
 def references(tiny_model_dirs) -> dict[str, list[list[int]]]:
     from transformers import AutoTokenizer

@@ -112,7 +112,11 @@ def _undeclared(paths: list[Path], declared: set[str]) -> dict[str, str]:
     return {m: d for m, d in _distributions(imports).items() if d not in declared}
 
 
-CLIENT_FILES = sorted((PKG / "client").rglob("*.py")) + [PKG / "protocol.py"]
+# protocol.py checks params by sampling_params' range table, so the client imports that too.
+CLIENT_FILES = sorted((PKG / "client").rglob("*.py")) + [
+    PKG / "protocol.py",
+    PKG / "sampling_params.py",
+]
 # What the engine's exports import: asyncllm.engine and the plain modules it uses.
 ENGINE_FILES = sorted((PKG / "engine").rglob("*.py")) + [
     PKG / f for f in ("__init__.py", "config.py", "sampling_params.py", "outputs.py")

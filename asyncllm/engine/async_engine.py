@@ -13,9 +13,14 @@ cache) and needs no locks on it. Two crossings only:
 So outputs cross once per step for all requests, the thread never waits for a reader, and a slow
 reader (or a starved loop) costs at most one pending output per request.
 
-With `EngineArgs.engine_process` the engine loop (engine_loop.py) runs in a child process instead
-(engine_process.py): then no engine work shares this process's GIL with the event loop, and two
-threads here forward the inbox down a pipe and post what comes up it to the outbox.
+Where the engine loop (engine_loop.py) runs is the transport's business (transports.py): a
+`ThreadTransport` runs it in the engine thread; with `EngineArgs.engine_process` a
+`ProcessTransport` runs it in a child process (engine_process.py), so that no engine work shares
+this process's GIL with the event loop, and two threads here forward the inbox down a pipe and
+post what comes up it to the outbox. This class is the same either way.
+
+AsyncLLMEngine implements `EngineClient` (engine_client.py), the contract the gateway is written
+against.
 
 Every registered stream gets exactly one terminal event from the thread: its finished output (which
 an abort also produces), its add error (bad input -> ValueError), or the engine's death
@@ -26,7 +31,6 @@ reused, until the engine has really let go of the request.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,11 +42,10 @@ import sniffio
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_loop import Abort as _Abort
 from asyncllm.engine.engine_loop import Add as _Add
-from asyncllm.engine.engine_loop import Command, Item, merge_items, run_engine_loop
-from asyncllm.engine.engine_loop import Shutdown as _Shutdown
+from asyncllm.engine.engine_loop import Item, merge_items
 from asyncllm.engine.stream import RequestStream
+from asyncllm.engine.transports import EngineInfo, ProcessTransport, ThreadTransport, Transport
 from asyncllm.outputs import RequestOutput
-from asyncllm.profiling import profiled
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -109,15 +112,19 @@ class AsyncLLMEngine:
         engine_args: EngineArgs | None = None,
         engine_factory: Callable[[EngineArgs], Any] | None = None,
     ):
-        """`engine_factory` (with engine_process): what builds the engine in the child from the
-        EngineArgs; a picklable top-level callable. Default: LLMEngine.from_engine_args."""
+        """`engine`: an LLMEngine already loaded (run in the engine thread). `engine_args`: what to
+        load at start(): in the engine thread, or with `engine_args.engine_process` in a child
+        process. `engine_factory` (with engine_process): what builds the engine in the child from
+        the EngineArgs; a picklable top-level callable. Default: LLMEngine.from_engine_args."""
         if engine is None and engine_args is None:
             raise ValueError("pass an LLMEngine or EngineArgs")
         self.engine_args = engine_args
-        self._engine_factory = engine_factory
-        self._engine = engine  # the LLMEngine; owned by the engine thread once started
+        self._transport: Transport
+        if engine is None and engine_args is not None and engine_args.engine_process:
+            self._transport = ProcessTransport(engine_args, engine_factory)
+        else:
+            self._transport = ThreadTransport(engine, engine_args)
         self._streams: dict[str, RequestStream] = {}
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _Shutdown] = queue.SimpleQueue()
         self._outbox: dict[str, Item] = {}
         self._outbox_dead: EngineDeadError | None = None
         self._outbox_lock = threading.Lock()  # guards the crossing, never engine state
@@ -125,11 +132,8 @@ class AsyncLLMEngine:
         # Live requests' output kinds, for merging in the outbox: written on the loop (submit,
         # drain), read by the thread that posts.
         self._kinds: dict[str, RequestOutputKind] = {}
-        self._proc: Any = None  # the EngineProcess, with engine_process
-        self._sender: threading.Thread | None = None
         self._call_in_loop: Callable[[Callable[[], None]], None] | None = None
-        self._thread: threading.Thread | None = None
-        self._stats: Any = None  # EngineStats snapshot, replaced by the thread after each step
+        self._stats: Any = None  # EngineStats snapshot, replaced by the transport after each step
         self._dead: EngineDeadError | None = None
         self._started = False
         self._closing = False
@@ -139,8 +143,9 @@ class AsyncLLMEngine:
         self.tokenizer: Any = None
         self.model_config: Any = None
         self.vocab_size: int | None = None
-        if engine is not None:
-            self._adopt(engine)
+        info = self._transport.info()
+        if info is not None:
+            self._adopt(info)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
@@ -149,12 +154,11 @@ class AsyncLLMEngine:
             raise ValueError(f"expected EngineArgs, got {type(args).__name__}")
         return cls(engine_args=args)
 
-    def _adopt(self, engine: Any) -> None:
-        self._engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
-        self.vocab_size = getattr(engine, "vocab_size", None)
-        self._stats = engine.get_stats()
+    def _adopt(self, info: EngineInfo) -> None:
+        self.tokenizer = info.tokenizer
+        self.model_config = info.model_config
+        self.vocab_size = info.vocab_size
+        self._stats = info.stats
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> AsyncLLMEngine:
@@ -165,7 +169,7 @@ class AsyncLLMEngine:
         await self.shutdown()
 
     async def start(self) -> None:
-        """Load the model (in a worker thread) and start the engine thread. Idempotent."""
+        """Load the model (in a worker thread) and start the engine loop. Idempotent."""
         if self._start_lock is None:
             self._start_lock = anyio.Lock()
         async with self._start_lock:
@@ -174,45 +178,12 @@ class AsyncLLMEngine:
             if self._started:
                 return
             self._call_in_loop = _loop_caller()
-            if self._engine is None and self.engine_args.engine_process:
-                await self._start_process()
-                self._started = True
-                return
-            if self._engine is None:
-                from asyncllm.engine.llm_engine import LLMEngine
-
-                engine = await anyio.to_thread.run_sync(
-                    LLMEngine.from_engine_args, self.engine_args
-                )
-                self._adopt(engine)
-            self._thread = threading.Thread(target=self._run, name="asyncllm-engine", daemon=True)
-            self._thread.start()
+            self._adopt(await self._transport.start(self._post_step, self._die))
             self._started = True
-
-    async def _start_process(self) -> None:
-        from asyncllm.engine.engine_process import EngineProcess
-
-        assert self.engine_args is not None
-        proc = EngineProcess(self.engine_args, self._engine_factory)
-        info = await anyio.to_thread.run_sync(proc.start)
-        self._proc = proc
-        # The child's own tokenizer, pickled: servers need it here (chat templates, limits).
-        self.tokenizer = info["tokenizer"]
-        self.model_config = info["model_config"]
-        self.vocab_size = info["vocab_size"]
-        self._stats = info["stats"]
-        self._sender = threading.Thread(
-            target=self._run_sender, name="asyncllm-engine-sender", daemon=True
-        )
-        self._thread = threading.Thread(
-            target=self._run_receiver, name="asyncllm-engine-receiver", daemon=True
-        )
-        self._sender.start()
-        self._thread.start()
 
     async def shutdown(self) -> None:
         """Abort every open request (their streams end with finish_reason "abort"), stop and join
-        the engine thread, and drop the model and KV cache. Idempotent; safe after a fatal error."""
+        the engine loop, and drop the model and KV cache. Idempotent; safe after a fatal error."""
         if self._closed:
             return
         if self._closing:
@@ -223,20 +194,13 @@ class AsyncLLMEngine:
         self._shutdown_done = anyio.Event()
         # Cleanup must run to the end even when the caller is being cancelled.
         with anyio.CancelScope(shield=True):
-            thread = self._thread
-            if thread is not None and thread.is_alive():
-                self._inbox.put(_Shutdown())
-                await anyio.to_thread.run_sync(thread.join)
-            if self._proc is not None:
-                self._inbox.put(_Shutdown())  # the sender may still wait (the child died)
-                await anyio.to_thread.run_sync(self._proc.join)
-                self._proc.close()
+            await self._transport.stop()
             self._drain_outbox()
             gone = EngineDeadError("the engine was shut down")
             for stream in list(self._streams.values()):
                 stream.put_error(gone)
             self._streams.clear()
-            self._engine = None  # frees the model and the KV cache
+            self._transport.release()  # frees the model and the KV cache
             self._closed = True
             self._shutdown_done.set()
 
@@ -266,8 +230,6 @@ class AsyncLLMEngine:
         return self._stats
 
     # ---- requests -------------------------------------------------------------------------------
-    supports_sink = True  # generate(..., sink=) is available (servers check for it)
-
     def generate(
         self,
         prompt: Any,
@@ -306,7 +268,7 @@ class AsyncLLMEngine:
         if stream is None or stream.finished:
             return
         if self._dead is None and not self._closed:
-            self._inbox.put(_Abort(request_id))
+            self._transport.send(_Abort(request_id))
         await stream.wait_finished()
 
     @staticmethod
@@ -344,7 +306,7 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id, add.params.output_kind, sink)
         self._streams[request_id] = stream
         self._kinds[request_id] = add.params.output_kind
-        self._inbox.put(add)
+        self._transport.send(add)
         return RequestIterator(self, stream)
 
     def _detach(self, stream: RequestStream) -> None:
@@ -353,7 +315,7 @@ class AsyncLLMEngine:
         thread-safe inbox."""
         stream.detached = True
         if not stream.finished and self._dead is None and not self._closed:
-            self._inbox.put(_Abort(stream.request_id))
+            self._transport.send(_Abort(stream.request_id))
 
     # ---- the loop side of the outbox ------------------------------------------------------------
     def _drain_outbox(self) -> None:
@@ -383,7 +345,11 @@ class AsyncLLMEngine:
         except Exception:  # never let a bug here take the event loop down with it
             logger.exception("asyncllm: failed to deliver engine outputs")
 
-    # ---- the engine thread ----------------------------------------------------------------------
+    # ---- the transport's side of the outbox (its thread) -----------------------------------------
+    def _post_step(self, items: dict[str, Item], stats: Any) -> bool:
+        self._stats = stats
+        return self._post(items)
+
     def _post(self, items: dict[str, Item], dead: EngineDeadError | None = None) -> bool:
         """Hand a step's outputs to the loop: merge into the outbox, schedule at most one drain.
         Returns False when the loop is gone (nobody to deliver to)."""
@@ -403,64 +369,11 @@ class AsyncLLMEngine:
             return False
         return True
 
-    def _run(self) -> None:
-        """The engine thread: the engine loop over the inbox and the outbox."""
-
-        def get_commands(block: bool) -> list[Command]:
-            cmds = [self._inbox.get()] if block else []  # idle: sleep until there is work
-            while True:
-                try:
-                    cmds.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    return cmds
-
-        def post(items: dict[str, Item], stats: Any) -> bool:
-            self._stats = stats
-            return self._post(items)
-
-        try:
-            profiled("engine-thread", run_engine_loop, self._engine, get_commands, post)
-        except BaseException as e:
-            logger.exception("asyncllm: the engine thread died")
-            self._die(f"the engine thread died: {type(e).__name__}: {e}", e)
-
     def _die(self, message: str, cause: BaseException | None = None) -> None:
         dead = EngineDeadError(message)
         dead.__cause__ = cause
         self._dead = dead  # new requests fail at once, even before the loop hears of it
         self._post({}, dead)
-
-    # ---- with engine_process: the two threads that cross to the child --------------------------
-    def _run_sender(self) -> None:
-        proc = self._proc
-        while True:
-            cmd = self._inbox.get()
-            try:
-                proc.send(cmd)
-            except (OSError, ValueError):  # the child is gone: the receiver reports it
-                return
-            if isinstance(cmd, _Shutdown):
-                return
-
-    def _run_receiver(self) -> None:
-        profiled("engine-receiver", self._receive)
-
-    def _receive(self) -> None:
-        proc = self._proc
-        while True:
-            kind, payload = proc.recv()
-            if kind == "out":
-                items, stats = payload
-                self._stats = stats
-                if not self._post(items):
-                    self._inbox.put(_Shutdown())  # nobody is listening any more
-            elif kind == "dead":
-                logger.error("asyncllm: %s", payload)
-                self._die(f"the engine process died: {payload}")
-                self._inbox.put(_Shutdown())  # release the sender
-                return
-            else:  # "bye": the child has shut down
-                return
 
 
 def _loop_caller() -> Callable[[Callable[[], None]], None]:

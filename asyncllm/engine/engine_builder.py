@@ -31,11 +31,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
-    from asyncllm.engine.loader import load_hf_config, load_tokenizer, resolve_model
+    from asyncllm.engine.loader import (
+        load_hf_config,
+        load_tokenizer,
+        resolve_model,
+        resolve_tokenizer,
+    )
 
     resolved = resolve_model(args.model, args.revision)
-    hf_config = load_hf_config(resolved)
-    tokenizer = load_tokenizer(resolved)
+    hf_config = load_hf_config(resolved, args.trust_remote_code)
+    tok_src = resolved if args.tokenizer is None else resolve_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(tok_src, args.trust_remote_code)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)

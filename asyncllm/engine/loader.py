@@ -126,6 +126,30 @@ def resolve_model(model: str | None, revision: str | None = None) -> ResolvedMod
     return found
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def resolve_tokenizer(name: str, revision: str | None = None) -> ResolvedModel:
+    """EngineArgs.tokenizer: a directory holding a tokenizer (it needs no config.json), a .gguf
+    file, or a hub repo id in the local cache; as for models, never the network."""
+
+    def has_tokenizer(d: Path) -> bool:
+        return any((d / f).is_file() for f in _TOKENIZER_FILES)
+
+    try:
+        p = Path(name).expanduser()
+        if p.is_dir() and has_tokenizer(p):
+            return ResolvedModel(str(p.resolve()))
+        looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+        if not p.exists() and looks_like_repo and not name.endswith(".gguf"):
+            snap = _snapshot(name, revision)
+            if has_tokenizer(snap):
+                return ResolvedModel(str(snap.resolve()))
+        return resolve_model(name, revision)
+    except ValueError as e:
+        raise ValueError(f"tokenizer {name!r}: {e}") from None
+
+
 # ---- config and tokenizer ----------------------------------------------------------------------
 def _gguf_cache_dir(resolved: ResolvedModel) -> Path:
     """Where the config and tokenizer parsed from a GGUF file are kept as a plain transformers
@@ -136,14 +160,14 @@ def _gguf_cache_dir(resolved: ResolvedModel) -> Path:
     return envs.cache_dir() / "gguf" / key
 
 
-def _cached_from_gguf(resolved: ResolvedModel, marker: str, auto_cls: Any) -> Any:
+def _cached_from_gguf(resolved: ResolvedModel, marker: str, auto_cls: Any, **kw: Any) -> Any:
     cache = _gguf_cache_dir(resolved) / marker.split(".")[0]
     if (cache / marker).is_file():
         try:
-            return auto_cls.from_pretrained(str(cache))
+            return auto_cls.from_pretrained(str(cache), **kw)
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             logger.warning("ignoring an unreadable GGUF conversion cache at %s", cache)
-    obj = auto_cls.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    obj = auto_cls.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, **kw)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent))
@@ -157,26 +181,31 @@ def _cached_from_gguf(resolved: ResolvedModel, marker: str, auto_cls: Any) -> An
     return obj
 
 
-def load_hf_config(resolved: ResolvedModel) -> Any:
+def load_hf_config(resolved: ResolvedModel, trust_remote_code: bool = False) -> Any:
+    """`trust_remote_code`: let transformers run a config class shipped with the model (the
+    architecture must still be one of ours)."""
     from transformers import AutoConfig
 
+    kw = {"trust_remote_code": trust_remote_code}
     try:
         if resolved.gguf_file:
-            config = _cached_from_gguf(resolved, "config.json", AutoConfig)
+            config = _cached_from_gguf(resolved, "config.json", AutoConfig, **kw)
             config._name_or_path = resolved.path  # not the conversion cache's path
             return config
-        return AutoConfig.from_pretrained(resolved.path)
+        return AutoConfig.from_pretrained(resolved.path, **kw)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the model config at {resolved.path}: {e}") from e
 
 
-def load_tokenizer(resolved: ResolvedModel) -> Any:
+def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False) -> Any:
+    """`resolved`: the model's own place, or EngineArgs.tokenizer's (resolve_tokenizer)."""
     from transformers import AutoTokenizer
 
+    kw = {"trust_remote_code": trust_remote_code}
     try:
         if resolved.gguf_file:
-            return _cached_from_gguf(resolved, "tokenizer_config.json", AutoTokenizer)
-        return AutoTokenizer.from_pretrained(resolved.path)
+            return _cached_from_gguf(resolved, "tokenizer_config.json", AutoTokenizer, **kw)
+        return AutoTokenizer.from_pretrained(resolved.path, **kw)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot load the tokenizer at {resolved.path}: {e}") from e
 

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from asyncllm.engine.engine_client import EngineClient
 from asyncllm.gateway.auth import authorized, origin_allowed
 from asyncllm.gateway.engine_io import EngineIO
 from asyncllm.gateway.limits import GatewayError
@@ -63,7 +64,7 @@ def _guarded(settings: GatewaySettings, metrics: Metrics, handler: Handler) -> H
     return endpoint
 
 
-def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette:
+def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> Starlette:
     settings = settings or GatewaySettings()
     metrics = Metrics(stats=engine.stats)
     io = EngineIO(engine, settings, metrics)
@@ -78,7 +79,7 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
         prof = ThreadProfile("server-loop")
         prof.start()
         try:
-            if settings.manage_engine and hasattr(engine, "start"):
+            if settings.manage_engine:
                 await engine.start()  # loads the model (off the event loop) before serving
         except BaseException:
             prof.stop()
@@ -98,7 +99,7 @@ def build_app(engine: Any, settings: GatewaySettings | None = None) -> Starlette
         finally:
             prof.stop()
             wsg.task_group = None
-            if settings.manage_engine and hasattr(engine, "shutdown"):
+            if settings.manage_engine:
                 await engine.shutdown()
                 logger.info("engine shut down")
 

@@ -13,9 +13,11 @@ from typing import Any
 
 import anyio
 
+from asyncllm.engine.engine_client import EngineClient, ServedModel
 from asyncllm.gateway.limits import GatewayError, Limits, engine_dead_error
 from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.settings import GatewaySettings
+from asyncllm.outputs import RequestOutput
 from asyncllm.protocol import (
     INTERNAL,
     INVALID_REQUEST,
@@ -65,7 +67,7 @@ def format_logprobs(token_ids: list[int], entries: list[dict[int, Any]], k: int)
 
 
 class EngineIO:
-    def __init__(self, engine: Any, settings: GatewaySettings, metrics: Metrics):
+    def __init__(self, engine: EngineClient, settings: GatewaySettings, metrics: Metrics):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -77,7 +79,7 @@ class EngineIO:
             settings.retry_after,
         )
         self._ids = itertools.count()
-        if getattr(engine, "model_config", None) is not None:
+        if engine.model_config is not None:
             self.bind()
 
     def bind(self) -> None:
@@ -88,17 +90,24 @@ class EngineIO:
         self.limits.max_prompt_tokens = max_prompt
 
     @property
+    def _model(self) -> ServedModel:
+        mc = self.engine.model_config
+        if mc is None:
+            raise RuntimeError("the engine has not loaded its model yet (start it first)")
+        return mc
+
+    @property
     def model_name(self) -> str:
-        return self.settings.served_model_name or self.engine.model_config.served_model_name
+        return self.settings.served_model_name or self._model.served_model_name
 
     @property
     def max_model_len(self) -> int:
-        return int(self.engine.model_config.max_model_len)
+        return int(self._model.max_model_len)
 
     # ---- checks -------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return not getattr(self.engine, "errored", False)
+        return not self.engine.errored
 
     def check_alive(self, id: StreamId | None = None) -> None:
         if not self.alive:
@@ -140,7 +149,7 @@ class EngineIO:
 
     def _encode_text_sync(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
-            vocab = getattr(self.engine, "vocab_size", None) or len(self.tokenizer)
+            vocab = self.engine.vocab_size or len(self.tokenizer)
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ValueError(
@@ -203,26 +212,25 @@ class EngineIO:
         aborts the request. Engine failures come out as GatewayError(internal).
 
         With `on_pieces`, each output's pieces go to `on_pieces(pieces)` instead, called on the
-        loop as the engine delivers them (no task switch per output where the engine takes a
-        sink), and the generator yields nothing: iterate it to the end to run the request."""
+        loop as the engine delivers them (the engine's sink: no task switch per output), and the
+        generator yields nothing: iterate it to the end to run the request."""
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
         conv = _Converter(self.limits, m, params, time.monotonic())
         outcome = "error"
         try:
-            sink = None
-            if on_pieces is not None and getattr(self.engine, "supports_sink", False):
+            sink: Callable[[RequestOutput], None] | None = None
+            if on_pieces is not None:
 
-                def sink(out: Any) -> None:
+                def sink(out: RequestOutput) -> None:
                     on_pieces(conv(out))
 
-            kw = {"sink": sink} if sink is not None else {}
             gen = self.engine.generate(
                 {"prompt_token_ids": prompt_ids},
                 params,
                 request_id=request_id,
                 priority=priority,
-                **kw,
+                sink=sink,
             )
             async with aclosing(gen):
                 async for out in gen:
@@ -281,7 +289,7 @@ class _Converter:
             self.queued = False
             self.limits.queued -= 1
 
-    def __call__(self, out: Any) -> list[Piece]:
+    def __call__(self, out: RequestOutput) -> list[Piece]:
         now = time.monotonic()
         m = self.m
         pieces = []

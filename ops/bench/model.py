@@ -103,7 +103,3 @@ def weight_bytes(cfg: dict = QWEN3_0_6B, dtype_bytes: int = 2) -> int:
 
 def kv_bytes_per_token(cfg: dict = QWEN3_0_6B, dtype_bytes: int = 2) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * dtype_bytes
-
-
-def matmul_flops_per_token(cfg: dict = QWEN3_0_6B) -> int:
-    return 2 * weight_bytes(cfg, 1)
