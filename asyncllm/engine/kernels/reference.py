@@ -61,3 +61,21 @@ def paged_attention_ref(
         scores = scores.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
         out[a:e] = torch.einsum("hls,shd->lhd", scores.softmax(-1), v)
     return out
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Mixture of experts, token by slot, in float32: x [T,H], w13 [E,2I,H] (gate, then up rows),
+    w2 [E,H,I], topk_weights/topk_ids [T,k] -> float32 [T,H]."""
+    inter = w13.shape[1] // 2
+    ids = topk_ids.long()
+    w13g = w13.float()[ids]  # [T,k,2I,H]
+    h = torch.einsum("tkih,th->tki", w13g, x.float())
+    h = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
+    y = torch.einsum("tkhi,tki->tkh", w2.float()[ids], h)
+    return (y * topk_weights.float()[..., None]).sum(1)
