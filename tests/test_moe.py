@@ -1,0 +1,285 @@
+"""The MoE layer (layers/moe.py) against transformers' own MoE blocks: routing, the grouped CPU
+path, the loaders (per-expert, fused, tensor-parallel slices) and the quantization seam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from asyncllm.engine.kernels.reference import fused_moe_ref
+from asyncllm.engine.layers.moe import (
+    FusedMoE,
+    FusedMoEMethod,
+    SparseMoeBlock,
+    expert_weight_target,
+    grouped_moe_torch,
+    select_experts,
+)
+
+H, INTER, E = 32, 24, 5
+
+
+def _hf_block(kind: str, norm_topk: bool = False):
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    common = dict(hidden_size=H, num_experts_per_tok=2, hidden_act="silu")
+    if kind == "mixtral":
+        block = MixtralSparseMoeBlock(
+            MixtralConfig(**common, intermediate_size=INTER, num_local_experts=E)
+        )
+    elif kind == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            **common,
+            num_experts=E,
+            moe_intermediate_size=INTER,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=norm_topk,
+        )
+        block = Qwen2MoeSparseMoeBlock(cfg)
+    else:
+        cfg = Qwen3MoeConfig(
+            **common, num_experts=E, moe_intermediate_size=INTER, norm_topk_prob=norm_topk
+        )
+        block = Qwen3MoeSparseMoeBlock(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    return block.eval()
+
+
+class _SharedMLP(nn.Module):
+    """The shared expert as our models build it: fused gate/up, then down."""
+
+    def __init__(self, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(H, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, H, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(torch.nn.functional.silu(g) * u)
+
+
+def _ours_from_hf(hf, kind: str, renormalize: bool, per_expert: bool) -> SparseMoeBlock:
+    shared = _SharedMLP(40) if kind == "qwen2_moe" else None
+    ours = SparseMoeBlock(
+        H, E, 2, INTER, renormalize, shared, shared_expert_gate=shared is not None, prefix="mlp"
+    )
+    sd = hf.state_dict()
+    with torch.no_grad():
+        ours.gate.weight.copy_(sd["gate.weight"])
+        if shared is not None:
+            shared.gate_up_proj.weight.copy_(
+                torch.cat(
+                    [sd["shared_expert.gate_proj.weight"], sd["shared_expert.up_proj.weight"]]
+                )
+            )
+            shared.down_proj.weight.copy_(sd["shared_expert.down_proj.weight"])
+            ours.shared_expert_gate.weight.copy_(sd["shared_expert_gate.weight"])
+    if per_expert:  # the names save_pretrained writes
+        names = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        for e in range(E):
+            gate, up = sd["experts.gate_up_proj"][e].chunk(2)
+            for name, t in zip(names, (gate, up, sd["experts.down_proj"][e]), strict=True):
+                target, expert, shard = expert_weight_target(f"mlp.experts.{e}.{name}.weight")
+                ours.experts.load_weight(target.rpartition(".")[2], t, shard, expert)
+    else:  # transformers 5's fused layout
+        for name in ("gate_up_proj", "down_proj"):
+            target, expert, shard = expert_weight_target(f"mlp.experts.{name}")
+            ours.experts.load_weight(
+                target.rpartition(".")[2], sd[f"experts.{name}"], shard, expert
+            )
+    return ours.eval()
+
+
+@pytest.mark.parametrize(
+    "kind,norm_topk",
+    [
+        ("mixtral", True),
+        ("qwen2_moe", False),
+        ("qwen2_moe", True),
+        ("qwen3_moe", True),
+        ("qwen3_moe", False),
+    ],
+)
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_block_matches_transformers(kind, norm_topk, per_expert):
+    hf = _hf_block(kind, norm_topk)
+    ours = _ours_from_hf(hf, kind, renormalize=norm_topk, per_expert=per_expert)
+    x = torch.randn(1, 9, H, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(x)[0]
+        out = ours(x[0])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_select_experts_matches_transformers_routers():
+    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    x = torch.randn(7, H)
+    for router, renorm in (
+        (
+            MixtralTopKRouter(
+                MixtralConfig(hidden_size=H, num_local_experts=E, num_experts_per_tok=3)
+            ),
+            True,
+        ),
+        (
+            Qwen2MoeTopKRouter(
+                Qwen2MoeConfig(
+                    hidden_size=H, num_experts=E, num_experts_per_tok=3, norm_topk_prob=False
+                )
+            ),
+            False,
+        ),
+    ):
+        nn.init.normal_(router.weight)
+        logits, ref_w, ref_ids = router(x)
+        w, ids = select_experts(logits, 3, renorm)
+        assert w.dtype == torch.float32 and ids.dtype == torch.int32
+        assert torch.equal(ids.long(), ref_ids)
+        torch.testing.assert_close(w, ref_w.float())
+    assert not torch.allclose(w.sum(-1), torch.ones(7))  # Qwen2-MoE: not renormalised
+
+
+@pytest.mark.parametrize("t,e,k", [(1, 4, 2), (13, 7, 3), (6, 3, 3), (20, 16, 1), (0, 4, 2)])
+def test_grouped_torch_path_matches_reference(t, e, k):
+    g = torch.Generator().manual_seed(t + e)
+    x = torch.randn(t, H, generator=g)
+    w13, w2 = torch.randn(e, 2 * INTER, H, generator=g), torch.randn(e, H, INTER, generator=g)
+    w, ids = torch.softmax(torch.randn(t, e, generator=g), -1).topk(k)
+    out = grouped_moe_torch(x, w13, w2, w, ids.int())
+    torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, w, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_path_runs_only_hit_experts(monkeypatch):
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, b: calls.append(1) or real(a, b))
+    x = torch.randn(4, H)
+    ids = torch.tensor([[1, 6]] * 4, dtype=torch.int32)
+    grouped_moe_torch(
+        x, torch.randn(64, 2 * INTER, H), torch.randn(64, H, INTER), torch.ones(4, 2), ids
+    )
+    assert len(calls) == 4  # two experts hit of 64: one gate/up and one down each
+
+
+def test_expert_weight_names():
+    assert expert_weight_target("model.layers.3.mlp.experts.7.up_proj.weight") == (
+        "model.layers.3.mlp.experts.w13_weight",
+        7,
+        "w3",
+    )
+    assert expert_weight_target("model.layers.0.mlp.experts.2.w2.weight") == (
+        "model.layers.0.mlp.experts.w2_weight",
+        2,
+        "w2",
+    )
+    assert expert_weight_target("m.mlp.experts.0.gate_proj.weight_scale") == (
+        "m.mlp.experts.w13_weight_scale",
+        0,
+        "w1",
+    )
+    assert expert_weight_target("m.mlp.experts.gate_up_proj") == (
+        "m.mlp.experts.w13_weight",
+        None,
+        None,
+    )
+    assert expert_weight_target("m.mlp.experts.down_proj.weight") == (
+        "m.mlp.experts.w2_weight",
+        None,
+        None,
+    )
+    assert expert_weight_target("m.mlp.shared_expert.gate_proj.weight") is None
+    assert expert_weight_target("m.mlp.gate.weight") is None
+
+
+def test_tensor_parallel_slices_and_load_tracking():
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, 2 * INTER, H, generator=g)
+    w2 = torch.randn(E, H, INTER, generator=g)
+    full = FusedMoE(E, 2, H, INTER)
+    full.load_weight("w13_weight", w13)
+    full.load_weight("w2_weight", w2)
+    for rank in range(2):
+        part = FusedMoE(E, 2, H, INTER, tp_rank=rank, tp_size=2)
+        got: set = set()
+        for e in range(E):
+            gate, up = w13[e].chunk(2)
+            for shard, t in (("w1", gate), ("w3", up)):
+                part.load_weight("w13_weight", t, shard, e)
+                got |= part.loaded_units("w13_weight", shard, e)
+        part.load_weight("w2_weight", w2)  # fused, sliced on its input dim
+        got |= part.loaded_units("w2_weight", None, None)
+        assert got == part.expected_loads()
+        half = INTER // 2
+        sl = slice(rank * half, (rank + 1) * half)
+        assert torch.equal(part.w13_weight[:, :half], w13[:, :INTER][:, sl])
+        assert torch.equal(part.w13_weight[:, half:], w13[:, INTER:][:, sl])
+        assert torch.equal(part.w2_weight, w2[:, :, sl])
+    with pytest.raises(ValueError, match="does not fit"):
+        full.load_weight("w2_weight", w2[0].T, "w2", 0)
+    with pytest.raises(ValueError, match="expert 9"):
+        full.load_weight("w2_weight", w2[0], "w2", 9)
+    with pytest.raises(ValueError, match="does not belong"):
+        full.load_weight("w2_weight", w2[0], "w1", 0)
+    with pytest.raises(ValueError, match="no expert parameter"):
+        full.load_weight("w13_scale", w2[0], "w1", 0)
+    with pytest.raises(ValueError, match="divisible"):
+        FusedMoE(E, 2, H, INTER, tp_size=5)
+
+
+def test_quantization_seam():
+    """A format plugs in its own expert method: its parameters, loaders and apply."""
+
+    class HalfScaled(FusedMoEMethod):
+        def create_weights(self, layer, num_experts, hidden_size, inter, params_dtype):
+            UnquantizedLike().create_weights(layer, num_experts, hidden_size, inter, params_dtype)
+            scale = nn.Parameter(torch.ones(num_experts), requires_grad=False)
+
+            def load_scale(param, t, shard_id, expert_id):
+                param.data[expert_id] = t
+
+            layer.register_expert_param("w2_scale", scale, None, load_scale, shards=("w2",))
+
+        def apply(self, layer, x, w, ids):
+            return (
+                grouped_moe_torch(x, layer.w13_weight, layer.w2_weight, w, ids) * layer.w2_scale[0]
+            )
+
+    from asyncllm.engine.layers.moe import UnquantizedFusedMoEMethod as UnquantizedLike
+
+    class Config:
+        name = "half"
+
+        def get_moe_method(self, layer, prefix):
+            assert prefix == "mlp.experts"
+            return HalfScaled()
+
+    block = SparseMoeBlock(H, E, 2, INTER, True, quant_config=Config(), prefix="mlp")
+    assert {n for n, _ in block.experts.named_parameters()} == {
+        "w13_weight",
+        "w2_weight",
+        "w2_scale",
+    }
+    nn.init.normal_(block.experts.w13_weight)
+    nn.init.normal_(block.experts.w2_weight)
+    x = torch.randn(3, H)
+    before = block(x)
+    for e in range(E):
+        block.experts.load_weight("w2_scale", torch.tensor(0.5), "w2", e)
+    torch.testing.assert_close(block(x), before * 0.5)
+    assert ("w2_scale", 4, "w2") in block.experts.expected_loads()
+
+    class NoMoE:
+        name = "nomoe"
+
+    with pytest.raises(ValueError, match="no mixture-of-experts method"):
+        FusedMoE(E, 2, H, INTER, quant_config=NoMoE())
