@@ -25,7 +25,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-ARCHITECTURES = ("llama", "llama3_scaled_untied", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = (
+    "llama",
+    "llama3_scaled_untied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 
 
 def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 400):
@@ -54,7 +63,15 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 400):
 
 
 def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -93,6 +110,33 @@ def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    # MoE: an odd expert count (Mixtral); a shared expert, no renormalisation (Qwen2-MoE); a dense
+    # layer between two MoE ones and renormalised top-k (Qwen3-MoE)
+    if arch == "mixtral":
+        return MixtralConfig(
+            **common, num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False
+        )
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **common,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        )
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **{**common, "num_hidden_layers": 3},
+            head_dim=32,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            mlp_only_layers=[1],
+            norm_topk_prob=True,
+            tie_word_embeddings=True,
+        )
     raise ValueError(arch)
 
 
@@ -116,7 +160,11 @@ def build_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def hf_greedy(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' own greedy continuation: the reference every test compares against."""
+    """transformers' own greedy continuation: the reference every test compares against.
+
+    Like the engine's `ignore_eos`, EOS neither stops nor is suppressed (`eos_token_id=[]`):
+    `min_new_tokens` would mask EOS out of the logits, and a tiny model whose argmax is EOS
+    would then continue differently from the engine."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -124,8 +172,8 @@ def hf_greedy(path: str | os.PathLike, prompt_ids: list[int], max_new_tokens: in
         out = model.generate(
             torch.tensor([prompt_ids]),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
             do_sample=False,
+            eos_token_id=[],
             pad_token_id=model.config.pad_token_id,
         )
     return out[0, len(prompt_ids) :].tolist()
