@@ -12,6 +12,7 @@ from typing import Any
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _BACKENDS = ("auto", "torch", "triton")
+_LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class EngineArgs:
     # AutoTokenizer); the network is still never reached, and the architecture must be ours.
     trust_remote_code: bool = False
     served_model_name: str | None = None
+    # "dummy": random weights instead of the checkpoint's (benchmarks of a model's shape: only
+    # config.json and the tokenizer need to exist)
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -52,6 +56,10 @@ class EngineArgs:
         if self.attention_backend not in _BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}"
             )
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two <= 128, got {self.block_size}")
@@ -108,3 +116,4 @@ class ModelConfig:
     max_model_len: int
     served_model_name: str
     gguf_file: str | None = None
+    load_format: str = "auto"

@@ -322,3 +322,21 @@ def test_default_model_matches_transformers(tmp_path, monkeypatch):
     # Both dequantize the same Q4_1 weights to float32: only summation order differs.
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_dummy_load_format_needs_only_config_and_tokenizer(tmp_path, tiny_model_dirs):
+    from asyncllm import LLM, EngineArgs, SamplingParams
+
+    for f in Path(tiny_model_dirs["qwen3_moe"]).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    llm = LLM(str(tmp_path), load_format="dummy")
+    model = llm.llm_engine.runner.model
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, torch.ones_like(norm))
+    w13 = model.model.layers[0].mlp.experts.w13_weight
+    assert 0.015 < float(w13.std()) < 0.025
+    out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="load_format"):
+        EngineArgs(load_format="random")

@@ -63,6 +63,7 @@ def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
         max_model_len=max_len,
         served_model_name=name,
         gguf_file=resolved.gguf_file,
+        load_format=args.load_format,
     )
     return mc, tokenizer
 

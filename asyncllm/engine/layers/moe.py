@@ -60,7 +60,12 @@ def expert_weight_target(name: str) -> tuple[str, int | None, str | None] | None
 
 def select_experts(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax over the experts (in float32), then the top k; renormalised to sum to 1 when asked
-    (Mixtral always, Qwen-MoE with `norm_topk_prob`). -> (float32 weights, int32 ids), each [T, k]."""
+    (Mixtral always, Qwen-MoE with `norm_topk_prob`). -> (float32 weights, int32 ids), each [T, k].
+    On CUDA one Triton kernel (kernels/fused_moe.topk_softmax) instead of five."""
+    if _fused_kernel_usable(router_logits) and router_logits.dim() == 2:
+        from asyncllm.engine.kernels.fused_moe import topk_softmax
+
+        return topk_softmax(router_logits.contiguous(), top_k, renormalize)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
