@@ -173,7 +173,7 @@ def _engine_kw(args: argparse.Namespace, smoke: bool) -> dict[str, Any]:
     if smoke:
         kw.update(device="cpu", dtype="float32", max_model_len=256)
     else:
-        kw.update(dtype="bfloat16")
+        kw.update(dtype="bfloat16", max_model_len=4096)  # as the peer benchmark
     if args.block_size:
         kw["block_size"] = args.block_size
     if args.max_num_batched_tokens:
@@ -193,12 +193,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     vocab = shape["vocab_size"]
     if smoke:
         n, lo, hi, lat_in, lat_out = 8, 4, 16, 8, 8
-    else:
-        n, lo, hi, lat_in, lat_out = args.num_requests, 100, 1024, 256, 256
-    reqs = workloads.throughput_workload(n=n, lo=lo, hi=hi, vocab=vocab)
-    lat_reqs = [
-        workloads.latency_workload(lat_in, lat_out, vocab=vocab, seed=100 + i) for i in range(4)
-    ]
+        reqs = workloads.throughput_workload(n=n, lo=lo, hi=hi, vocab=vocab)
+        lat_reqs = [
+            workloads.latency_workload(lat_in, lat_out, vocab=vocab, seed=100 + i) for i in range(4)
+        ]
+    else:  # the very requests the peer benchmark gives nano-vllm (its bench.py's draw)
+        from ops.bench.peer import anchor_workload
+
+        wl = anchor_workload(vocab, n=args.num_requests)
+        n, lo, hi = len(wl["requests"]), 100, 1024
+        reqs = [workloads.Request(p, o) for p, o in wl["requests"]]
+        lat_in, lat_out = 256, wl["latency_output_len"]
+        lat_reqs = [workloads.Request(p, lat_out) for p in wl["latency_prompts"]]
     bw = cpu_copy_bandwidth() if smoke else results.measure_copy_bandwidth()
     print(f"measured copy bandwidth: {bw / 1e12:.3f} TB/s", flush=True)
     prompt_lens = [len(r.prompt_token_ids) for r in reqs]

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,7 +106,7 @@ def _align_sizes(n: int, block_m: int, num_experts: int) -> tuple[int, int]:
     return max_blocks * block_m, max_blocks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _align_kernel(
     ids_ptr,
     sorted_ids_ptr,
@@ -213,7 +216,7 @@ def _block_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "padded_len"])
 def _gate_up_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, 2I, H]: gate rows then up rows
@@ -278,7 +281,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, (act * up).to(dt), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "padded_len"])
 def _down_kernel(
     h_ptr,  # [T*k, I]
     w_ptr,  # [E, H, I]
@@ -351,18 +354,54 @@ def _default_config(m: int, num_experts: int, top_k: int) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-@functools.lru_cache(maxsize=8)
+CONFIG_DIR = Path(__file__).parent / "moe_configs"
+
+
+def config_file_name(
+    num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device: str
+) -> str:
+    """Where `ops/bench/moe_tune.py` writes a tuned table for a layer shape on a GPU."""
+    return f"E={num_experts},N={inter},H={hidden},dtype={str(dtype).removeprefix('torch.')},device={device}.json"
+
+
+@functools.lru_cache(maxsize=1)
+def device_slug() -> str:
+    """ "h200" for "NVIDIA H200" (the short name of the current CUDA device)."""
+    name = torch.cuda.get_device_name().lower() if torch.cuda.is_available() else "cpu"
+    m = re.search(r"\b([ahlbv]\d{2,3}[a-z]?)\b", name)
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+@functools.lru_cache(maxsize=16)
 def _tuned(path: str) -> dict[int, dict[str, int]]:
+    if not os.path.isfile(path):
+        return {}
     with open(path) as f:
         return {int(k): v for k, v in json.load(f).items()}
 
 
-def get_config(m: int, num_experts: int, top_k: int) -> dict[str, int]:
-    path = os.environ.get("ASYNCLLM_MOE_CONFIG")
-    if path:
-        table = _tuned(path)
-        if table:
-            return dict(table[min(table, key=lambda k: abs(k - m))])
+def get_config(
+    m: int,
+    num_experts: int,
+    top_k: int,
+    inter: int | None = None,
+    hidden: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, int]:
+    """Block sizes for M tokens: ASYNCLLM_MOE_CONFIG's table if set, else a tuned table for this
+    layer shape and GPU (moe_configs/), else the default table; a table's nearest M is used."""
+    return dict(
+        _lookup(m, num_experts, top_k, inter, hidden, dtype, os.environ.get("ASYNCLLM_MOE_CONFIG"))
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _lookup(m, num_experts, top_k, inter, hidden, dtype, path) -> dict[str, int]:
+    if not path and inter is not None and hidden is not None and dtype is not None:
+        path = str(CONFIG_DIR / config_file_name(num_experts, inter, hidden, dtype, device_slug()))
+    table = _tuned(path) if path else {}
+    if table:
+        return table[min(table, key=lambda k: abs(math.log2(max(k, 1)) - math.log2(max(m, 1))))]
     return _default_config(m, num_experts, top_k)
 
 
@@ -398,7 +437,7 @@ def fused_moe(
     x = x.contiguous()
     w13 = w13.contiguous()
     w2 = w2.contiguous()
-    cfg = dict(config or get_config(t, num_experts, top_k))
+    cfg = dict(config or get_config(t, num_experts, top_k, inter, hidden, x.dtype))
     block_m = cfg.pop("BLOCK_M")
     block_n, block_k, group_m = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
     launch = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
