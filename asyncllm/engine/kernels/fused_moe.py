@@ -42,6 +42,7 @@ def _topk_softmax_kernel(
     stride_l,
     num_experts,
     TOP_K: tl.constexpr,
+    K_P2: tl.constexpr,
     E_P2: tl.constexpr,
     RENORM: tl.constexpr,
 ):
@@ -52,19 +53,21 @@ def _topk_softmax_kernel(
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)
     p = tl.where(ok, p, -1.0)
-    total = 0.0
+    slots = tl.arange(0, K_P2)
+    w = tl.zeros([K_P2], dtype=tl.float32)
+    ids = tl.zeros([K_P2], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        # highest first, the lowest index among equals (as torch.topk's order on the GPU)
+        # highest first, the lowest index among equals
         best = tl.max(p, axis=0)
         idx = tl.min(tl.where(p == best, cols, E_P2), axis=0)
-        tl.store(weights_ptr + row * TOP_K + j, best)
-        tl.store(ids_ptr + row * TOP_K + j, idx)
-        total += best
+        w = tl.where(slots == j, best, w)
+        ids = tl.where(slots == j, idx, ids)
         p = tl.where(cols == idx, -1.0, p)
     if RENORM:
-        offs = tl.arange(0, TOP_K)
-        w = tl.load(weights_ptr + row * TOP_K + offs)
-        tl.store(weights_ptr + row * TOP_K + offs, w / total)
+        w = w / tl.sum(w, axis=0)  # the unused slots hold 0
+    keep = slots < TOP_K
+    tl.store(weights_ptr + row * TOP_K + slots, w, mask=keep)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=keep)
 
 
 def topk_softmax(
@@ -81,7 +84,6 @@ def topk_softmax(
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     if t:
         e_p2 = triton.next_power_of_2(num_experts)
-        renorm = renormalize and (top_k & (top_k - 1)) == 0
         _topk_softmax_kernel[(t,)](
             router_logits,
             weights,
@@ -89,12 +91,11 @@ def topk_softmax(
             router_logits.stride(0),
             num_experts,
             TOP_K=top_k,
+            K_P2=triton.next_power_of_2(top_k),
             E_P2=e_p2,
-            RENORM=renorm,
+            RENORM=renormalize,
             num_warps=1 if e_p2 <= 256 else 4,
         )
-        if renormalize and not renorm:  # tl.arange needs a power of two
-            weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
 
 
