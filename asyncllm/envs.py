@@ -45,6 +45,12 @@ def cpu_attention() -> str:
     return (_str("ASYNCLLM_CPU_ATTENTION", "auto") or "auto").lower()
 
 
+def moe_config() -> str | None:
+    """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
+    `python -m ops.bench.moe_tune` writes) used instead of the tuned or default tables."""
+    return _str("ASYNCLLM_MOE_CONFIG")
+
+
 # ---- the CPU kernels' build ----------------------------------------------------------------------
 def cc() -> str:
     """ASYNCLLM_CC: the C compiler for the CPU kernels (default `gcc`)."""
@@ -114,6 +120,7 @@ VARIABLES = {
     "ASYNCLLM_FUSED": fused,
     "ASYNCLLM_CPU_FUSED": cpu_fused,
     "ASYNCLLM_CPU_ATTENTION": cpu_attention,
+    "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,
     "ASYNCLLM_CACHE_DIR": cache_dir,

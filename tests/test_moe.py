@@ -52,48 +52,54 @@ def _hf_block(kind: str, norm_topk: bool = False):
     return block.eval()
 
 
-class _SharedMLP(nn.Module):
-    """The shared expert as our models build it: fused gate/up, then down."""
-
-    def __init__(self, inter: int):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(H, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, H, bias=False)
-
-    def forward(self, x):
-        g, u = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(torch.nn.functional.silu(g) * u)
-
-
-def _ours_from_hf(hf, kind: str, renormalize: bool, per_expert: bool) -> SparseMoeBlock:
-    shared = _SharedMLP(40) if kind == "qwen2_moe" else None
-    ours = SparseMoeBlock(
-        H, E, 2, INTER, renormalize, shared, shared_expert_gate=shared is not None, prefix="mlp"
-    )
+def _checkpoint(hf, kind: str, per_expert: bool) -> list[tuple[str, torch.Tensor]]:
+    """The block's tensors under the names a checkpoint gives them: per expert as save_pretrained
+    writes them (Mixtral: `block_sparse_moe.experts.{e}.w1/w3/w2`), or transformers 5's fused
+    in-memory layout (`mlp.experts.gate_up_proj`)."""
     sd = hf.state_dict()
-    with torch.no_grad():
-        ours.gate.weight.copy_(sd["gate.weight"])
-        if shared is not None:
-            shared.gate_up_proj.weight.copy_(
-                torch.cat(
-                    [sd["shared_expert.gate_proj.weight"], sd["shared_expert.up_proj.weight"]]
-                )
-            )
-            shared.down_proj.weight.copy_(sd["shared_expert.down_proj.weight"])
-            ours.shared_expert_gate.weight.copy_(sd["shared_expert_gate.weight"])
-    if per_expert:  # the names save_pretrained writes
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    out = [
+        (f"model.layers.0.{block}.{k}", v) for k, v in sd.items() if not k.startswith("experts.")
+    ]
+    if per_expert:
         names = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         for e in range(E):
             gate, up = sd["experts.gate_up_proj"][e].chunk(2)
             for name, t in zip(names, (gate, up, sd["experts.down_proj"][e]), strict=True):
-                target, expert, shard = expert_weight_target(f"mlp.experts.{e}.{name}.weight")
-                ours.experts.load_weight(target.rpartition(".")[2], t, shard, expert)
-    else:  # transformers 5's fused layout
-        for name in ("gate_up_proj", "down_proj"):
-            target, expert, shard = expert_weight_target(f"mlp.experts.{name}")
-            ours.experts.load_weight(
-                target.rpartition(".")[2], sd[f"experts.{name}"], shard, expert
-            )
+                out.append((f"model.layers.0.{block}.experts.{e}.{name}.weight", t))
+    else:
+        out += [
+            (f"model.layers.0.mlp.experts.{n}", sd[f"experts.{n}"])
+            for n in ("gate_up_proj", "down_proj")
+        ]
+    return out
+
+
+class _Holder(nn.Module):
+    """model.layers.0.mlp = the block, so checkpoint names resolve as in a model."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module()])
+        self.model.layers[0].mlp = block
+
+
+def _ours_from_hf(hf, kind: str, renormalize: bool, per_expert: bool) -> SparseMoeBlock:
+    from types import SimpleNamespace
+
+    from asyncllm.engine.models.llama import _STACKED, MLP
+    from asyncllm.engine.models.moe_common import _remap
+    from asyncllm.engine.models.weights import load_weights
+
+    shared = None
+    if kind == "qwen2_moe":
+        cfg = SimpleNamespace(hidden_size=H, intermediate_size=40, hidden_act="silu")
+        shared = MLP(cfg, "model.layers.0.mlp.shared_expert", ops=None, quant_config=None)
+    ours = SparseMoeBlock(
+        H, E, 2, INTER, renormalize, shared, shared_expert_gate=shared is not None, prefix="mlp"
+    )
+    load_weights(_Holder(ours), _checkpoint(hf, kind, per_expert), _STACKED, remap=_remap)
     return ours.eval()
 
 
@@ -174,87 +180,102 @@ def test_grouped_path_runs_only_hit_experts(monkeypatch):
 def test_expert_weight_names():
     assert expert_weight_target("model.layers.3.mlp.experts.7.up_proj.weight") == (
         "model.layers.3.mlp.experts.w13_weight",
-        7,
-        "w3",
+        ("w3", 7),
     )
     assert expert_weight_target("model.layers.0.mlp.experts.2.w2.weight") == (
         "model.layers.0.mlp.experts.w2_weight",
-        2,
-        "w2",
+        ("w2", 2),
     )
     assert expert_weight_target("m.mlp.experts.0.gate_proj.weight_scale") == (
         "m.mlp.experts.w13_weight_scale",
-        0,
-        "w1",
+        ("w1", 0),
     )
-    assert expert_weight_target("m.mlp.experts.gate_up_proj") == (
-        "m.mlp.experts.w13_weight",
-        None,
-        None,
-    )
+    assert expert_weight_target("m.mlp.experts.gate_up_proj") == ("m.mlp.experts.w13_weight", None)
     assert expert_weight_target("m.mlp.experts.down_proj.weight") == (
         "m.mlp.experts.w2_weight",
-        None,
         None,
     )
     assert expert_weight_target("m.mlp.shared_expert.gate_proj.weight") is None
     assert expert_weight_target("m.mlp.gate.weight") is None
 
 
-def test_tensor_parallel_slices_and_load_tracking():
+def test_missing_experts_are_reported():
+    from asyncllm.engine.models.llama import _STACKED
+    from asyncllm.engine.models.moe_common import _remap
+    from asyncllm.engine.models.weights import load_weights
+
+    hf = _hf_block("qwen3_moe", True)
+    ckpt = [(n, t) for n, t in _checkpoint(hf, "qwen3_moe", True) if ".experts.3.up_proj" not in n]
+    block = SparseMoeBlock(H, E, 2, INTER, True, prefix="mlp")
+    with pytest.raises(ValueError, match="missing 1 tensors.*w13_weight:\\('w3', 3\\)"):
+        load_weights(_Holder(block), ckpt, _STACKED, remap=_remap)
+
+
+def _load(layer: FusedMoE, name: str, t: torch.Tensor, shard=None) -> None:
+    param = getattr(layer, name)
+    param.weight_loader(param, t, shard)
+
+
+def test_tensor_parallel_slices():
     g = torch.Generator().manual_seed(0)
     w13 = torch.randn(E, 2 * INTER, H, generator=g)
     w2 = torch.randn(E, H, INTER, generator=g)
     full = FusedMoE(E, 2, H, INTER)
-    full.load_weight("w13_weight", w13)
-    full.load_weight("w2_weight", w2)
+    _load(full, "w13_weight", w13)
+    _load(full, "w2_weight", w2)
+    assert torch.equal(full.w13_weight, w13) and torch.equal(full.w2_weight, w2)
     for rank in range(2):
         part = FusedMoE(E, 2, H, INTER, tp_rank=rank, tp_size=2)
-        got: set = set()
         for e in range(E):
             gate, up = w13[e].chunk(2)
-            for shard, t in (("w1", gate), ("w3", up)):
-                part.load_weight("w13_weight", t, shard, e)
-                got |= part.loaded_units("w13_weight", shard, e)
-        part.load_weight("w2_weight", w2)  # fused, sliced on its input dim
-        got |= part.loaded_units("w2_weight", None, None)
-        assert got == part.expected_loads()
+            _load(part, "w13_weight", gate, ("w1", e))
+            _load(part, "w13_weight", up, ("w3", e))
+        _load(part, "w2_weight", w2)  # fused, sliced on its input dim
         half = INTER // 2
         sl = slice(rank * half, (rank + 1) * half)
         assert torch.equal(part.w13_weight[:, :half], w13[:, :INTER][:, sl])
         assert torch.equal(part.w13_weight[:, half:], w13[:, INTER:][:, sl])
         assert torch.equal(part.w2_weight, w2[:, :, sl])
+    assert set(full.w13_weight.shard_ids) == {(s, e) for e in range(E) for s in ("w1", "w3")}
     with pytest.raises(ValueError, match="does not fit"):
-        full.load_weight("w2_weight", w2[0].T, "w2", 0)
+        _load(full, "w2_weight", w2[0].T, ("w2", 0))
     with pytest.raises(ValueError, match="expert 9"):
-        full.load_weight("w2_weight", w2[0], "w2", 9)
+        _load(full, "w2_weight", w2[0], ("w2", 9))
     with pytest.raises(ValueError, match="does not belong"):
-        full.load_weight("w2_weight", w2[0], "w1", 0)
-    with pytest.raises(ValueError, match="no expert parameter"):
-        full.load_weight("w13_scale", w2[0], "w1", 0)
+        _load(full, "w2_weight", w2[0], ("w1", 0))
     with pytest.raises(ValueError, match="divisible"):
         FusedMoE(E, 2, H, INTER, tp_size=5)
 
 
 def test_quantization_seam():
-    """A format plugs in its own expert method: its parameters, loaders and apply."""
+    """A format plugs in its own expert method: its parameters, loaders, post-load step and
+    apply, through the same weight_loader protocol."""
+    from asyncllm.engine.layers.linear import set_weight_attrs
+    from asyncllm.engine.layers.moe import UnquantizedFusedMoEMethod
 
     class HalfScaled(FusedMoEMethod):
+        name = "scaled"
+
         def create_weights(self, layer, num_experts, hidden_size, inter, params_dtype):
-            UnquantizedLike().create_weights(layer, num_experts, hidden_size, inter, params_dtype)
+            UnquantizedFusedMoEMethod().create_weights(
+                layer, num_experts, hidden_size, inter, params_dtype
+            )
             scale = nn.Parameter(torch.ones(num_experts), requires_grad=False)
 
-            def load_scale(param, t, shard_id, expert_id):
-                param.data[expert_id] = t
+            def load_scale(param, t, shard_id=None):
+                param.data[shard_id[1]] = t
 
-            layer.register_expert_param("w2_scale", scale, None, load_scale, shards=("w2",))
+            set_weight_attrs(
+                scale, {"weight_loader": load_scale, "shard_ids": [("w2", e) for e in range(E)]}
+            )
+            layer.register_parameter("w2_weight_scale", scale)
+
+        def process_weights_after_loading(self, layer):
+            layer.folded = True
 
         def apply(self, layer, x, w, ids):
-            return (
-                grouped_moe_torch(x, layer.w13_weight, layer.w2_weight, w, ids) * layer.w2_scale[0]
-            )
-
-    from asyncllm.engine.layers.moe import UnquantizedFusedMoEMethod as UnquantizedLike
+            out = grouped_moe_torch(x, layer.w13_weight, layer.w2_weight, w, ids)
+            return out * layer.w2_weight_scale[0]
 
     class Config:
         name = "half"
@@ -264,19 +285,20 @@ def test_quantization_seam():
             return HalfScaled()
 
     block = SparseMoeBlock(H, E, 2, INTER, True, quant_config=Config(), prefix="mlp")
-    assert {n for n, _ in block.experts.named_parameters()} == {
-        "w13_weight",
-        "w2_weight",
-        "w2_scale",
-    }
+    names = {n for n, _ in block.experts.named_parameters()}
+    assert names == {"w13_weight", "w2_weight", "w2_weight_scale"}
     nn.init.normal_(block.experts.w13_weight)
     nn.init.normal_(block.experts.w2_weight)
     x = torch.randn(3, H)
     before = block(x)
+    # the checkpoint's per-expert scale names reach the method's own loader
+    target, shard = expert_weight_target("mlp.experts.4.down_proj.weight_scale")
+    assert target == "mlp.experts.w2_weight_scale" and shard == ("w2", 4)
     for e in range(E):
-        block.experts.load_weight("w2_scale", torch.tensor(0.5), "w2", e)
+        _load(block.experts, "w2_weight_scale", torch.tensor(0.5), ("w2", e))
+    block.experts.process_weights_after_loading()
+    assert block.experts.folded
     torch.testing.assert_close(block(x), before * 0.5)
-    assert ("w2_scale", 4, "w2") in block.experts.expected_loads()
 
     class NoMoE:
         name = "nomoe"
@@ -294,6 +316,7 @@ def test_block_on_cuda_equals_the_cpu_path(dtype):
     x = torch.randn(37, H, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = ours(x)
+        ours.use_triton = ours.experts.use_triton = True  # what kernel_paths chooses on CUDA
         gpu = ours.to("cuda", dtype)(x.to("cuda", dtype)).float().cpu()
     tol = 1e-4 if dtype == torch.float32 else 3e-2 * float(ref.abs().max())
     torch.testing.assert_close(gpu, ref, rtol=tol, atol=tol)

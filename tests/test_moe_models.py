@@ -45,3 +45,24 @@ def test_prefix_cache_hits_give_transformers_tokens(tiny_model_dirs, arch):
         out = llm.generate({"prompt_token_ids": prefix + tail}, params, use_tqdm=False)[0]
         assert out.num_cached_tokens == (20 if n else 0)
         assert out.outputs[0].token_ids == hf_greedy(path, prefix + tail, 8)
+
+
+def test_startup_line_names_the_moe_path(tiny_model_dirs, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="asyncllm.engine.kernel_paths"):
+        llm = LLM(tiny_model_dirs["mixtral"], device="cpu")
+    line = caplog.records[-1].getMessage()
+    assert "moe=dense grouped-torch" in line, line
+    assert not llm.llm_engine.runner.model.kernels.fused_moe
+
+
+@pytest.mark.gpu
+def test_startup_line_on_cuda_names_the_triton_moe(tiny_model_dirs, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="asyncllm.engine.kernel_paths"):
+        llm = LLM(tiny_model_dirs["qwen2_moe"], device="cuda", num_kv_blocks=256)
+    assert "moe=dense triton" in caplog.records[-1].getMessage()
+    block = llm.llm_engine.runner.model.model.layers[0].mlp
+    assert block.use_triton and block.experts.use_triton

@@ -29,6 +29,7 @@ class KernelPaths:
     fused: ModuleType | None  # kernels.fused or kernels.cpu_fused (same functions), or None
     cpu_decode_attention: bool  # the paged C decode kernel (torch backend, CPU float32)
     cuda_graphs: bool = False
+    fused_moe: bool = False  # MoE layers through the Triton fused-MoE kernels (kernels.fused_moe)
 
     @property
     def fused_name(self) -> str:
@@ -36,13 +37,15 @@ class KernelPaths:
             return "torch"
         return "c" if self.fused.__name__.endswith("cpu_fused") else "triton"
 
-    def describe(self, linear: str = "dense") -> str:
-        """The one start-up line."""
+    def describe(self, linear: str = "dense", moe: str | None = None) -> str:
+        """The one start-up line (`moe`: the experts' methods, for a model that has some)."""
         return (
             f"kernel paths on {self.device} {str(self.dtype).removeprefix('torch.')}: "
             f"attention={self.attention.name}, fused ops={self.fused_name}, "
             f"CPU decode attention={'c' if self.cpu_decode_attention else 'torch'}, "
-            f"linear={linear}, CUDA graphs={'on' if self.cuda_graphs else 'off'}"
+            f"linear={linear}, "
+            + (f"moe={moe}, " if moe else "")
+            + f"CUDA graphs={'on' if self.cuda_graphs else 'off'}"
         )
 
 
@@ -75,6 +78,18 @@ def select_cpu_decode_attention(device: torch.device | str, dtype: torch.dtype) 
     from asyncllm.engine.kernels import cpu_decode_attention
 
     return cpu_decode_attention.enabled() and cpu_decode_attention.load() is not None
+
+
+def select_fused_moe(device: torch.device | str, fused: ModuleType | None) -> bool:
+    """The Triton fused-MoE kernels: on CUDA wherever the Triton fused ops were chosen (triton
+    imports, `ASYNCLLM_FUSED` not `0`); else MoE layers group tokens by expert in torch ops."""
+    if torch.device(device).type != "cuda" or fused is None:
+        return False
+    try:
+        from asyncllm.engine.kernels import fused_moe  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def default_attention_backend(device: torch.device | str) -> str:
@@ -111,6 +126,7 @@ def select_kernel_paths(
         fused=fused,
         cpu_decode_attention=bool(uses_decode_kernel and decode_kernel),
         cuda_graphs=cuda_graphs and device.type == "cuda",
+        fused_moe=select_fused_moe(device, fused),
     )
 
 
@@ -124,8 +140,21 @@ def linear_methods(model: torch.nn.Module, paths: KernelPaths) -> str:
     return " + ".join(names) or "none"
 
 
+def moe_methods(model: torch.nn.Module) -> str | None:
+    """The MoE methods a loaded model runs, named; None for a model without experts."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "describe") and hasattr(module, "num_experts"):
+            names[method.describe(module)] = None
+    return " + ".join(names) or None
+
+
 def log_kernel_paths(paths: KernelPaths, model: torch.nn.Module | None = None) -> str:
     """Log (info) and return the one line naming the paths that run."""
-    line = paths.describe(linear_methods(model, paths) if model is not None else "dense")
+    if model is None:
+        line = paths.describe("dense")
+    else:
+        line = paths.describe(linear_methods(model, paths), moe_methods(model))
     logger.info("%s", line)
     return line

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm import envs
 from asyncllm.engine.kernels._common import upcast_flag
 
 
@@ -391,9 +392,7 @@ def get_config(
 ) -> dict[str, int]:
     """Block sizes for M tokens: ASYNCLLM_MOE_CONFIG's table if set, else a tuned table for this
     layer shape and GPU (moe_configs/), else the default table; a table's nearest M is used."""
-    return dict(
-        _lookup(m, num_experts, top_k, inter, hidden, dtype, os.environ.get("ASYNCLLM_MOE_CONFIG"))
-    )
+    return dict(_lookup(m, num_experts, top_k, inter, hidden, dtype, envs.moe_config()))
 
 
 @functools.lru_cache(maxsize=256)

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from asyncllm.engine.models.moe_common import MoeCausalLM, dense_mlp, is_sparse_layer
+from asyncllm.engine.models.moe_common import MoeCausalLM, is_sparse_layer
 
 
 class Qwen2MoeForCausalLM(MoeCausalLM):
@@ -18,7 +18,7 @@ class Qwen2MoeForCausalLM(MoeCausalLM):
 
     def make_mlp(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
         if not is_sparse_layer(hf_config, layer_idx):
-            return dense_mlp(hf_config, int(hf_config.intermediate_size))
+            return self.dense_mlp(hf_config, int(hf_config.intermediate_size), prefix)
         shared_size = int(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
         return self.moe_block(
             hf_config,
@@ -26,5 +26,9 @@ class Qwen2MoeForCausalLM(MoeCausalLM):
             int(hf_config.moe_intermediate_size),
             renormalize=bool(getattr(hf_config, "norm_topk_prob", False)),
             prefix=prefix,
-            shared_expert=dense_mlp(hf_config, shared_size) if shared_size else None,
+            shared_expert=(
+                self.dense_mlp(hf_config, shared_size, f"{prefix}.shared_expert")
+                if shared_size
+                else None
+            ),
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from asyncllm.engine.models.moe_common import MoeCausalLM, dense_mlp, is_sparse_layer
+from asyncllm.engine.models.moe_common import MoeCausalLM, is_sparse_layer
 
 
 class Qwen3MoeForCausalLM(MoeCausalLM):
@@ -16,7 +16,7 @@ class Qwen3MoeForCausalLM(MoeCausalLM):
 
     def make_mlp(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
         if not is_sparse_layer(hf_config, layer_idx):
-            return dense_mlp(hf_config, int(hf_config.intermediate_size))
+            return self.dense_mlp(hf_config, int(hf_config.intermediate_size), prefix)
         return self.moe_block(
             hf_config,
             int(hf_config.num_experts),

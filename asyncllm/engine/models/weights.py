@@ -3,7 +3,10 @@
 A model says how transformers' separate projections stack into its merged ones (`stacked`:
 checkpoint part -> (our part, shard id)); everything else loads by its own name. A tensor fused
 on disk (e.g. Phi-3's `qkv_proj`) matches our parameter's name and loads whole (shard id None).
-Every parameter (every shard of a merged one) must be loaded.
+Every parameter (every shard of a merged one) must be loaded. Names that substring replacement
+cannot map (an MoE layer's `experts.{e}.gate_proj` -> our stacked `experts.w13_weight`, shard
+("w1", e)) go through the model's `remap`; a parameter may list its own `shard_ids` (the experts'
+(shard, expert) pairs) where its module's do not apply.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ def _expected_shards(model: nn.Module) -> dict[str, set[Any]]:
     for mname, module in model.named_modules():
         shard_ids = getattr(module, "shard_ids", None)
         for pname, p in module.named_parameters(prefix=mname, recurse=False):
-            if shard_ids and getattr(p, "output_dim", None) is not None:
+            if getattr(p, "shard_ids", None):
+                out[pname] = set(p.shard_ids)
+            elif shard_ids and getattr(p, "output_dim", None) is not None:
                 out[pname] = set(shard_ids)
             else:
                 out.setdefault(pname, {None})
@@ -41,6 +46,7 @@ def load_weights(
     weights: Iterable[tuple[str, Tensor]],
     stacked: Mapping[str, tuple[str, Any]],
     skip: Callable[[str], bool] = lambda name: False,
+    remap: Callable[[str], tuple[str, Any] | None] = lambda name: None,
 ) -> None:
     params = dict(model.named_parameters())
     expected = _expected_shards(model)
@@ -48,8 +54,9 @@ def load_weights(
     for name, tensor in weights:
         if skip(name):
             continue
-        target, shard = name, None
-        for theirs, (ours, shard_id) in stacked.items():
+        mapped = remap(name)
+        target, shard = mapped if mapped is not None else (name, None)
+        for theirs, (ours, shard_id) in stacked.items() if mapped is None else ():
             if f".{theirs}." in name:
                 target, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
                 break
