@@ -21,26 +21,20 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_sta
 
 
 def make_case(t, h, i, e, k, dtype=torch.float32, seed=0, experts_used=None, device=DEVICE):
-    """Random inputs; with experts_used, the router only ever picks from those experts (the
-    others are empty)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, h, generator=g)
-    w13 = torch.randn(e, 2 * i, h, generator=g) / h**0.5
-    w2 = torch.randn(e, h, i, generator=g) / i**0.5
-    logits = torch.randn(t, e, generator=g)
+    """Random inputs, drawn on the device (model-sized weights on the GPU); with experts_used,
+    the router only ever picks from those experts (the others are empty)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    to = dict(device=device)
+    x = torch.randn(t, h, generator=g, **to)
+    w13 = torch.randn(e, 2 * i, h, generator=g, **to) / h**0.5
+    w2 = torch.randn(e, h, i, generator=g, **to) / i**0.5
+    logits = torch.randn(t, e, generator=g, **to)
     if experts_used is not None:
-        mask = torch.full((e,), float("-inf"))
+        mask = torch.full((e,), float("-inf"), **to)
         mask[list(experts_used)] = 0.0
         logits = logits + mask
     weights, ids = torch.softmax(logits, -1).topk(k, dim=-1)
-    to = dict(device=device)
-    return (
-        x.to(dtype=dtype, **to),
-        w13.to(dtype=dtype, **to),
-        w2.to(dtype=dtype, **to),
-        weights.to(**to),
-        ids.to(dtype=torch.int32, **to),
-    )
+    return x.to(dtype), w13.to(dtype), w2.to(dtype), weights, ids.to(torch.int32)
 
 
 def check(case, config=None, dtype=torch.float32):

@@ -177,7 +177,7 @@ def moe_align(
         E=num_experts,
         E_P2=triton.next_power_of_2(num_experts + 1),
         BLOCK_M=block_m,
-        BLOCK=1024 if n >= 1024 else max(16, triton.next_power_of_2(n)),
+        BLOCK=1024 if n > 256 else 256,  # two variants: few compiles across batch sizes
         num_warps=4,
     )
     return sorted_ids, expert_ids, num_padded

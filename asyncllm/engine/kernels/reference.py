@@ -70,12 +70,18 @@ def fused_moe_ref(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Mixture of experts, token by slot, in float32: x [T,H], w13 [E,2I,H] (gate, then up rows),
-    w2 [E,H,I], topk_weights/topk_ids [T,k] -> float32 [T,H]."""
+    """Mixture of experts in float32, expert by expert over the (token, slot) pairs routed to
+    it: x [T,H], w13 [E,2I,H] (gate, then up rows), w2 [E,H,I], topk_weights/topk_ids [T,k] ->
+    float32 [T,H]. Memory stays at one expert's weights (model shapes fit on the GPU)."""
     inter = w13.shape[1] // 2
-    ids = topk_ids.long()
-    w13g = w13.float()[ids]  # [T,k,2I,H]
-    h = torch.einsum("tkih,th->tki", w13g, x.float())
-    h = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
-    y = torch.einsum("tkhi,tki->tkh", w2.float()[ids], h)
-    return (y * topk_weights.float()[..., None]).sum(1)
+    x32 = x.float()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tokens, slots = (topk_ids == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        h = x32[tokens] @ w13[e].float().T
+        h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = h @ w2[e].float().T
+        out.index_add_(0, tokens, y * topk_weights[tokens, slots].float()[:, None])
+    return out
