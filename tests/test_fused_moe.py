@@ -148,6 +148,18 @@ def test_config_table_and_override(tmp_path, monkeypatch):
     assert fm.get_config(4000, 128, 8)["BLOCK_M"] == 64
 
 
+@pytest.mark.parametrize("m", [1, 16, 64, 512, 8192])
+def test_configs_fit_hopper_shared_memory_in_every_dtype(m):
+    """The H200 failed to compile the float32 prefill tiles (240 KiB of stages against 227): the
+    tables are written for 2-byte inputs, so float32 gets fewer stages or a shorter BLOCK_K."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = fm.get_config(m, 8, 2, 1792, 4096, dtype)
+        used = fm.gate_up_stage_bytes(cfg, dtype.itemsize) * cfg["num_stages"]
+        assert used <= fm.SHARED_MEMORY_BUDGET, (m, dtype, cfg)
+    # 2-byte configs keep the table's tiles
+    assert fm.get_config(m, 8, 2, 1792, 4096, torch.bfloat16) == fm._default_config(m, 8, 2)
+
+
 # ---- on the GPU ------------------------------------------------------------------------------------
 QWEN3_30B = dict(h=2048, i=768, e=128, k=8)
 

@@ -392,7 +392,35 @@ def get_config(
 ) -> dict[str, int]:
     """Block sizes for M tokens: ASYNCLLM_MOE_CONFIG's table if set, else a tuned table for this
     layer shape and GPU (moe_configs/), else the default table; a table's nearest M is used."""
-    return dict(_lookup(m, num_experts, top_k, inter, hidden, dtype, envs.moe_config()))
+    cfg = dict(_lookup(m, num_experts, top_k, inter, hidden, dtype, envs.moe_config()))
+    return fit_shared_memory(cfg, dtype.itemsize if dtype is not None else 2)
+
+
+# Hopper's per-block shared memory is 227 KiB; keep clear of it. The tables are written for 2-byte
+# inputs: float32 models (tests, references) need half the bytes per stage.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def gate_up_stage_bytes(cfg: dict[str, int], elem_bytes: int) -> int:
+    """Shared memory one pipeline stage of the gate/up kernel holds: the activation tile and the
+    gate and up weight tiles (the down kernel's stage, one weight tile, is smaller)."""
+    return (cfg["BLOCK_M"] + 2 * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_bytes
+
+
+def fit_shared_memory(cfg: dict[str, int], elem_bytes: int) -> dict[str, int]:
+    """Fewer stages (down to 2), then a shorter BLOCK_K (down to 16), until the stages fit."""
+    cfg = dict(cfg)
+    stages = cfg.get("num_stages", 2)
+    while gate_up_stage_bytes(cfg, elem_bytes) * stages > SHARED_MEMORY_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif cfg["BLOCK_K"] > 16:
+            cfg["BLOCK_K"] //= 2
+        else:
+            break
+    if "num_stages" in cfg:
+        cfg["num_stages"] = stages
+    return cfg
 
 
 @functools.lru_cache(maxsize=256)
