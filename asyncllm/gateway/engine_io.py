@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from asyncllm.engine.engine_client import EngineClient, ServedModel
+from asyncllm.gateway.chat_render import render_chat
 from asyncllm.gateway.limits import GatewayError, Limits, engine_dead_error
 from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.settings import GatewaySettings
@@ -27,6 +28,7 @@ from asyncllm.protocol import (
     StreamId,
 )
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+from asyncllm.tools import ToolCallParser, get_parser, parser_for_model
 
 # Prompts up to this many characters are tokenized on the event loop (tens of microseconds),
 # longer ones in a worker thread.
@@ -79,6 +81,7 @@ class EngineIO:
             settings.retry_after,
         )
         self._ids = itertools.count()
+        self._tool_parser: ToolCallParser | None = None
         if engine.model_config is not None:
             self.bind()
 
@@ -95,6 +98,14 @@ class EngineIO:
         if mc is None:
             raise RuntimeError("the engine has not loaded its model yet (start it first)")
         return mc
+
+    @property
+    def tool_parser(self) -> ToolCallParser:
+        """How this model writes tool calls: --tool-call-parser, or chosen from the tokenizer."""
+        if self._tool_parser is None:
+            name = self.settings.tool_call_parser or parser_for_model(self.tokenizer)
+            self._tool_parser = get_parser(name)
+        return self._tool_parser
 
     @property
     def model_name(self) -> str:
@@ -139,11 +150,16 @@ class EngineIO:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def _encode_chat_sync(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat_sync(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tok, messages, tools, template_kwargs)
         # The template already holds any BOS token.
         return list(tok.encode(text, add_special_tokens=False))
 
@@ -160,9 +176,11 @@ class EngineIO:
 
     async def encode(
         self,
-        messages: list[dict[str, str]] | None,
+        messages: list[dict[str, Any]] | None,
         prompt: str | list[int] | None,
         id: StreamId | None,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of a chat (messages) or a plain prompt, checked against the prompt limit.
         A long prompt is tokenized in a worker thread, so it cannot stall every other stream; a
@@ -171,12 +189,17 @@ class EngineIO:
         try:
             if messages is not None:
                 size = sum(len(m["content"]) for m in messages)  # parse_messages: strings
-                fn: Callable[[Any], list[int]] = self._encode_chat_sync
+                if tools:
+                    size += INLINE_ENCODE_CHARS  # rendering tools' schemas: off the loop
+
+                def fn(msgs: Any) -> list[int]:
+                    return self._encode_chat_sync(msgs, tools, template_kwargs)
+
                 arg: Any = messages
             else:
                 assert prompt is not None
                 size = len(prompt)  # characters, or token ids to range-check
-                fn, arg = self._encode_text_sync, prompt
+                fn, arg = self._encode_text_sync, prompt  # type: ignore[assignment]
             if size <= INLINE_ENCODE_CHARS:
                 ids = fn(arg)
             else:

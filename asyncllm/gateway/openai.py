@@ -30,6 +30,10 @@ from asyncllm.protocol import (
     parse_params,
     parse_prompt,
 )
+from asyncllm.tools import NONE, ToolCallStream
+
+# vLLM's extra sampling switches, passed to SamplingParams as they are.
+_VLLM_FLAGS = ("skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -46,8 +50,11 @@ _ERROR_TYPES = {
 _IGNORED = frozenset(
     {"model", "messages", "prompt", "stream", "stream_options", "user", "store", "metadata"}
     | {"service_tier", "parallel_tool_calls", "max_completion_tokens", "echo", "best_of"}
-    | {"suffix", "logit_bias", "response_format", "tools", "tool_choice", "functions"}
-    | {"function_call", "modalities", "prediction", "audio", "reasoning_effort"}
+    | {"suffix", "functions", "function_call", "modalities", "prediction", "audio"}
+    | {"reasoning_effort"}
+    | set(_VLLM_FLAGS)
+    | {"chat_template_kwargs", "add_generation_prompt", "add_special_tokens", "request_id"}
+    | {"use_beam_search", "length_penalty", "documents", "mm_processor_kwargs"}
 )
 
 
@@ -94,16 +101,16 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise GatewayError(INVALID_REQUEST, f"{name} are not supported by this server")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise GatewayError(INVALID_REQUEST, "only response_format {'type': 'text'} is supported")
-    if body.get("logit_bias"):
-        raise GatewayError(INVALID_REQUEST, "logit_bias is not supported over HTTP")
+    if body.get("functions"):
+        raise GatewayError(INVALID_REQUEST, "functions (deprecated) are not supported: use tools")
     if body.get("echo") or (body.get("best_of") not in (None, 1)) or body.get("suffix"):
         raise GatewayError(INVALID_REQUEST, "echo, best_of and suffix are not supported")
+    for name in _VLLM_FLAGS:
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise GatewayError(INVALID_REQUEST, f"{name} must be true or false")
+    ctk = body.get("chat_template_kwargs")
+    if ctk is not None and not isinstance(ctk, dict):
+        raise GatewayError(INVALID_REQUEST, "chat_template_kwargs must be an object")
 
 
 def _params(body: dict[str, Any], chat: bool) -> GenParams:
@@ -145,7 +152,7 @@ class _Completion:
     """Accumulates the pieces of one request for a non-streaming answer."""
 
     def __init__(self, n: int):
-        self.text = [[] for _ in range(n)]
+        self.text: list[list[str]] = [[] for _ in range(n)]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.tokens = 0
@@ -176,6 +183,41 @@ def _legacy_logprobs(lps: list[dict[str, Any]], offset0: int = 0) -> dict[str, A
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def _tool_delta(ts: ToolCallStream, p: Piece) -> tuple[dict[str, Any], str | None]:
+    """One piece of a chat choice with tools -> its delta (content and/or tool-call pieces)."""
+    d = ts.feed(p.text)
+    content, calls = d.content, list(d.tool_calls)
+    finish = p.finish_reason
+    if finish:
+        end = ts.finish()
+        content += end.content
+        calls += end.tool_calls
+        finish = ts.finish_reason(finish)
+    delta: dict[str, Any] = {}
+    if content:
+        delta["content"] = content
+    if calls:
+        delta["tool_calls"] = calls
+    return delta, finish
+
+
+async def _primed(gen: AsyncIterator[list[Piece]]) -> AsyncIterator[list[Piece]]:
+    """`gen` with its first item already taken (its errors raised here), then the rest."""
+    try:
+        first = await gen.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def rest() -> AsyncIterator[list[Piece]]:
+        async with aclosing(gen):
+            if first is not None:
+                yield first
+            async for item in gen:
+                yield item
+
+    return rest()
 
 
 class OpenAIRoutes:
@@ -214,6 +256,9 @@ class OpenAIRoutes:
         _refuse_unsupported(body)
         stream, include_usage = _stream_flag(body)
         gp = _params(body, chat)
+        if not chat and gp.tools:
+            raise GatewayError(INVALID_REQUEST, "tools are for chat completions")
+        tools = gp.tools if gp.tool_choice != NONE else None
         if chat:
             if "messages" not in body:
                 raise GatewayError(INVALID_REQUEST, "messages is required")
@@ -229,7 +274,10 @@ class OpenAIRoutes:
             messages, prompt = None, parse_prompt(raw)
         io.admit()
         params = io.sampling_params(gp, default_max_tokens=None if chat else 16)
-        ids = await io.encode(messages, prompt, None)
+        for name in _VLLM_FLAGS:
+            if body.get(name) is not None:
+                setattr(params, name, body[name])
+        ids = await io.encode(messages, prompt, None, tools, body.get("chat_template_kwargs"))
         io.admit()
         rid = io.new_request_id("chatcmpl" if chat else "cmpl")
         api = "chat" if chat else "completions"
@@ -239,8 +287,18 @@ class OpenAIRoutes:
             "created": int(time.time()),
             "model": io.model_name,
         }
+
+        def tool_streams() -> list[ToolCallStream] | None:
+            if not tools:
+                return None
+            return [ToolCallStream(gp.tool_choice, io.tool_parser) for _ in range(gp.n)]
+
         if stream:
-            body_iter = self._sse(gen, meta, chat, gp.n, len(ids), include_usage)
+            if params.structured_outputs is not None:
+                # A constraint that does not compile is the caller's error: answer 400, not a
+                # stream that breaks. The first output comes after the engine compiled it.
+                gen = await _primed(gen)
+            body_iter = self._sse(gen, meta, chat, gp.n, len(ids), include_usage, tool_streams())
             return StreamingResponse(
                 body_iter,
                 media_type="text/event-stream",
@@ -249,7 +307,7 @@ class OpenAIRoutes:
         result = await self._collect(request, gen, gp.n)
         if result is None:  # the client went away; the request was aborted
             return Response(status_code=499)
-        return json_response(self._full_body(result, meta, chat, len(ids)))
+        return json_response(self._full_body(result, meta, chat, len(ids), tool_streams()))
 
     async def _collect(self, request: Request, gen: Any, n: int) -> _Completion | None:
         comp = _Completion(n)
@@ -272,19 +330,34 @@ class OpenAIRoutes:
         return comp if done else None
 
     def _full_body(
-        self, c: _Completion, meta: dict[str, Any], chat: bool, prompt_tokens: int
+        self,
+        c: _Completion,
+        meta: dict[str, Any],
+        chat: bool,
+        prompt_tokens: int,
+        tool_streams: list[ToolCallStream] | None = None,
     ) -> dict[str, Any]:
         choices = []
         for i, parts in enumerate(c.text):
             text = "".join(parts)
             lps = c.logprobs[i]
             if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                finish = c.finish[i] or "stop"
+                if tool_streams is not None:
+                    ts = tool_streams[i]
+                    ts.feed(text)
+                    ts.finish()
+                    finish = ts.finish_reason(finish) or finish
+                    if ts.calls:
+                        message["content"] = "".join(ts.content) or None
+                        message["tool_calls"] = [call.to_openai() for call in ts.calls]
                 choices.append(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": {"content": _chat_logprobs(lps)} if lps else None,
-                        "finish_reason": c.finish[i] or "stop",
+                        "finish_reason": finish,
                     }
                 )
             else:
@@ -315,6 +388,7 @@ class OpenAIRoutes:
         n: int,
         prompt_tokens: int,
         include_usage: bool,
+        tool_streams: list[ToolCallStream] | None = None,
     ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage_null = {"usage": None} if include_usage else {}
@@ -350,14 +424,20 @@ class OpenAIRoutes:
                         if not (p.text or p.finish_reason or p.logprobs):
                             continue
                         if chat:
+                            delta: dict[str, Any] = {"content": p.text} if p.text else {}
+                            finish = p.finish_reason
+                            if tool_streams is not None:
+                                delta, finish = _tool_delta(tool_streams[p.index], p)
+                                if not (delta or finish or p.logprobs):
+                                    continue
                             choices.append(
                                 {
                                     "index": p.index,
-                                    "delta": {"content": p.text} if p.text else {},
+                                    "delta": delta,
                                     "logprobs": {"content": _chat_logprobs(p.logprobs)}
                                     if p.logprobs
                                     else None,
-                                    "finish_reason": p.finish_reason,
+                                    "finish_reason": finish,
                                 }
                             )
                         else:
