@@ -91,6 +91,9 @@ class EngineIO:
         if self.settings.max_prompt_tokens is not None:
             max_prompt = min(max_prompt, self.settings.max_prompt_tokens)
         self.limits.max_prompt_tokens = max_prompt
+        self.max_tokens_default = self.settings.max_tokens_default or _generation_max_tokens(
+            self.engine.model_config
+        )
 
     @property
     def _model(self) -> ServedModel:
@@ -135,9 +138,10 @@ class EngineIO:
     def sampling_params(
         self, gp: GenParams, id: StreamId | None = None, default_max_tokens: int | None = None
     ) -> SamplingParams:
-        """No max_tokens means `default_max_tokens` (None: up to max_model_len)."""
+        """No max_tokens means the server's default (--max-tokens-default, else the model's
+        generation_config), else `default_max_tokens` (None: up to max_model_len)."""
         kw = gp.sampling_kwargs()
-        kw.setdefault("max_tokens", default_max_tokens)
+        kw.setdefault("max_tokens", getattr(self, "max_tokens_default", None) or default_max_tokens)
         try:
             sp = SamplingParams(**kw)
         except (ValueError, TypeError) as e:
@@ -213,6 +217,18 @@ class EngineIO:
         self.limits.check_prompt(len(ids), id)
         return ids
 
+    def check_length(self, prompt_tokens: int, max_tokens: int | None, id: StreamId | None) -> None:
+        """A prompt plus an explicit max_tokens beyond the context is refused, as vLLM does."""
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
+            raise GatewayError(
+                INVALID_REQUEST,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"prompt, {max_tokens} in the completion). Please reduce the length of the "
+                "prompt or completion.",
+                id,
+            )
+
     def admit(self, id: StreamId | None = None) -> None:
         self.check_alive(id)
         self.limits.check_queue(id)
@@ -263,7 +279,7 @@ class EngineIO:
                     else:
                         yield pieces
             if conv.finished:
-                outcome = _summary_outcome(conv.final_pieces)
+                outcome = _summary_outcome(conv.reasons)
         except GeneratorExit:
             outcome = "cancelled"
             raise
@@ -306,6 +322,8 @@ class _Converter:
         limits.queued += 1
         self.finished = False
         self.final_pieces: list[Piece] = []
+        self.ended: set[int] = set()  # indexes whose last piece went out
+        self.reasons: set[str] = set()
 
     def release_queue_slot(self) -> None:
         if self.queued:
@@ -317,6 +335,9 @@ class _Converter:
         m = self.m
         pieces = []
         for c in out.outputs:
+            if c.index in self.ended:
+                # An n > 1 request's final output repeats a choice that ended earlier.
+                continue
             n_new = len(c.token_ids)
             if n_new:
                 if self.queued:
@@ -331,6 +352,9 @@ class _Converter:
             if self.params.logprobs is not None and c.logprobs:
                 lps = format_logprobs(c.token_ids, c.logprobs, self.k)
             fr = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
+            if fr is not None:
+                self.ended.add(c.index)
+                self.reasons.add(fr)
             pieces.append(Piece(c.index, c.text, list(c.token_ids), lps, fr))
         if out.finished:
             self.finished = True
@@ -338,8 +362,22 @@ class _Converter:
         return pieces
 
 
-def _summary_outcome(pieces: list[Piece]) -> str:
-    reasons = {p.finish_reason for p in pieces if p.finish_reason}
+def _generation_max_tokens(model_config: Any) -> int | None:
+    """The model's generation_config.json max_new_tokens (or max_length), if it sets one."""
+    import json
+    import os
+
+    path = os.path.join(str(getattr(model_config, "path", "")), "generation_config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_new_tokens")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _summary_outcome(reasons: set[str]) -> str:
     if not reasons:
         return "stop"
-    return sorted(reasons)[0] if len(reasons) > 1 else reasons.pop()
+    return sorted(reasons)[0] if len(reasons) > 1 else next(iter(reasons))

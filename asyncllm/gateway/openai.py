@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,6 +22,12 @@ from starlette.responses import Response, StreamingResponse
 
 from asyncllm.gateway.engine_io import EngineIO, Piece
 from asyncllm.gateway.limits import GatewayError
+from asyncllm.gateway.openai_prompts import (
+    completion_prompts,
+    echo_text,
+    merge_pieces,
+    with_suffix,
+)
 from asyncllm.protocol import (
     INVALID_REQUEST,
     TOO_LARGE,
@@ -28,7 +35,6 @@ from asyncllm.protocol import (
     ProtocolError,
     parse_messages,
     parse_params,
-    parse_prompt,
 )
 from asyncllm.tools import NONE, ToolCallStream
 
@@ -103,8 +109,8 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("functions"):
         raise GatewayError(INVALID_REQUEST, "functions (deprecated) are not supported: use tools")
-    if body.get("echo") or (body.get("best_of") not in (None, 1)) or body.get("suffix"):
-        raise GatewayError(INVALID_REQUEST, "echo, best_of and suffix are not supported")
+    if body.get("best_of") not in (None, 1):
+        raise GatewayError(INVALID_REQUEST, "best_of is not supported")
     for name in _VLLM_FLAGS:
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise GatewayError(INVALID_REQUEST, f"{name} must be true or false")
@@ -148,11 +154,35 @@ def _chat_logprobs(lps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**one(d), "top_logprobs": [one(t) for t in d["top_logprobs"]]} for d in lps]
 
 
+@dataclass
+class _Shape:
+    """What the answer's body needs to know besides the pieces."""
+
+    n: int  # choices in all
+    per_prompt: int  # the request's n
+    prompt_tokens: int
+    echo: list[str] | None  # per prompt: its text, put before its choices' text
+    token_ids: list[list[int]] | None  # per prompt: its token ids (return_token_ids)
+
+    def prompt_of(self, index: int) -> int:
+        return index // self.per_prompt
+
+    def extra(self, index: int, chat: bool, token_ids: list[int]) -> dict[str, Any]:
+        """return_token_ids: a choice's generated ids (and a completion's prompt ids, as vLLM)."""
+        if self.token_ids is None:
+            return {}
+        out: dict[str, Any] = {"token_ids": token_ids}
+        if not chat:
+            out["prompt_token_ids"] = self.token_ids[self.prompt_of(index)]
+        return out
+
+
 class _Completion:
     """Accumulates the pieces of one request for a non-streaming answer."""
 
     def __init__(self, n: int):
         self.text: list[list[str]] = [[] for _ in range(n)]
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.tokens = 0
@@ -160,6 +190,7 @@ class _Completion:
     def add(self, pieces: list[Piece]) -> None:
         for p in pieces:
             self.text[p.index].append(p.text)
+            self.token_ids[p.index].extend(p.token_ids)
             if p.logprobs:
                 self.logprobs[p.index].extend(p.logprobs)
             if p.finish_reason:
@@ -259,29 +290,47 @@ class OpenAIRoutes:
         if not chat and gp.tools:
             raise GatewayError(INVALID_REQUEST, "tools are for chat completions")
         tools = gp.tools if gp.tool_choice != NONE else None
+        echo = body.get("echo") or False
+        if not isinstance(echo, bool) or (echo and chat):
+            raise GatewayError(INVALID_REQUEST, "echo must be true or false (completions only)")
+        messages = None
         if chat:
             if "messages" not in body:
                 raise GatewayError(INVALID_REQUEST, "messages is required")
-            messages, prompt = parse_messages(body["messages"]), None
+            messages = parse_messages(body["messages"])
+            prompts: list[Any] = [None]
         else:
             if "prompt" not in body:
                 raise GatewayError(INVALID_REQUEST, "prompt is required")
-            raw = body["prompt"]
-            if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
-                raw = raw[0]  # a batch of one
-            elif isinstance(raw, list) and raw and isinstance(raw[0], (str, list)):
-                raise GatewayError(INVALID_REQUEST, "send one prompt per request")
-            messages, prompt = None, parse_prompt(raw)
+            prompts = completion_prompts(body["prompt"])
+            if body.get("suffix") is not None:
+                if echo:
+                    raise GatewayError(INVALID_REQUEST, "echo and suffix do not go together")
+                prompts = with_suffix(io.tokenizer, prompts, body["suffix"])
         io.admit()
         params = io.sampling_params(gp, default_max_tokens=None if chat else 16)
         for name in _VLLM_FLAGS:
             if body.get(name) is not None:
                 setattr(params, name, body[name])
-        ids = await io.encode(messages, prompt, None, tools, body.get("chat_template_kwargs"))
+        id_lists = []
+        for prompt in prompts:
+            ids = await io.encode(messages, prompt, None, tools, body.get("chat_template_kwargs"))
+            io.check_length(len(ids), gp.max_tokens, None)
+            id_lists.append(ids)
         io.admit()
-        rid = io.new_request_id("chatcmpl" if chat else "cmpl")
         api = "chat" if chat else "completions"
-        gen = io.generate(ids, params, gp.priority, api, rid)
+        gens = [
+            io.generate(ids, params.clone(), gp.priority, api, io.new_request_id(api))
+            for ids in id_lists
+        ]
+        gen = gens[0] if len(gens) == 1 else merge_pieces(gens, gp.n)
+        out = _Shape(
+            n=gp.n * len(gens),
+            per_prompt=gp.n,
+            prompt_tokens=sum(len(ids) for ids in id_lists),
+            echo=[echo_text(io.tokenizer, p) for p in prompts] if echo else None,
+            token_ids=id_lists if gp.return_token_ids else None,
+        )
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -298,16 +347,16 @@ class OpenAIRoutes:
                 # A constraint that does not compile is the caller's error: answer 400, not a
                 # stream that breaks. The first output comes after the engine compiled it.
                 gen = await _primed(gen)
-            body_iter = self._sse(gen, meta, chat, gp.n, len(ids), include_usage, tool_streams())
+            body_iter = self._sse(gen, meta, chat, out, include_usage, tool_streams())
             return StreamingResponse(
                 body_iter,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        result = await self._collect(request, gen, gp.n)
+        result = await self._collect(request, gen, out.n)
         if result is None:  # the client went away; the request was aborted
             return Response(status_code=499)
-        return json_response(self._full_body(result, meta, chat, len(ids), tool_streams()))
+        return json_response(self._full_body(result, meta, chat, out, tool_streams()))
 
     async def _collect(self, request: Request, gen: Any, n: int) -> _Completion | None:
         comp = _Completion(n)
@@ -334,13 +383,14 @@ class OpenAIRoutes:
         c: _Completion,
         meta: dict[str, Any],
         chat: bool,
-        prompt_tokens: int,
+        shape: _Shape,
         tool_streams: list[ToolCallStream] | None = None,
     ) -> dict[str, Any]:
         choices = []
         for i, parts in enumerate(c.text):
             text = "".join(parts)
             lps = c.logprobs[i]
+            extra = shape.extra(i, chat, c.token_ids[i])
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
                 finish = c.finish[i] or "stop"
@@ -358,40 +408,47 @@ class OpenAIRoutes:
                         "message": message,
                         "logprobs": {"content": _chat_logprobs(lps)} if lps else None,
                         "finish_reason": finish,
+                        **extra,
                     }
                 )
             else:
+                if shape.echo is not None:
+                    text = shape.echo[shape.prompt_of(i)] + text
                 choices.append(
                     {
                         "index": i,
                         "text": text,
                         "logprobs": _legacy_logprobs(lps) if lps else None,
                         "finish_reason": c.finish[i] or "stop",
+                        **extra,
                     }
                 )
-        return {
+        body = {
             **meta,
             "object": "chat.completion" if chat else "text_completion",
             "choices": choices,
             "usage": {
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": shape.prompt_tokens,
                 "completion_tokens": c.tokens,
-                "total_tokens": prompt_tokens + c.tokens,
+                "total_tokens": shape.prompt_tokens + c.tokens,
             },
         }
+        if chat and shape.token_ids is not None:
+            body["prompt_token_ids"] = shape.token_ids[0]
+        return body
 
     async def _sse(
         self,
         gen: Any,
         meta: dict[str, Any],
         chat: bool,
-        n: int,
-        prompt_tokens: int,
+        shape: _Shape,
         include_usage: bool,
         tool_streams: list[ToolCallStream] | None = None,
     ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage_null = {"usage": None} if include_usage else {}
+        n = shape.n
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             return (
@@ -403,6 +460,7 @@ class OpenAIRoutes:
         tokens = 0
         offsets = [0] * n
         if chat:  # the role comes first, once per choice
+            first = {"prompt_token_ids": shape.token_ids[0]} if shape.token_ids else {}
             yield event(
                 [
                     {
@@ -414,22 +472,40 @@ class OpenAIRoutes:
                     for i in range(n)
                 ],
                 **usage_null,
+                **first,
             )
+        elif shape.echo is not None or shape.token_ids is not None:
+            # echo: the prompt first, as its choices' first text
+            firsts = []
+            for i in range(n):
+                text = shape.echo[shape.prompt_of(i)] if shape.echo is not None else ""
+                offsets[i] = len(text)
+                firsts.append(
+                    {
+                        "index": i,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": None,
+                        **shape.extra(i, chat, []),
+                    }
+                )
+            yield event(firsts, **usage_null)
         try:
             async with aclosing(gen):
                 async for pieces in gen:
                     choices = []
                     for p in pieces:
                         tokens += len(p.token_ids)
-                        if not (p.text or p.finish_reason or p.logprobs):
+                        if not (p.text or p.finish_reason or p.logprobs or p.token_ids):
                             continue
+                        extra = {"token_ids": p.token_ids} if shape.token_ids is not None else {}
                         if chat:
                             delta: dict[str, Any] = {"content": p.text} if p.text else {}
                             finish = p.finish_reason
                             if tool_streams is not None:
                                 delta, finish = _tool_delta(tool_streams[p.index], p)
-                                if not (delta or finish or p.logprobs):
-                                    continue
+                            if not (delta or finish or p.logprobs or extra):
+                                continue
                             choices.append(
                                 {
                                     "index": p.index,
@@ -438,9 +514,12 @@ class OpenAIRoutes:
                                     if p.logprobs
                                     else None,
                                     "finish_reason": finish,
+                                    **extra,
                                 }
                             )
                         else:
+                            if not (p.text or p.finish_reason or p.logprobs or extra):
+                                continue
                             choices.append(
                                 {
                                     "index": p.index,
@@ -449,6 +528,7 @@ class OpenAIRoutes:
                                     if p.logprobs
                                     else None,
                                     "finish_reason": p.finish_reason,
+                                    **extra,
                                 }
                             )
                             offsets[p.index] += len(p.text)
@@ -460,9 +540,9 @@ class OpenAIRoutes:
             yield b"data: " + orjson.dumps(err) + b"\n\n"
         if include_usage:
             usage = {
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": shape.prompt_tokens,
                 "completion_tokens": tokens,
-                "total_tokens": prompt_tokens + tokens,
+                "total_tokens": shape.prompt_tokens + tokens,
             }
             yield event([], usage=usage)
         yield b"data: [DONE]\n\n"
