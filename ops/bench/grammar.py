@@ -1,0 +1,154 @@
+"""Overhead of constrained decoding: the same 64 streams with and without a grammar.
+
+    python -m ops.bench.grammar [--device cpu|cuda] [--streams 64] [--max-tokens 64] [--rounds 2]
+
+Both runs sample at temperature 1.0 with per-request seeds and ignore EOS, so every stream runs
+to max_tokens and the two tok/s figures count the same work. The constraint is a JSON schema
+whose one string field must be longer than max_tokens can write (minLength), so no constrained
+stream can finish early either: every step fills and applies a bitmask for all 64 rows. Rounds
+alternate (A B A B ...) against drift on a shared machine; the record is the median of each.
+A micro figure beside it: the host fill plus the batched apply of one step's 64-row bitmask.
+Target: constrained >= 0.95x unconstrained tok/s. Writes results/grammar-<cpu|gpu>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ops.bench import results
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 2000, "maxLength": 4000}},
+    "required": ["story"],
+    "additionalProperties": False,
+}
+
+
+def _prompts(n: int) -> list[list[dict[str, str]]]:
+    topics = ["a cat", "the sea", "a robot", "winter", "a city", "music", "a garden", "trains"]
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"Write a JSON object with a long story about {topics[i % 8]}.",
+            }
+        ]
+        for i in range(n)
+    ]
+
+
+def _run(llm: Any, prompts: list, constrained: bool, max_tokens: int) -> dict[str, Any]:
+    from asyncllm import SamplingParams
+    from asyncllm.sampling_params import StructuredOutputsParams
+
+    so = StructuredOutputsParams(json=SCHEMA) if constrained else None
+    params = [
+        SamplingParams(
+            temperature=1.0, seed=i, max_tokens=max_tokens, ignore_eos=True, structured_outputs=so
+        )
+        for i in range(len(prompts))
+    ]
+    t0 = time.perf_counter()
+    outs = llm.chat(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    reasons = sorted({o.outputs[0].finish_reason for o in outs})
+    if constrained:
+        bad = [
+            o.outputs[0].text[:40] for o in outs if not o.outputs[0].text.startswith('{"story": "')
+        ]
+        assert not bad, f"constrained outputs that do not follow the schema: {bad[:3]}"
+    return {"elapsed_s": elapsed, "output_tokens": n, "tok_per_s": n / elapsed, "reasons": reasons}
+
+
+def _micro(llm: Any, streams: int, reps: int = 20) -> dict[str, float]:
+    """One step's bitmask for `streams` rows: host fill, then the batched apply."""
+    import torch
+
+    from asyncllm.engine.grammar import apply_bitmask
+    from asyncllm.sampling_params import StructuredOutputsParams
+
+    engine = llm.llm_engine
+    g = engine.grammar
+    compiled = g.compile(StructuredOutputsParams(json=SCHEMA))
+    matchers = [g.matcher(compiled) for _ in range(streams)]
+    for m in matchers:
+        m.accept_string('{"story": "Once')  # inside the string: most tokens allowed
+    device = engine.model_config.device
+    logits = torch.randn(streams, engine.vocab_size, device=device)
+    idx = list(range(streams))
+    fill, apply = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        bm = g.fill(streams, matchers, idx)
+        t1 = time.perf_counter()
+        apply_bitmask(logits, bm)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        fill.append(t1 - t0)
+        apply.append(t2 - t1)
+    return {
+        "fill_ms": statistics.median(fill) * 1e3,
+        "apply_ms": statistics.median(apply) * 1e3,
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default=None, help="default: the default model (SmolLM2-135M)")
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=str(results.RESULTS_DIR))
+    args = p.parse_args(argv)
+
+    from asyncllm import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device)
+    prompts = _prompts(args.streams)
+    # warm-up: the model, the grammar backend and the schema's compilation
+    llm.chat(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
+    _run(llm, prompts[:2], True, 4)
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for r in range(args.rounds):
+        for constrained in (False, True) if r % 2 == 0 else (True, False):
+            res = _run(llm, prompts, constrained, args.max_tokens)
+            runs[constrained].append(res)
+            print(("grammar " if constrained else "free    "), res, flush=True)
+    free = statistics.median(x["tok_per_s"] for x in runs[False])
+    cons = statistics.median(x["tok_per_s"] for x in runs[True])
+    micro = _micro(llm, args.streams)
+    ratio = cons / free
+    rec = results.record(
+        "grammar_overhead",
+        cons,
+        "tok/s",
+        "unconstrained",
+        free,
+        None,
+        streams=args.streams,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        overhead_pct=round((1 - ratio) * 100, 2),
+        target="constrained >= 0.95x unconstrained tok/s",
+        target_met=ratio >= 0.95,
+        step_bitmask_ms=micro,
+        runs={"unconstrained": runs[False], "constrained": runs[True]},
+        load1_end=round(__import__("os").getloadavg()[0], 2),
+    )
+    path = results.write(rec, "grammar", Path(args.out))
+    print(f"unconstrained {free:.1f} tok/s, constrained {cons:.1f} tok/s: ratio {ratio:.3f}")
+    print(f"step bitmask at {args.streams} rows: {micro}")
+    print("wrote", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
