@@ -145,3 +145,35 @@ def test_bounded_json_strings_refuse_control_characters(llms):
     assert m.accept_string('{"a": "x')
     assert not m.accept_string("\x06")
     assert m.accept_string('y"}')
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_apply_bitmask_matches_the_cpu():
+    torch.manual_seed(0)
+    n, vocab = 64, 49152 + 17
+    logits = torch.randn(n, vocab)
+    mask = torch.randint(-(2**31), 2**31 - 1, (n, bitmask_width(vocab)), dtype=torch.int32)
+    for rows in (list(range(n)), list(range(0, n, 3))):
+        want = logits.clone()
+        apply_bitmask(want, StepBitmask(mask, rows))
+        got = logits.cuda()
+        apply_bitmask(got, StepBitmask(mask, rows))
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_constraints_hold_with_async_scheduling_and_cuda_graphs(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cuda", max_model_len=256)
+    assert llm.llm_engine.async_scheduling
+    params = [_params(StructuredOutputsParams(json=SCHEMA), seed=s) for s in range(6)]
+    params.append(SamplingParams(temperature=1.0, seed=9, max_tokens=8, ignore_eos=True))
+    outs = llm.generate([f"p{i}" for i in range(7)], params, use_tqdm=False)
+    for o in outs[:6]:
+        assert o.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+    assert len(outs[6].outputs[0].token_ids) == 8

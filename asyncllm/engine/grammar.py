@@ -109,13 +109,19 @@ class GrammarBackend:
 
 def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
     """Masked-out tokens of the bitmask's rows -> -inf, in place, in one batched pass. On a GPU
-    the host mask travels by an async copy from pinned memory: no host sync."""
+    the mask and the row indices travel by async copies from pinned memory (xgrammar's Triton
+    kernel then reads them): no host sync."""
     import xgrammar as xgr
 
     mask = bm.mask
+    indices: list[int] | torch.Tensor | None = bm.indices
+    if bm.indices == list(range(logits.shape[0])):
+        indices = None
     if logits.device.type == "cuda":
         mask = mask.pin_memory().to(logits.device, non_blocking=True)
-    indices = None if bm.indices == list(range(logits.shape[0])) else bm.indices
+        if indices is not None:
+            host = torch.tensor(bm.indices, dtype=torch.int32).pin_memory()
+            indices = host.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=indices)
 
 

@@ -58,7 +58,7 @@ def _run(llm: Any, prompts: list, constrained: bool, max_tokens: int) -> dict[st
     elapsed = time.perf_counter() - t0
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     reasons = sorted({o.outputs[0].finish_reason for o in outs})
-    if constrained:
+    if constrained and max_tokens >= 8:
         bad = [
             o.outputs[0].text[:40] for o in outs if not o.outputs[0].text.startswith('{"story": "')
         ]
