@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -22,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 
 from asyncllm.gateway.engine_io import EngineIO, Piece
 from asyncllm.gateway.limits import GatewayError
+from asyncllm.gateway.openai_choices import Shape, primed, tool_delta
 from asyncllm.gateway.openai_prompts import (
     completion_prompts,
     echo_text,
@@ -154,29 +154,6 @@ def _chat_logprobs(lps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**one(d), "top_logprobs": [one(t) for t in d["top_logprobs"]]} for d in lps]
 
 
-@dataclass
-class _Shape:
-    """What the answer's body needs to know besides the pieces."""
-
-    n: int  # choices in all
-    per_prompt: int  # the request's n
-    prompt_tokens: int
-    echo: list[str] | None  # per prompt: its text, put before its choices' text
-    token_ids: list[list[int]] | None  # per prompt: its token ids (return_token_ids)
-
-    def prompt_of(self, index: int) -> int:
-        return index // self.per_prompt
-
-    def extra(self, index: int, chat: bool, token_ids: list[int]) -> dict[str, Any]:
-        """return_token_ids: a choice's generated ids (and a completion's prompt ids, as vLLM)."""
-        if self.token_ids is None:
-            return {}
-        out: dict[str, Any] = {"token_ids": token_ids}
-        if not chat:
-            out["prompt_token_ids"] = self.token_ids[self.prompt_of(index)]
-        return out
-
-
 class _Completion:
     """Accumulates the pieces of one request for a non-streaming answer."""
 
@@ -214,41 +191,6 @@ def _legacy_logprobs(lps: list[dict[str, Any]], offset0: int = 0) -> dict[str, A
         "top_logprobs": tops,
         "text_offset": offsets,
     }
-
-
-def _tool_delta(ts: ToolCallStream, p: Piece) -> tuple[dict[str, Any], str | None]:
-    """One piece of a chat choice with tools -> its delta (content and/or tool-call pieces)."""
-    d = ts.feed(p.text)
-    content, calls = d.content, list(d.tool_calls)
-    finish = p.finish_reason
-    if finish:
-        end = ts.finish()
-        content += end.content
-        calls += end.tool_calls
-        finish = ts.finish_reason(finish)
-    delta: dict[str, Any] = {}
-    if content:
-        delta["content"] = content
-    if calls:
-        delta["tool_calls"] = calls
-    return delta, finish
-
-
-async def _primed(gen: AsyncIterator[list[Piece]]) -> AsyncIterator[list[Piece]]:
-    """`gen` with its first item already taken (its errors raised here), then the rest."""
-    try:
-        first = await gen.__anext__()
-    except StopAsyncIteration:
-        first = None
-
-    async def rest() -> AsyncIterator[list[Piece]]:
-        async with aclosing(gen):
-            if first is not None:
-                yield first
-            async for item in gen:
-                yield item
-
-    return rest()
 
 
 class OpenAIRoutes:
@@ -324,7 +266,7 @@ class OpenAIRoutes:
             for ids in id_lists
         ]
         gen = gens[0] if len(gens) == 1 else merge_pieces(gens, gp.n)
-        out = _Shape(
+        out = Shape(
             n=gp.n * len(gens),
             per_prompt=gp.n,
             prompt_tokens=sum(len(ids) for ids in id_lists),
@@ -346,7 +288,7 @@ class OpenAIRoutes:
             if params.structured_outputs is not None:
                 # A constraint that does not compile is the caller's error: answer 400, not a
                 # stream that breaks. The first output comes after the engine compiled it.
-                gen = await _primed(gen)
+                gen = await primed(gen)
             body_iter = self._sse(gen, meta, chat, out, include_usage, tool_streams())
             return StreamingResponse(
                 body_iter,
@@ -383,7 +325,7 @@ class OpenAIRoutes:
         c: _Completion,
         meta: dict[str, Any],
         chat: bool,
-        shape: _Shape,
+        shape: Shape,
         tool_streams: list[ToolCallStream] | None = None,
     ) -> dict[str, Any]:
         choices = []
@@ -442,7 +384,7 @@ class OpenAIRoutes:
         gen: Any,
         meta: dict[str, Any],
         chat: bool,
-        shape: _Shape,
+        shape: Shape,
         include_usage: bool,
         tool_streams: list[ToolCallStream] | None = None,
     ) -> AsyncIterator[bytes]:
@@ -503,7 +445,7 @@ class OpenAIRoutes:
                             delta: dict[str, Any] = {"content": p.text} if p.text else {}
                             finish = p.finish_reason
                             if tool_streams is not None:
-                                delta, finish = _tool_delta(tool_streams[p.index], p)
+                                delta, finish = tool_delta(tool_streams[p.index], p)
                             if not (delta or finish or p.logprobs or extra):
                                 continue
                             choices.append(
