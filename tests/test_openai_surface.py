@@ -114,6 +114,11 @@ def test_return_token_ids_and_vllm_extras(client):
     )  # fmt: skip
     ids = [t for ch in stream for c in ch.choices for t in (c.model_extra.get("token_ids") or [])]
     assert len(ids) == 3
+    with pytest.raises(openai.BadRequestError, match="spaces_between_special_tokens"):
+        client.chat.completions.create(
+            model=client.model_id, messages=[{"role": "user", "content": "hi"}],
+            extra_body={"spaces_between_special_tokens": True},
+        )  # fmt: skip
     with pytest.raises(openai.BadRequestError, match="skip_special_tokens"):
         client.chat.completions.create(
             model=client.model_id, messages=[{"role": "user", "content": "hi"}],

@@ -254,6 +254,10 @@ class OpenAIRoutes:
         for name in _VLLM_FLAGS:
             if body.get(name) is not None:
                 setattr(params, name, body[name])
+        try:
+            params._verify()  # the flags' own rules (SamplingParams says which values it takes)
+        except ValueError as e:
+            raise GatewayError(INVALID_REQUEST, str(e)) from None
         id_lists = []
         for prompt in prompts:
             ids = await io.encode(messages, prompt, None, tools, body.get("chat_template_kwargs"))
@@ -284,11 +288,12 @@ class OpenAIRoutes:
                 return None
             return [ToolCallStream(gp.tool_choice, io.tool_parser) for _ in range(gp.n)]
 
+        if params.structured_outputs is not None:
+            # A constraint that does not compile is the caller's error: a 400 here, not a stream
+            # that breaks (nor an error inside the collecting task group). The first output
+            # comes after the engine compiled it.
+            gen = await primed(gen)
         if stream:
-            if params.structured_outputs is not None:
-                # A constraint that does not compile is the caller's error: answer 400, not a
-                # stream that breaks. The first output comes after the engine compiled it.
-                gen = await primed(gen)
             body_iter = self._sse(gen, meta, chat, out, include_usage, tool_streams())
             return StreamingResponse(
                 body_iter,
