@@ -450,9 +450,10 @@ def _parse_typed(obj: dict[str, Any], ftype: Any, fid: StreamId | None) -> Clien
     if ftype == COMPLETE:
         if "prompt" not in obj:
             raise ProtocolError(INVALID_REQUEST, "complete frame needs a prompt", fid)
-        return CompleteFrame(
-            fid, parse_prompt(obj["prompt"], fid), parse_params(obj.get("params"), fid), model
-        )
+        params = parse_params(obj.get("params"), fid)
+        if params.tools:
+            raise ProtocolError(INVALID_REQUEST, "params.tools are for chat frames", fid)
+        return CompleteFrame(fid, parse_prompt(obj["prompt"], fid), params, model)
     if ftype == CANCEL:
         return CancelFrame(fid)
     after = obj.get("after")

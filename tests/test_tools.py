@@ -216,3 +216,32 @@ def test_parser_for_model():
     t.chat_template = "{% if ipython %}<|python_tag|>{% endif %}"
     assert parser_for_model(t) == "llama3_json"
     assert parser_for_model(Tok({})) == "hermes"
+
+
+def test_ws_frames_take_constraints_and_refuse_tools_on_complete():
+    from asyncllm.protocol import parse_client_frame
+
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    f = parse_client_frame(
+        json.dumps(
+            {
+                "type": "chat",
+                "id": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "params": {"tools": tools, "tool_choice": "required"},
+            }
+        )
+    )
+    assert f.params.tool_choice == "required"
+    assert f.params.sampling_kwargs()["structured_outputs"]["json"]["minItems"] == 1
+    with pytest.raises(ProtocolError, match="chat frames"):
+        parse_client_frame(
+            json.dumps({"type": "complete", "id": 2, "prompt": "x", "params": {"tools": tools}})
+        )
+    with pytest.raises(ProtocolError, match="structured_outputs"):
+        parse_client_frame(
+            json.dumps(
+                {"type": "complete", "id": 3, "prompt": "x",
+                 "params": {"structured_outputs": {"regex": ""}}}
+            )
+        )  # fmt: skip
