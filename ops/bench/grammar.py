@@ -7,7 +7,9 @@ to max_tokens and the two tok/s figures count the same work. The constraint is a
 whose one string field must be longer than max_tokens can write (minLength), so no constrained
 stream can finish early either: every step fills and applies a bitmask for all 64 rows. Rounds
 alternate (A B A B ...) against drift on a shared machine; the record is the median of each.
-A micro figure beside it: the host fill plus the batched apply of one step's 64-row bitmask.
+A micro figure beside it: the host fill plus the batched apply of one step's 64-row bitmask,
+inside a JSON string (most tokens allowed) and at a structural position (few allowed);
+`--micro-only` measures just that (tokenizer only, no model), for a machine too busy for tok/s.
 Target: constrained >= 0.95x unconstrained tok/s. Writes results/grammar-<cpu|gpu>-<date>.json.
 """
 
@@ -66,21 +68,30 @@ def _run(llm: Any, prompts: list, constrained: bool, max_tokens: int) -> dict[st
     return {"elapsed_s": elapsed, "output_tokens": n, "tok_per_s": n / elapsed, "reasons": reasons}
 
 
-def _micro(llm: Any, streams: int, reps: int = 20) -> dict[str, float]:
-    """One step's bitmask for `streams` rows: host fill, then the batched apply."""
+def _micro(g: Any, vocab_size: int, device: Any, streams: int, reps: int = 20) -> dict[str, float]:
+    """One step's bitmask for `streams` rows: host fill, then the batched apply; inside a JSON
+    string (most tokens allowed) and at a structural position (few allowed)."""
+
+    from asyncllm.sampling_params import StructuredOutputsParams
+
+    compiled = g.compile(StructuredOutputsParams(json=SCHEMA))
+    out: dict[str, float] = {}
+    for where, prefix in (("in_string", '{"story": "Once'), ("structural", "{")):
+        matchers = [g.matcher(compiled) for _ in range(streams)]
+        for m in matchers:
+            m.accept_string(prefix)
+        out.update(_time_step(g, matchers, vocab_size, device, streams, reps, where))
+    return out
+
+
+def _time_step(
+    g: Any, matchers: list, vocab_size: int, device: Any, streams: int, reps: int, where: str
+) -> dict[str, float]:
     import torch
 
     from asyncllm.engine.grammar import apply_bitmask
-    from asyncllm.sampling_params import StructuredOutputsParams
 
-    engine = llm.llm_engine
-    g = engine.grammar
-    compiled = g.compile(StructuredOutputsParams(json=SCHEMA))
-    matchers = [g.matcher(compiled) for _ in range(streams)]
-    for m in matchers:
-        m.accept_string('{"story": "Once')  # inside the string: most tokens allowed
-    device = engine.model_config.device
-    logits = torch.randn(streams, engine.vocab_size, device=device)
+    logits = torch.randn(streams, vocab_size, device=device)
     idx = list(range(streams))
     fill, apply = [], []
     for _ in range(reps):
@@ -94,8 +105,8 @@ def _micro(llm: Any, streams: int, reps: int = 20) -> dict[str, float]:
         fill.append(t1 - t0)
         apply.append(t2 - t1)
     return {
-        "fill_ms": statistics.median(fill) * 1e3,
-        "apply_ms": statistics.median(apply) * 1e3,
+        f"{where}_fill_ms": round(statistics.median(fill) * 1e3, 3),
+        f"{where}_apply_ms": round(statistics.median(apply) * 1e3, 3),
     }
 
 
@@ -107,9 +118,17 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=str(results.RESULTS_DIR))
+    p.add_argument(
+        "--micro-only",
+        action="store_true",
+        help="only the step-bitmask timing (tokenizer, no model): for a machine too busy for tok/s",
+    )
     args = p.parse_args(argv)
 
     from asyncllm import LLM, SamplingParams
+
+    if args.micro_only:
+        return _micro_only(args)
 
     llm = LLM(args.model, device=args.device)
     prompts = _prompts(args.streams)
@@ -124,7 +143,8 @@ def main(argv: list[str] | None = None) -> Path:
             print(("grammar " if constrained else "free    "), res, flush=True)
     free = statistics.median(x["tok_per_s"] for x in runs[False])
     cons = statistics.median(x["tok_per_s"] for x in runs[True])
-    micro = _micro(llm, args.streams)
+    engine = llm.llm_engine
+    micro = _micro(engine.grammar, engine.vocab_size, engine.model_config.device, args.streams)
     ratio = cons / free
     rec = results.record(
         "grammar_overhead",
@@ -145,6 +165,36 @@ def main(argv: list[str] | None = None) -> Path:
     )
     path = results.write(rec, "grammar", Path(args.out))
     print(f"unconstrained {free:.1f} tok/s, constrained {cons:.1f} tok/s: ratio {ratio:.3f}")
+    print(f"step bitmask at {args.streams} rows: {micro}")
+    print("wrote", path)
+    return path
+
+
+def _micro_only(args: argparse.Namespace) -> Path:
+    import os
+
+    import torch
+
+    from asyncllm.engine.grammar import GrammarBackend
+    from asyncllm.engine.loader import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(args.model))
+    vocab = len(tok)
+    g = GrammarBackend(tok, vocab, [tok.eos_token_id])
+    micro = _micro(g, vocab, torch.device(args.device), args.streams)
+    rec = results.record(
+        "grammar_step_bitmask",
+        micro["in_string_fill_ms"] + micro["in_string_apply_ms"],
+        "ms",
+        None,
+        None,
+        None,
+        streams=args.streams,
+        device=args.device,
+        step_bitmask_ms=micro,
+        load1=round(os.getloadavg()[0], 2),
+    )
+    path = results.write(rec, "grammar-micro", Path(args.out))
     print(f"step bitmask at {args.streams} rows: {micro}")
     print("wrote", path)
     return path
