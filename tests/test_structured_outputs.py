@@ -76,6 +76,20 @@ def test_async_order_gives_the_synchronous_tokens(llms):
     assert got[True] == got[False]
 
 
+def test_constraints_survive_preemption_and_chunked_prefill(tiny_model_dir):
+    """Recompute keeps the generated tokens, so each matcher stays where it was."""
+    llm = LLM(
+        tiny_model_dir, max_model_len=256, num_kv_blocks=24, block_size=4, max_num_batched_tokens=8
+    )
+    ps = [_params(StructuredOutputsParams(json=SCHEMA), seed=s) for s in range(6)]
+    outs = llm.generate([f"prompt number {i} here" for i in range(6)], ps, use_tqdm=False)
+    for o in outs:
+        assert o.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
 def test_json_object_and_n_greater_than_one(llms):
     llm = llms[False]
     so = StructuredOutputsParams(json_object=True)
