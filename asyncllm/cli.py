@@ -128,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retry-after", type=int, default=gs.retry_after, help="seconds, on 429/503")
     s.add_argument("--ws-ping-interval", type=float, default=gs.ws_ping_interval)
     s.add_argument("--ws-ping-timeout", type=float, default=gs.ws_ping_timeout)
+    s.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "llama3_json", "mistral"],
+        help="how the model writes tool calls (tool_choice auto); default: chosen per model",
+    )
+    s.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=None,
+        help="max_tokens of requests that name none (default: the model's generation_config)",
+    )
     s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     s.add_argument("--ui-file", default=None, help="the chat page to serve at /")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -174,6 +186,8 @@ def settings_from(ns: argparse.Namespace) -> Any:
         ws_ping_interval=ns.ws_ping_interval,
         ws_ping_timeout=ns.ws_ping_timeout,
         ui=not ns.no_ui,
+        tool_call_parser=ns.tool_call_parser,
+        max_tokens_default=ns.max_tokens_default,
         freeze_gc=True,  # `asyncllm serve` owns its process
         **kw,
     )

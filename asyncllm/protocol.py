@@ -23,6 +23,12 @@ from typing import Any
 import orjson
 
 from asyncllm.sampling_params import PARAM_RANGES, check_param
+from asyncllm.structured import (
+    CONSTRAINT_FIELDS,
+    ConstraintError,
+    constraint_for,
+    parse_constraint_fields,
+)
 
 PROTOCOL_VERSION = 1
 WS_PATH = "/v1/ws"
@@ -53,7 +59,7 @@ INTERNAL = "internal"
 ERROR_CODES = (INVALID_REQUEST, UNAUTHORIZED, NOT_FOUND, TOO_LARGE, OVERLOADED, INTERNAL)
 
 # finish reasons on `done`
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+FINISH_REASONS = ("stop", "length", "cancelled", "error", "tool_calls")
 
 # WebSocket close codes the server uses when it ends a socket itself (4000-4999 are free for
 # applications; 1008/1013 are the standard "policy violation" / "try again later").
@@ -116,6 +122,11 @@ class GenParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int | None = None
+    # constraints (asyncllm.structured): checked plain values
+    structured_outputs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
+    logit_bias: dict[int, float] | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `asyncllm.SamplingParams` (only the fields that were given)."""
@@ -141,6 +152,11 @@ class GenParams:
             out["ignore_eos"] = True
         if self.logprobs or self.top_logprobs is not None:
             out["logprobs"] = self.top_logprobs or 0
+        so = constraint_for(self.structured_outputs, self.tools, self.tool_choice)
+        if so is not None:
+            out["structured_outputs"] = so
+        if self.logit_bias:
+            out["logit_bias"] = dict(self.logit_bias)
         return out
 
 
@@ -163,7 +179,9 @@ _NUMERIC_FIELDS = {
 }  # fmt: skip
 MAX_TOP_LOGPROBS = 20
 _BOOL_FIELDS = ("logprobs", "return_token_ids", "ignore_eos")
-PARAM_FIELDS = frozenset([*_NUMERIC_FIELDS, "priority", *_BOOL_FIELDS, "stop", "stop_token_ids"])
+PARAM_FIELDS = frozenset(
+    [*_NUMERIC_FIELDS, "priority", *_BOOL_FIELDS, "stop", "stop_token_ids", *CONSTRAINT_FIELDS]
+)
 
 
 def parse_params(
@@ -232,6 +250,10 @@ def parse_params(
                 INVALID_REQUEST, "params.stop_token_ids must be a list of token ids", id
             )
         kw["stop_token_ids"] = sti
+    try:
+        kw.update(parse_constraint_fields(obj))
+    except ConstraintError as e:
+        raise ProtocolError(INVALID_REQUEST, f"params: {e}", id) from None
     return GenParams(**kw)
 
 
@@ -278,9 +300,10 @@ def valid_id(v: Any) -> bool:
     return _is_int(v) and abs(v) < 2**53  # exact in JavaScript
 
 
-def parse_messages(obj: Any, id: StreamId | None = None) -> list[dict[str, str]]:
+def parse_messages(obj: Any, id: StreamId | None = None) -> list[dict[str, Any]]:
     """OpenAI chat messages: [{"role": str, "content": str | [{"type":"text","text":str}]}].
-    Text parts are joined; other part types are refused."""
+    Text parts are joined; other part types are refused. An assistant message may carry
+    `tool_calls` (content null) and a `tool` message its `tool_call_id`; both are kept."""
     if not isinstance(obj, list) or not obj:
         raise ProtocolError(INVALID_REQUEST, "messages must be a non-empty list", id)
     out = []
@@ -301,9 +324,47 @@ def parse_messages(obj: Any, id: StreamId | None = None) -> list[dict[str, str]]
                     raise ProtocolError(INVALID_REQUEST, f"messages[{i}] text must be a string", id)
                 parts.append(p["text"])
             content = "".join(parts)
+        calls = m.get("tool_calls")
+        if content is None and role == "assistant" and calls:
+            content = ""
         if not isinstance(content, str):
             raise ProtocolError(INVALID_REQUEST, f"messages[{i}].content must be a string", id)
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None:
+            msg["tool_calls"] = _parse_tool_calls(calls, i, id)
+        for key in ("tool_call_id", "name"):
+            v = m.get(key)
+            if v is not None:
+                if not isinstance(v, str):
+                    raise ProtocolError(
+                        INVALID_REQUEST, f"messages[{i}].{key} must be a string", id
+                    )
+                msg[key] = v
+        out.append(msg)
+    return out
+
+
+def _parse_tool_calls(calls: Any, i: int, id: StreamId | None) -> list[dict[str, Any]]:
+    bad = ProtocolError(
+        INVALID_REQUEST,
+        f"messages[{i}].tool_calls must be a list of "
+        "{'id', 'type': 'function', 'function': {'name', 'arguments'}}",
+        id,
+    )
+    if not isinstance(calls, list):
+        raise bad
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = orjson.dumps(args).decode()
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
     return out
 
 
@@ -389,9 +450,10 @@ def _parse_typed(obj: dict[str, Any], ftype: Any, fid: StreamId | None) -> Clien
     if ftype == COMPLETE:
         if "prompt" not in obj:
             raise ProtocolError(INVALID_REQUEST, "complete frame needs a prompt", fid)
-        return CompleteFrame(
-            fid, parse_prompt(obj["prompt"], fid), parse_params(obj.get("params"), fid), model
-        )
+        params = parse_params(obj.get("params"), fid)
+        if params.tools:
+            raise ProtocolError(INVALID_REQUEST, "params.tools are for chat frames", fid)
+        return CompleteFrame(fid, parse_prompt(obj["prompt"], fid), params, model)
     if ftype == CANCEL:
         return CancelFrame(fid)
     after = obj.get("after")
@@ -418,12 +480,17 @@ def delta_frame(
     index: int = 0,
     token_ids: list[int] | None = None,
     logprobs: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     f: dict[str, Any] = {"type": DELTA, "id": id, "seq": seq, "text": text, "index": index}
     if token_ids is not None:
         f["token_ids"] = token_ids
     if logprobs is not None:
         f["logprobs"] = logprobs
+    if tool_calls:
+        # OpenAI's streamed shape: {"index", "id", "type", "function": {"name", "arguments"}}
+        # first, then {"index", "function": {"arguments": piece}}; concatenate per index.
+        f["tool_calls"] = tool_calls
     return f
 
 

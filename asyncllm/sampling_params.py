@@ -91,6 +91,67 @@ def check_param(name: str, value: Any, label: str | None = None) -> str | None:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's names): exactly one of a JSON schema
+    (`json`, a dict or its JSON text), any JSON object (`json_object=True`), a regular
+    expression, a list of literal choices, or an EBNF grammar (GBNF, as xgrammar reads it). The
+    engine compiles it once per distinct constraint and masks every step's logits with it."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar")
+            if getattr(self, name) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                f"json_object; got {given or 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured_outputs.json must be a JSON schema (object or text)")
+        if isinstance(self.json, bool):
+            raise ValueError("structured_outputs.json must be a JSON schema")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("structured_outputs.json_object must be true or false")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar: its kind and its canonical text."""
+        import json as _json
+
+        if self.json is not None:
+            text = (
+                self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
+            )
+            return ("json", text)
+        if self.json_object:
+            return ("json_object", "")
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.choice is not None:
+            return ("choice", _json.dumps(self.choice))
+        assert self.grammar is not None
+        return ("grammar", self.grammar)
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     presence_penalty: float = 0.0
@@ -118,6 +179,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine, not the user: token ids that end generation besides stop_token_ids.
     _eos_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)
 
@@ -137,6 +199,11 @@ class SamplingParams:
                 raise ValueError(
                     f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
                 ) from e
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
@@ -181,6 +248,10 @@ class SamplingParams:
                 "is not supported: special tokens are decoded without spaces around them; "
                 "leave it False",
             )
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            fail("structured_outputs", "must be a StructuredOutputsParams")
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", "must be a RequestOutputKind")
 

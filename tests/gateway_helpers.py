@@ -39,7 +39,9 @@ class Server:
 
 
 @contextmanager
-def run_server(engine: EngineClient, settings: GatewaySettings | None = None) -> Iterator[Server]:
+def run_server(
+    engine: EngineClient, settings: GatewaySettings | None = None, start_timeout: float = 30
+) -> Iterator[Server]:
     """build_app + uvicorn on a random free port, in a thread; stopped (lifespan exit) after."""
     settings = settings or GatewaySettings()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -52,7 +54,7 @@ def run_server(engine: EngineClient, settings: GatewaySettings | None = None) ->
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")

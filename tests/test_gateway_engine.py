@@ -255,3 +255,31 @@ def test_openai_stop_seed_and_legacy_logprobs_match_llm(served, llm):
         assert lp.token_logprobs == pytest.approx(want_lps, abs=1e-4)
         assert len(lp.tokens) == len(lp.top_logprobs) == len(out.token_ids)
     assert wait_for(lambda: idle(engine)), engine.stats()
+
+
+def test_constrained_output_on_both_transports(served):
+    """A constraint crosses to the engine (thread or child process) with its SamplingParams; a
+    bad one is a 400 on either."""
+    import json
+
+    engine, srv = served
+    name = engine.model_config.served_model_name
+    with openai.OpenAI(base_url=srv.http + "/v1", api_key="none", max_retries=0) as c:
+        r = c.completions.create(
+            model=name, prompt=PROMPTS[0], max_tokens=30, temperature=1.0, seed=1,
+            extra_body={"structured_outputs": {"choice": ["alpha", "beta"]}},
+        )  # fmt: skip
+        assert r.choices[0].text in ("alpha", "beta") and r.choices[0].finish_reason == "stop"
+        r = c.completions.create(
+            model=name, prompt=PROMPTS[0], max_tokens=40, temperature=1.0, seed=2,
+            extra_body={"structured_outputs": {"json": {"type": "object", "properties": {
+                "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+                "additionalProperties": False}}},
+        )  # fmt: skip
+        assert 0 <= json.loads(r.choices[0].text)["n"] <= 9
+        with pytest.raises(openai.BadRequestError, match="invalid structured_outputs"):
+            c.completions.create(
+                model=name, prompt=PROMPTS[0], max_tokens=4,
+                extra_body={"structured_outputs": {"grammar": "root ::= ("}},
+            )  # fmt: skip
+    assert idle(engine)

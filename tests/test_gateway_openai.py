@@ -97,7 +97,7 @@ def test_errors(srv, client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="fake-model", messages=MSG, temperature="hot")
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="fake-model", prompt=["a", "b"])
+        client.completions.create(model="fake-model", prompt=["a", ""])  # one prompt is empty
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=s.http + "/v1", api_key="wrong", max_retries=0).models.list()
     h = {"Authorization": "Bearer sk-test"}
@@ -121,7 +121,7 @@ def test_errors(srv, client):
 def test_disconnect_aborts(srv):
     engine, s = srv
     h = {"Authorization": "Bearer sk-test"}
-    body = {"prompt": "slow", "max_tokens": 2000}
+    body = {"prompt": "slow", "max_tokens": 500}  # within the fake model's 512
     # streaming: read one event, then hang up
     with httpx.stream(
         "POST", s.http + "/v1/completions", json={**body, "stream": True}, headers=h

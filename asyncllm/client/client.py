@@ -225,7 +225,9 @@ class Client:
 
         `params`: max_tokens, temperature, top_p, top_k, min_p, seed, stop, presence_penalty,
         frequency_penalty, repetition_penalty, logprobs, top_logprobs, n, priority, and the
-        extensions return_token_ids, stop_token_ids, ignore_eos, min_tokens. Bad values raise
+        extensions return_token_ids, stop_token_ids, ignore_eos, min_tokens; constraints:
+        response_format, structured_outputs, tools, tool_choice, logit_bias (deltas then carry
+        `tool_calls` pieces; `stream.tool_calls()` assembles them). Bad values raise
         ValueError here, before anything is sent.
         """
         msgs = P.parse_messages(list(messages))
@@ -246,6 +248,8 @@ class Client:
         clean = {k: v for k, v in params.items() if v is not None}
         if "stop" in clean and isinstance(clean["stop"], str):
             clean["stop"] = [clean["stop"]]
+        if isinstance(clean.get("logit_bias"), dict):  # JSON object keys are strings
+            clean["logit_bias"] = {str(k): v for k, v in clean["logit_bias"].items()}
         if clean:
             frame["params"] = clean
         if model is not None:

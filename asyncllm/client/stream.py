@@ -26,6 +26,10 @@ class Delta:
     token_ids: list[int] | None = None
     logprobs: list[dict[str, Any]] | None = None
     stream_id: StreamId | None = None
+    # Pieces of tool calls, in OpenAI's streamed shape: {"index", "id", "type", "function":
+    # {"name", "arguments": ""}} opens call `index`, then {"index", "function": {"arguments"}}
+    # adds to its arguments. `ChatStream.tool_calls()` assembles them.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -37,6 +41,20 @@ class Usage:
 @dataclass
 class _Choice:
     chunks: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # assembled tool calls
+
+    def add_tool_calls(self, pieces: list[dict[str, Any]]) -> None:
+        for p in pieces:
+            k = p.get("index", 0)
+            call = self.calls.setdefault(
+                k, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if p.get("id"):
+                call["id"] = p["id"]
+            fn = p.get("function") or {}
+            if fn.get("name"):
+                call["function"]["name"] = fn["name"]
+            call["function"]["arguments"] += fn.get("arguments") or ""
 
     def text(self) -> str:
         if len(self.chunks) > 1:  # join once, keep it joined
@@ -119,9 +137,20 @@ class ChatStream:
         self.last_seq = seq
         text = frame["text"]
         self._choices[index].chunks.append(text)
+        calls = frame.get("tool_calls")
+        if isinstance(calls, list):
+            self._choices[index].add_tool_calls(calls)
         if not self._collect_only:
             self._queue.append(
-                Delta(text, seq, index, frame.get("token_ids"), frame.get("logprobs"), self.id)
+                Delta(
+                    text,
+                    seq,
+                    index,
+                    frame.get("token_ids"),
+                    frame.get("logprobs"),
+                    self.id,
+                    calls if isinstance(calls, list) else None,
+                )
             )
         self._wake()
 
@@ -226,6 +255,19 @@ class ChatStream:
             raise ValueError(f"index must be in [0, {self.n}), got {index}")
         await self.wait()
         return self.received_text(index)
+
+    def received_tool_calls(self, index: int = 0) -> list[dict[str, Any]]:
+        """Tool calls of choice `index` assembled so far, in OpenAI's message shape."""
+        calls = self._choices[index].calls
+        return [calls[k] for k in sorted(calls)]
+
+    async def tool_calls(self, index: int = 0) -> list[dict[str, Any]]:
+        """The tool calls of choice `index` (waits for the end; raises the stream's error):
+        [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]."""
+        if not 0 <= index < self.n:
+            raise ValueError(f"index must be in [0, {self.n}), got {index}")
+        await self.wait()
+        return self.received_tool_calls(index)
 
     async def texts(self) -> list[str]:
         """The whole text of every choice (n > 1)."""

@@ -51,6 +51,9 @@ class SyncStream:
     def text(self, index: int = 0) -> str:
         return self._portal.call(self._stream.text, index)
 
+    def tool_calls(self, index: int = 0) -> list[dict[str, Any]]:
+        return self._portal.call(self._stream.tool_calls, index)
+
     def texts(self) -> list[str]:
         return self._portal.call(self._stream.texts)
 

@@ -28,6 +28,7 @@ from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfi
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from asyncllm.engine.executor import UniProcExecutor
+from asyncllm.engine.grammar import GrammarBackend, StepBitmask
 from asyncllm.engine.model_runner import ModelRunner
 from asyncllm.engine.output_builder import collect_outputs, make_output
 from asyncllm.engine.sampler import (
@@ -110,6 +111,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.async_scheduling = scheduler_config.async_scheduling
         self._in_flight: _LaunchedStep | None = None
+        self._grammar: GrammarBackend | None = None  # built at the first constrained request
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
@@ -121,6 +123,12 @@ class LLMEngine:
         from asyncllm.engine.engine_builder import build_engine_parts
 
         return cls(*build_engine_parts(args))
+
+    @property
+    def grammar(self) -> GrammarBackend:
+        if self._grammar is None:
+            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammar
 
     # ---- requests ---------------------------------------------------------------------------
     def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -202,6 +210,9 @@ class LLMEngine:
                 f"{self.cache_config.num_blocks}: lower max_tokens or n, or enlarge the KV cache"
             )
         params._eos_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
+        compiled = None
+        if params.structured_outputs is not None:
+            compiled = self.grammar.compile(params.structured_outputs)
         req = Request(
             request_id=request_id,
             prompt=text,
@@ -209,6 +220,7 @@ class LLMEngine:
             params=params,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             priority=priority,
+            compiled_grammar=compiled,
         )
         seq = self._new_seq(req, 0, list(ids))
         req.seqs.append(seq)
@@ -231,6 +243,8 @@ class LLMEngine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p)
         if p.logprobs is not None:
             seq.logprobs = []
+        if req.compiled_grammar is not None:
+            seq.matcher = self.grammar.matcher(req.compiled_grammar)
         return seq
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
@@ -315,17 +329,36 @@ class LLMEngine:
         for seq in row_seqs:
             seq.num_pending += 1
         step = _LaunchedStep(row_seqs, lg)
-        # A sequence with two pending tokens lacks the in-flight one on the host.
-        if not any(s.num_pending > 1 and needs_history(s.request.params) for s in row_seqs):
+        # A sequence with two pending tokens lacks the in-flight one on the host: its penalties
+        # cannot be computed, nor its grammar's bitmask (the matcher has not seen that token).
+        if not any(
+            s.num_pending > 1 and (s.matcher is not None or needs_history(s.request.params))
+            for s in row_seqs
+        ):
             self._sample(step)
         return step
 
     def _sample(self, step: _LaunchedStep) -> None:
         assert step.logits is not None
-        step.sample = self.sampler.launch(step.logits, [self._row(s) for s in step.row_seqs])
+        rows = [self._row(s) for s in step.row_seqs]
+        bitmask = self._bitmask(step.row_seqs)
+        step.sample = self.sampler.launch(step.logits, rows, bitmask)
         step.logits = None
         for j, seq in enumerate(step.row_seqs):
             seq.pending_row = j
+
+    def _bitmask(self, row_seqs: list[Sequence]) -> StepBitmask | None:
+        """The grammar rows' token bitmask, filled on the host; None (no cost) without any.
+        A sequence that finished while this step was in flight keeps its row unmasked: its
+        token is void."""
+        idx = [
+            j
+            for j, s in enumerate(row_seqs)
+            if s.matcher is not None and not s.is_finished and not s.matcher.is_terminated()
+        ]
+        if not idx:
+            return None
+        return self.grammar.fill(len(row_seqs), [row_seqs[j].matcher for j in idx], idx)
 
     def _resolve(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Wait for `step`'s sampled ids and do the host's work for them."""
@@ -428,6 +461,13 @@ class LLMEngine:
             matched = seq.detokenizer.add_tokens([tok])
             if matched is not None and reason is None:
                 reason, stop_reason = "stop", matched
+        if seq.matcher is not None and reason is None:
+            if not seq.matcher.accept_token(tok):
+                # Cannot happen for a token drawn under the mask; end rather than emit garbage.
+                logger.error("request %s: token %d breaks its grammar", seq.request.request_id, tok)
+                reason = "stop"
+            elif seq.matcher.is_terminated():
+                reason = "stop"  # the grammar is complete: nothing more may follow
         if reason is None and seq.ends_by_length(
             self.model_config.max_model_len, count_pending=False
         ):

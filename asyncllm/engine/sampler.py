@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncllm.engine.grammar import StepBitmask, apply_bitmask
 from asyncllm.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -132,13 +133,27 @@ def _min_tokens_mask_ids(row: SamplerRow) -> list[int]:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
-        return self.launch(logits, rows).result()
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplerRow],
+        bitmask: StepBitmask | None = None,
+    ) -> SamplerOutput:
+        return self.launch(logits, rows, bitmask).result()
 
-    def launch(self, logits: torch.Tensor, rows: list[SamplerRow]) -> PendingSample:
+    def launch(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplerRow],
+        bitmask: StepBitmask | None = None,
+    ) -> PendingSample:
+        """`bitmask` (grammar rows) is applied to `logits` in place before anything else, so the
+        raw logprobs are those of the constrained distribution, as in vLLM."""
         n = len(rows)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {n} sampler rows")
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
         want_lp = [r.params.logprobs is not None for r in rows]
         greedy = [r.params.greedy for r in rows]
         processed = [_needs_processing(r) for r in rows]

@@ -47,6 +47,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    # xgrammar GrammarMatcher of a constrained request; it has accepted every known output token.
+    matcher: Any = None
     cumulative_logprob: float = 0.0
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None
@@ -112,6 +114,7 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    compiled_grammar: Any = None  # xgrammar CompiledGrammar of params.structured_outputs
 
     @property
     def finished(self) -> bool:

@@ -31,6 +31,7 @@ from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.openai import OpenAIRoutes, error_response, json_response
 from asyncllm.gateway.sessions import SessionManager
 from asyncllm.gateway.settings import GatewaySettings
+from asyncllm.gateway.utility_routes import UtilityRoutes
 from asyncllm.gateway.ws import WebSocketGateway
 from asyncllm.profiling import ThreadProfile
 from asyncllm.protocol import INVALID_REQUEST, NOT_FOUND, UNAUTHORIZED, WS_PATH, ProtocolError
@@ -71,6 +72,7 @@ def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> 
     manager = SessionManager(settings.resume_ttl, settings.finished_streams_kept)
     wsg = WebSocketGateway(io, manager)
     oa = OpenAIRoutes(io)
+    ut = UtilityRoutes(io)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -122,6 +124,10 @@ def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> 
         Route("/health", health, methods=["GET"]),
         Route("/metrics", _guarded(settings, metrics, metrics_route), methods=["GET"]),
         Route("/v1/models", _guarded(settings, metrics, oa.models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", _guarded(settings, metrics, ut.model), methods=["GET"]),
+        Route("/version", _guarded(settings, metrics, ut.version), methods=["GET"]),
+        Route("/tokenize", _guarded(settings, metrics, ut.tokenize), methods=["POST"]),
+        Route("/detokenize", _guarded(settings, metrics, ut.detokenize), methods=["POST"]),
         Route(
             "/v1/chat/completions",
             _guarded(settings, metrics, oa.chat_completions),

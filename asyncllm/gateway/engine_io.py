@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from asyncllm.engine.engine_client import EngineClient, ServedModel
+from asyncllm.gateway.chat_render import render_chat
 from asyncllm.gateway.limits import GatewayError, Limits, engine_dead_error
 from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.settings import GatewaySettings
@@ -27,6 +28,7 @@ from asyncllm.protocol import (
     StreamId,
 )
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+from asyncllm.tools import ToolCallParser, get_parser, parser_for_model
 
 # Prompts up to this many characters are tokenized on the event loop (tens of microseconds),
 # longer ones in a worker thread.
@@ -79,6 +81,7 @@ class EngineIO:
             settings.retry_after,
         )
         self._ids = itertools.count()
+        self._tool_parser: ToolCallParser | None = None
         if engine.model_config is not None:
             self.bind()
 
@@ -88,6 +91,9 @@ class EngineIO:
         if self.settings.max_prompt_tokens is not None:
             max_prompt = min(max_prompt, self.settings.max_prompt_tokens)
         self.limits.max_prompt_tokens = max_prompt
+        self.max_tokens_default = self.settings.max_tokens_default or _generation_max_tokens(
+            self.engine.model_config
+        )
 
     @property
     def _model(self) -> ServedModel:
@@ -95,6 +101,14 @@ class EngineIO:
         if mc is None:
             raise RuntimeError("the engine has not loaded its model yet (start it first)")
         return mc
+
+    @property
+    def tool_parser(self) -> ToolCallParser:
+        """How this model writes tool calls: --tool-call-parser, or chosen from the tokenizer."""
+        if self._tool_parser is None:
+            name = self.settings.tool_call_parser or parser_for_model(self.tokenizer)
+            self._tool_parser = get_parser(name)
+        return self._tool_parser
 
     @property
     def model_name(self) -> str:
@@ -124,9 +138,10 @@ class EngineIO:
     def sampling_params(
         self, gp: GenParams, id: StreamId | None = None, default_max_tokens: int | None = None
     ) -> SamplingParams:
-        """No max_tokens means `default_max_tokens` (None: up to max_model_len)."""
+        """No max_tokens means the server's default (--max-tokens-default, else the model's
+        generation_config), else `default_max_tokens` (None: up to max_model_len)."""
         kw = gp.sampling_kwargs()
-        kw.setdefault("max_tokens", default_max_tokens)
+        kw.setdefault("max_tokens", getattr(self, "max_tokens_default", None) or default_max_tokens)
         try:
             sp = SamplingParams(**kw)
         except (ValueError, TypeError) as e:
@@ -139,11 +154,16 @@ class EngineIO:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def _encode_chat_sync(self, messages: list[dict[str, str]]) -> list[int]:
+    def _encode_chat_sync(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tok, messages, tools, template_kwargs)
         # The template already holds any BOS token.
         return list(tok.encode(text, add_special_tokens=False))
 
@@ -160,9 +180,11 @@ class EngineIO:
 
     async def encode(
         self,
-        messages: list[dict[str, str]] | None,
+        messages: list[dict[str, Any]] | None,
         prompt: str | list[int] | None,
         id: StreamId | None,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of a chat (messages) or a plain prompt, checked against the prompt limit.
         A long prompt is tokenized in a worker thread, so it cannot stall every other stream; a
@@ -171,12 +193,17 @@ class EngineIO:
         try:
             if messages is not None:
                 size = sum(len(m["content"]) for m in messages)  # parse_messages: strings
-                fn: Callable[[Any], list[int]] = self._encode_chat_sync
+                if tools:
+                    size += INLINE_ENCODE_CHARS  # rendering tools' schemas: off the loop
+
+                def fn(msgs: Any) -> list[int]:
+                    return self._encode_chat_sync(msgs, tools, template_kwargs)
+
                 arg: Any = messages
             else:
                 assert prompt is not None
                 size = len(prompt)  # characters, or token ids to range-check
-                fn, arg = self._encode_text_sync, prompt
+                fn, arg = self._encode_text_sync, prompt  # type: ignore[assignment]
             if size <= INLINE_ENCODE_CHARS:
                 ids = fn(arg)
             else:
@@ -189,6 +216,18 @@ class EngineIO:
             raise GatewayError(INVALID_REQUEST, "the prompt encodes to no tokens", id)
         self.limits.check_prompt(len(ids), id)
         return ids
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None, id: StreamId | None) -> None:
+        """A prompt plus an explicit max_tokens beyond the context is refused, as vLLM does."""
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
+            raise GatewayError(
+                INVALID_REQUEST,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"prompt, {max_tokens} in the completion). Please reduce the length of the "
+                "prompt or completion.",
+                id,
+            )
 
     def admit(self, id: StreamId | None = None) -> None:
         self.check_alive(id)
@@ -240,7 +279,7 @@ class EngineIO:
                     else:
                         yield pieces
             if conv.finished:
-                outcome = _summary_outcome(conv.final_pieces)
+                outcome = _summary_outcome(conv.reasons)
         except GeneratorExit:
             outcome = "cancelled"
             raise
@@ -283,6 +322,8 @@ class _Converter:
         limits.queued += 1
         self.finished = False
         self.final_pieces: list[Piece] = []
+        self.ended: set[int] = set()  # indexes whose last piece went out
+        self.reasons: set[str] = set()
 
     def release_queue_slot(self) -> None:
         if self.queued:
@@ -294,6 +335,9 @@ class _Converter:
         m = self.m
         pieces = []
         for c in out.outputs:
+            if c.index in self.ended:
+                # An n > 1 request's final output repeats a choice that ended earlier.
+                continue
             n_new = len(c.token_ids)
             if n_new:
                 if self.queued:
@@ -308,6 +352,9 @@ class _Converter:
             if self.params.logprobs is not None and c.logprobs:
                 lps = format_logprobs(c.token_ids, c.logprobs, self.k)
             fr = _FINISH.get(c.finish_reason, c.finish_reason) if c.finish_reason else None
+            if fr is not None:
+                self.ended.add(c.index)
+                self.reasons.add(fr)
             pieces.append(Piece(c.index, c.text, list(c.token_ids), lps, fr))
         if out.finished:
             self.finished = True
@@ -315,8 +362,22 @@ class _Converter:
         return pieces
 
 
-def _summary_outcome(pieces: list[Piece]) -> str:
-    reasons = {p.finish_reason for p in pieces if p.finish_reason}
+def _generation_max_tokens(model_config: Any) -> int | None:
+    """The model's generation_config.json max_new_tokens (or max_length), if it sets one."""
+    import json
+    import os
+
+    path = os.path.join(str(getattr(model_config, "path", "")), "generation_config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_new_tokens")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _summary_outcome(reasons: set[str]) -> str:
     if not reasons:
         return "stop"
-    return sorted(reasons)[0] if len(reasons) > 1 else reasons.pop()
+    return sorted(reasons)[0] if len(reasons) > 1 else next(iter(reasons))

@@ -21,6 +21,13 @@ from starlette.responses import Response, StreamingResponse
 
 from asyncllm.gateway.engine_io import EngineIO, Piece
 from asyncllm.gateway.limits import GatewayError
+from asyncllm.gateway.openai_choices import Shape, primed, tool_delta
+from asyncllm.gateway.openai_prompts import (
+    completion_prompts,
+    echo_text,
+    merge_pieces,
+    with_suffix,
+)
 from asyncllm.protocol import (
     INVALID_REQUEST,
     TOO_LARGE,
@@ -28,8 +35,11 @@ from asyncllm.protocol import (
     ProtocolError,
     parse_messages,
     parse_params,
-    parse_prompt,
 )
+from asyncllm.tools import NONE, ToolCallStream
+
+# vLLM's extra sampling switches, passed to SamplingParams as they are.
+_VLLM_FLAGS = ("skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -46,8 +56,11 @@ _ERROR_TYPES = {
 _IGNORED = frozenset(
     {"model", "messages", "prompt", "stream", "stream_options", "user", "store", "metadata"}
     | {"service_tier", "parallel_tool_calls", "max_completion_tokens", "echo", "best_of"}
-    | {"suffix", "logit_bias", "response_format", "tools", "tool_choice", "functions"}
-    | {"function_call", "modalities", "prediction", "audio", "reasoning_effort"}
+    | {"suffix", "functions", "function_call", "modalities", "prediction", "audio"}
+    | {"reasoning_effort"}
+    | set(_VLLM_FLAGS)
+    | {"chat_template_kwargs", "add_generation_prompt", "add_special_tokens", "request_id"}
+    | {"use_beam_search", "length_penalty", "documents", "mm_processor_kwargs"}
 )
 
 
@@ -94,16 +107,16 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise GatewayError(INVALID_REQUEST, f"{name} are not supported by this server")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise GatewayError(INVALID_REQUEST, "only response_format {'type': 'text'} is supported")
-    if body.get("logit_bias"):
-        raise GatewayError(INVALID_REQUEST, "logit_bias is not supported over HTTP")
-    if body.get("echo") or (body.get("best_of") not in (None, 1)) or body.get("suffix"):
-        raise GatewayError(INVALID_REQUEST, "echo, best_of and suffix are not supported")
+    if body.get("functions"):
+        raise GatewayError(INVALID_REQUEST, "functions (deprecated) are not supported: use tools")
+    if body.get("best_of") not in (None, 1):
+        raise GatewayError(INVALID_REQUEST, "best_of is not supported")
+    for name in _VLLM_FLAGS:
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise GatewayError(INVALID_REQUEST, f"{name} must be true or false")
+    ctk = body.get("chat_template_kwargs")
+    if ctk is not None and not isinstance(ctk, dict):
+        raise GatewayError(INVALID_REQUEST, "chat_template_kwargs must be an object")
 
 
 def _params(body: dict[str, Any], chat: bool) -> GenParams:
@@ -145,7 +158,8 @@ class _Completion:
     """Accumulates the pieces of one request for a non-streaming answer."""
 
     def __init__(self, n: int):
-        self.text = [[] for _ in range(n)]
+        self.text: list[list[str]] = [[] for _ in range(n)]
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.tokens = 0
@@ -153,6 +167,7 @@ class _Completion:
     def add(self, pieces: list[Piece]) -> None:
         for p in pieces:
             self.text[p.index].append(p.text)
+            self.token_ids[p.index].extend(p.token_ids)
             if p.logprobs:
                 self.logprobs[p.index].extend(p.logprobs)
             if p.finish_reason:
@@ -214,42 +229,81 @@ class OpenAIRoutes:
         _refuse_unsupported(body)
         stream, include_usage = _stream_flag(body)
         gp = _params(body, chat)
+        if not chat and gp.tools:
+            raise GatewayError(INVALID_REQUEST, "tools are for chat completions")
+        tools = gp.tools if gp.tool_choice != NONE else None
+        echo = body.get("echo") or False
+        if not isinstance(echo, bool) or (echo and chat):
+            raise GatewayError(INVALID_REQUEST, "echo must be true or false (completions only)")
+        messages = None
         if chat:
             if "messages" not in body:
                 raise GatewayError(INVALID_REQUEST, "messages is required")
-            messages, prompt = parse_messages(body["messages"]), None
+            messages = parse_messages(body["messages"])
+            prompts: list[Any] = [None]
         else:
             if "prompt" not in body:
                 raise GatewayError(INVALID_REQUEST, "prompt is required")
-            raw = body["prompt"]
-            if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
-                raw = raw[0]  # a batch of one
-            elif isinstance(raw, list) and raw and isinstance(raw[0], (str, list)):
-                raise GatewayError(INVALID_REQUEST, "send one prompt per request")
-            messages, prompt = None, parse_prompt(raw)
+            prompts = completion_prompts(body["prompt"])
+            if body.get("suffix") is not None:
+                if echo:
+                    raise GatewayError(INVALID_REQUEST, "echo and suffix do not go together")
+                prompts = with_suffix(io.tokenizer, prompts, body["suffix"])
         io.admit()
         params = io.sampling_params(gp, default_max_tokens=None if chat else 16)
-        ids = await io.encode(messages, prompt, None)
+        for name in _VLLM_FLAGS:
+            if body.get(name) is not None:
+                setattr(params, name, body[name])
+        try:
+            params._verify()  # the flags' own rules (SamplingParams says which values it takes)
+        except ValueError as e:
+            raise GatewayError(INVALID_REQUEST, str(e)) from None
+        id_lists = []
+        for prompt in prompts:
+            ids = await io.encode(messages, prompt, None, tools, body.get("chat_template_kwargs"))
+            io.check_length(len(ids), gp.max_tokens, None)
+            id_lists.append(ids)
         io.admit()
-        rid = io.new_request_id("chatcmpl" if chat else "cmpl")
         api = "chat" if chat else "completions"
-        gen = io.generate(ids, params, gp.priority, api, rid)
+        gens = [
+            io.generate(ids, params.clone(), gp.priority, api, io.new_request_id(api))
+            for ids in id_lists
+        ]
+        gen = gens[0] if len(gens) == 1 else merge_pieces(gens, gp.n)
+        out = Shape(
+            n=gp.n * len(gens),
+            per_prompt=gp.n,
+            prompt_tokens=sum(len(ids) for ids in id_lists),
+            echo=[echo_text(io.tokenizer, p) for p in prompts] if echo else None,
+            token_ids=id_lists if gp.return_token_ids else None,
+        )
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": io.model_name,
         }
+
+        def tool_streams() -> list[ToolCallStream] | None:
+            if not tools:
+                return None
+            return [ToolCallStream(gp.tool_choice, io.tool_parser) for _ in range(gp.n)]
+
+        if params.structured_outputs is not None:
+            # A constraint that does not compile is the caller's error: a 400 here, not a stream
+            # that breaks (nor an error inside the collecting task group). The first output
+            # comes after the engine compiled it.
+            gen = await primed(gen)
         if stream:
-            body_iter = self._sse(gen, meta, chat, gp.n, len(ids), include_usage)
+            body_iter = self._sse(gen, meta, chat, out, include_usage, tool_streams())
             return StreamingResponse(
                 body_iter,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        result = await self._collect(request, gen, gp.n)
+        result = await self._collect(request, gen, out.n)
         if result is None:  # the client went away; the request was aborted
             return Response(status_code=499)
-        return json_response(self._full_body(result, meta, chat, len(ids)))
+        return json_response(self._full_body(result, meta, chat, out, tool_streams()))
 
     async def _collect(self, request: Request, gen: Any, n: int) -> _Completion | None:
         comp = _Completion(n)
@@ -272,52 +326,76 @@ class OpenAIRoutes:
         return comp if done else None
 
     def _full_body(
-        self, c: _Completion, meta: dict[str, Any], chat: bool, prompt_tokens: int
+        self,
+        c: _Completion,
+        meta: dict[str, Any],
+        chat: bool,
+        shape: Shape,
+        tool_streams: list[ToolCallStream] | None = None,
     ) -> dict[str, Any]:
         choices = []
         for i, parts in enumerate(c.text):
             text = "".join(parts)
             lps = c.logprobs[i]
+            extra = shape.extra(i, chat, c.token_ids[i])
             if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                finish = c.finish[i] or "stop"
+                if tool_streams is not None:
+                    ts = tool_streams[i]
+                    ts.feed(text)
+                    ts.finish()
+                    finish = ts.finish_reason(finish) or finish
+                    if ts.calls:
+                        message["content"] = "".join(ts.content) or None
+                        message["tool_calls"] = [call.to_openai() for call in ts.calls]
                 choices.append(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": {"content": _chat_logprobs(lps)} if lps else None,
-                        "finish_reason": c.finish[i] or "stop",
+                        "finish_reason": finish,
+                        **extra,
                     }
                 )
             else:
+                if shape.echo is not None:
+                    text = shape.echo[shape.prompt_of(i)] + text
                 choices.append(
                     {
                         "index": i,
                         "text": text,
                         "logprobs": _legacy_logprobs(lps) if lps else None,
                         "finish_reason": c.finish[i] or "stop",
+                        **extra,
                     }
                 )
-        return {
+        body = {
             **meta,
             "object": "chat.completion" if chat else "text_completion",
             "choices": choices,
             "usage": {
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": shape.prompt_tokens,
                 "completion_tokens": c.tokens,
-                "total_tokens": prompt_tokens + c.tokens,
+                "total_tokens": shape.prompt_tokens + c.tokens,
             },
         }
+        if chat and shape.token_ids is not None:
+            body["prompt_token_ids"] = shape.token_ids[0]
+        return body
 
     async def _sse(
         self,
         gen: Any,
         meta: dict[str, Any],
         chat: bool,
-        n: int,
-        prompt_tokens: int,
+        shape: Shape,
         include_usage: bool,
+        tool_streams: list[ToolCallStream] | None = None,
     ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage_null = {"usage": None} if include_usage else {}
+        n = shape.n
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             return (
@@ -329,6 +407,7 @@ class OpenAIRoutes:
         tokens = 0
         offsets = [0] * n
         if chat:  # the role comes first, once per choice
+            first = {"prompt_token_ids": shape.token_ids[0]} if shape.token_ids else {}
             yield event(
                 [
                     {
@@ -340,27 +419,54 @@ class OpenAIRoutes:
                     for i in range(n)
                 ],
                 **usage_null,
+                **first,
             )
+        elif shape.echo is not None or shape.token_ids is not None:
+            # echo: the prompt first, as its choices' first text
+            firsts = []
+            for i in range(n):
+                text = shape.echo[shape.prompt_of(i)] if shape.echo is not None else ""
+                offsets[i] = len(text)
+                firsts.append(
+                    {
+                        "index": i,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": None,
+                        **shape.extra(i, chat, []),
+                    }
+                )
+            yield event(firsts, **usage_null)
         try:
             async with aclosing(gen):
                 async for pieces in gen:
                     choices = []
                     for p in pieces:
                         tokens += len(p.token_ids)
-                        if not (p.text or p.finish_reason or p.logprobs):
+                        if not (p.text or p.finish_reason or p.logprobs or p.token_ids):
                             continue
+                        extra = {"token_ids": p.token_ids} if shape.token_ids is not None else {}
                         if chat:
+                            delta: dict[str, Any] = {"content": p.text} if p.text else {}
+                            finish = p.finish_reason
+                            if tool_streams is not None:
+                                delta, finish = tool_delta(tool_streams[p.index], p)
+                            if not (delta or finish or p.logprobs or extra):
+                                continue
                             choices.append(
                                 {
                                     "index": p.index,
-                                    "delta": {"content": p.text} if p.text else {},
+                                    "delta": delta,
                                     "logprobs": {"content": _chat_logprobs(p.logprobs)}
                                     if p.logprobs
                                     else None,
-                                    "finish_reason": p.finish_reason,
+                                    "finish_reason": finish,
+                                    **extra,
                                 }
                             )
                         else:
+                            if not (p.text or p.finish_reason or p.logprobs or extra):
+                                continue
                             choices.append(
                                 {
                                     "index": p.index,
@@ -369,6 +475,7 @@ class OpenAIRoutes:
                                     if p.logprobs
                                     else None,
                                     "finish_reason": p.finish_reason,
+                                    **extra,
                                 }
                             )
                             offsets[p.index] += len(p.text)
@@ -380,9 +487,9 @@ class OpenAIRoutes:
             yield b"data: " + orjson.dumps(err) + b"\n\n"
         if include_usage:
             usage = {
-                "prompt_tokens": prompt_tokens,
+                "prompt_tokens": shape.prompt_tokens,
                 "completion_tokens": tokens,
-                "total_tokens": prompt_tokens + tokens,
+                "total_tokens": shape.prompt_tokens + tokens,
             }
             yield event([], usage=usage)
         yield b"data: [DONE]\n\n"

@@ -30,6 +30,7 @@ from asyncllm.protocol import (
     encode,
     error_frame,
 )
+from asyncllm.tools import ToolCallStream
 
 
 class Writer(Protocol):
@@ -44,6 +45,7 @@ class _Pending:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI-shaped tool-call deltas, in order
 
 
 class Stream:
@@ -57,8 +59,12 @@ class Stream:
         prompt_tokens: int = 0,
         return_token_ids: bool = False,
         replay_limit: int = 4 << 20,
+        tool_streams: list[ToolCallStream] | None = None,
     ):
         self.id = id
+        # A chat with tools: each index's text goes through its ToolCallStream (content and
+        # tool-call pieces out).
+        self.tool_streams = tool_streams
         self.request_id = request_id
         self.n = n
         self.prompt_tokens = prompt_tokens
@@ -89,16 +95,28 @@ class Stream:
             if self.finished:
                 break
             self.completion_tokens += len(p.token_ids)
-            if p.text or (self.return_token_ids and p.token_ids) or p.logprobs:
+            text, calls, finish = p.text, None, p.finish_reason
+            if self.tool_streams is not None and 0 <= p.index < len(self.tool_streams):
+                ts = self.tool_streams[p.index]
+                d = ts.feed(p.text)
+                text, calls = d.content, list(d.tool_calls)
+                if finish is not None:
+                    end = ts.finish()
+                    text += end.content
+                    calls += end.tool_calls
+                    finish = ts.finish_reason(finish)
+            if text or calls or (self.return_token_ids and p.token_ids) or p.logprobs:
                 pend = self.pending.setdefault(p.index, _Pending())
-                if p.text:
-                    pend.text.append(p.text)
+                if text:
+                    pend.text.append(text)
+                if calls:
+                    pend.tool_calls = (pend.tool_calls or []) + calls
                 pend.token_ids.extend(p.token_ids)
                 if p.logprobs:
                     pend.logprobs = (pend.logprobs or []) + p.logprobs
                 new = True
-            if p.finish_reason is not None and 0 <= p.index < self.n:
-                self.finish_reasons[p.index] = p.finish_reason
+            if finish is not None and 0 <= p.index < self.n:
+                self.finish_reasons[p.index] = finish
         return new
 
     def finish(self, reason: str | None = None, error: dict[str, str] | None = None) -> None:
@@ -160,6 +178,7 @@ class Stream:
                         index,
                         p.token_ids if self.return_token_ids else None,
                         p.logprobs,
+                        p.tool_calls,
                     )
                 )
             )
@@ -171,7 +190,7 @@ class Stream:
                 self.error_frame_due = False
             fr = [r or self.final_reason or "stop" for r in self.finish_reasons]
             if self.final_reason in ("cancelled", "error"):
-                fr = [r if r in ("stop", "length") else self.final_reason for r in fr]
+                fr = [r if r in ("stop", "length", "tool_calls") else self.final_reason for r in fr]
             out.append(
                 self._number(
                     done_frame(

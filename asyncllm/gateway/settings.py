@@ -48,6 +48,11 @@ class GatewaySettings:
     # the loop. Off for apps embedding the gateway: it would also pin their cyclic garbage.
     freeze_gc: bool = False
     served_model_name: str | None = None  # None: the engine's model_config.served_model_name
+    # tool_choice "auto": how the model writes calls (asyncllm.tools); None: chosen per model
+    tool_call_parser: str | None = None
+    # max_tokens of a request that names none; None: the model's generation_config.max_new_tokens
+    # when it sets one, else up to max_model_len (chat) / 16 (completions, as OpenAI)
+    max_tokens_default: int | None = None
 
     def __post_init__(self) -> None:
         self.api_keys = tuple(self.api_keys)
@@ -74,6 +79,18 @@ class GatewaySettings:
             raise ValueError(
                 f"finished_streams_kept must be >= 0, got {self.finished_streams_kept}"
             )
+        if self.tool_call_parser is not None:
+            from asyncllm.tools import TOOL_CALL_PARSERS
+
+            if self.tool_call_parser not in TOOL_CALL_PARSERS:
+                raise ValueError(
+                    f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, "
+                    f"got {self.tool_call_parser!r}"
+                )
+        if self.max_tokens_default is not None and (
+            not isinstance(self.max_tokens_default, int) or self.max_tokens_default < 1
+        ):
+            raise ValueError(f"max_tokens_default must be >= 1, got {self.max_tokens_default!r}")
         if self.retry_after < 0:
             raise ValueError(f"retry_after must be >= 0, got {self.retry_after}")
 

@@ -45,6 +45,7 @@ from asyncllm.protocol import (
     parse_client_frame,
     session_frame,
 )
+from asyncllm.tools import NONE, ToolCallStream
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,11 @@ class WebSocketGateway:
             return_token_ids=frame.params.return_token_ids,
             replay_limit=self.settings.replay_buffer_bytes,
         )
+        gp = frame.params
+        if isinstance(frame, ChatFrame) and gp.tools and gp.tool_choice != NONE:
+            stream.tool_streams = [
+                ToolCallStream(gp.tool_choice, io.tool_parser) for _ in range(gp.n)
+            ]
         sess.add(stream)  # raises for an id in use: the running stream is untouched
         try:
             io.check_model(frame.model, frame.id)
@@ -324,7 +330,8 @@ class WebSocketGateway:
                     scope.cancel()
                 try:
                     if isinstance(frame, ChatFrame):
-                        ids = await io.encode(frame.messages, None, frame.id)
+                        tools = frame.params.tools if frame.params.tool_choice != NONE else None
+                        ids = await io.encode(frame.messages, None, frame.id, tools)
                     else:
                         ids = await io.encode(None, frame.prompt, frame.id)
                     stream.prompt_tokens = len(ids)

@@ -1,0 +1,150 @@
+"""Constrained decoding with xgrammar: compiled grammars, per-sequence matchers, batch bitmasks.
+
+A request's `SamplingParams.structured_outputs` is compiled once per distinct constraint (an LRU
+of compiled grammars beside xgrammar's own cache) when the request is added; each of its sequences
+gets a `GrammarMatcher`. Before a step samples, the matchers of its constrained rows fill one
+int32 bitmask (a bit per token, the model's vocabulary padded to 32) on the host; the sampler
+applies it to those rows in one batched pass. The matcher advances when a sampled token reaches
+the host, and a matcher that has accepted a stop token (or has nothing left to match) ends its
+sequence with "stop". Rows without a constraint are never touched, and a step without
+constrained rows does none of this.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from asyncllm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+# Compiling a JSON schema against a 50k-token vocabulary takes tens to hundreds of milliseconds;
+# bots send the same few schemas over and over.
+_CACHE_SIZE = 256
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+@dataclass
+class StepBitmask:
+    """The host-filled mask of one step: each row in `indices` of the logits keeps the tokens
+    whose bit is set in the same row of `mask` (other rows of `mask` are unused)."""
+
+    mask: torch.Tensor  # int32 [rows of the step, bitmask_width(vocab)], on the host
+    indices: list[int]
+
+
+class GrammarBackend:
+    """The xgrammar objects of one tokenizer and model vocabulary."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        # The model's vocabulary may be larger than the tokenizer's (padded embeddings): the
+        # extra ids are never allowed, and the bitmask covers every logit.
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None
+        )
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._batch = xgr.BatchGrammarMatcher()
+        self.num_compiled = 0  # compilations done (cache misses), for tests and stats
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        """The compiled grammar of `spec`; ValueError for a constraint that does not compile."""
+        key = spec.key
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit
+        try:
+            compiled = self._compile(spec)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError for bad input
+            raise ValueError(f"invalid structured_outputs {key[0]}: {e}") from None
+        self.num_compiled += 1
+        self._compiled[key] = compiled
+        if len(self._compiled) > _CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def _compile(self, spec: StructuredOutputsParams) -> Any:
+        c = self.compiler
+        if spec.json is not None:
+            schema = spec.json if isinstance(spec.json, str) else _dumps(spec.json)
+            grammar = self._xgr.Grammar.from_json_schema(
+                schema, any_whitespace=False, strict_mode=True
+            )
+            return c.compile_grammar(_strict_string_chars(str(grammar)))
+        if spec.json_object:
+            return c.compile_builtin_json_grammar()
+        if spec.regex is not None:
+            return c.compile_regex(spec.regex)
+        if spec.choice is not None:
+            return c.compile_grammar(_choice_ebnf(spec.choice))
+        assert spec.grammar is not None
+        return c.compile_grammar(spec.grammar)
+
+    def matcher(self, compiled: Any) -> Any:
+        return self._xgr.GrammarMatcher(compiled)
+
+    def fill(self, num_rows: int, matchers: list[Any], indices: list[int]) -> StepBitmask:
+        """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j]."""
+        mask = torch.empty(num_rows, bitmask_width(self.vocab_size), dtype=torch.int32)
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(mask, indices[0])
+        else:
+            self._batch.batch_fill_next_token_bitmask(matchers, mask, indices)
+        return StepBitmask(mask, indices)
+
+
+def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
+    """Masked-out tokens of the bitmask's rows -> -inf, in place, in one batched pass. On a GPU
+    the mask and the row indices travel by async copies from pinned memory (xgrammar's Triton
+    kernel then reads them): no host sync."""
+    import xgrammar as xgr
+
+    mask = bm.mask
+    indices: list[int] | torch.Tensor | None = bm.indices
+    if bm.indices == list(range(logits.shape[0])):
+        indices = None
+    if logits.device.type == "cuda":
+        mask = mask.pin_memory().to(logits.device, non_blocking=True)
+        if indices is not None:
+            host = torch.tensor(bm.indices, dtype=torch.int32).pin_memory()
+            indices = host.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=indices)
+
+
+# xgrammar (0.2.9) writes the characters of a string with minLength/maxLength as the class
+# "anything but quote, backslash, CR, LF", which lets raw control characters (U+0000-U+001F) in:
+# a byte-level model then emits e.g. 0x06 inside a string and the answer is not JSON. Its
+# unbounded strings exclude them; do the same for the bounded ones.
+_LOOSE_STRING_CHARS = r"[^\"\\\r\n]"
+_STRICT_STRING_CHARS = r"[^\0-\x1f\"\\]"
+
+
+def _strict_string_chars(ebnf: str) -> str:
+    return ebnf.replace(_LOOSE_STRING_CHARS, _STRICT_STRING_CHARS)
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
+def _choice_ebnf(choices: list[str]) -> str:
+    import json
+
+    # JSON string literals are valid EBNF string literals (same escapes).
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)

@@ -1,0 +1,193 @@
+"""Constrained decoding (xgrammar) in the engine: every constraint kind holds on a random tiny
+model at temperature 1.0 (which, unconstrained, produces noise), in the synchronous and the async
+order, through n > 1 and mixed batches; compiled grammars are cached; bad constraints are
+ValueErrors; the bitmask's batched application matches a per-row reference."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from asyncllm import LLM, SamplingParams
+from asyncllm.engine.grammar import StepBitmask, apply_bitmask, bitmask_width
+from asyncllm.sampling_params import StructuredOutputsParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "ok"],
+    "additionalProperties": False,
+}
+
+
+def _params(so: StructuredOutputsParams, **kw) -> SamplingParams:
+    kw.setdefault("max_tokens", 80)
+    return SamplingParams(temperature=1.0, seed=kw.pop("seed", 1), structured_outputs=so, **kw)
+
+
+@pytest.fixture(scope="module")
+def llms(tiny_model_dir):
+    return {
+        mode: LLM(tiny_model_dir, async_scheduling=mode, max_model_len=256)
+        for mode in (False, True)
+    }
+
+
+@pytest.mark.parametrize("async_mode", [False, True])
+def test_every_constraint_kind_holds_at_temperature_one(llms, async_mode):
+    llm = llms[async_mode]
+    prompts = ["Hello world", "The answer is", "JSON:", "Pick one"]
+    params = [
+        _params(StructuredOutputsParams(json=SCHEMA), seed=1),
+        _params(StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,4}"), seed=2),
+        _params(StructuredOutputsParams(choice=["yes", "no", "maybe"]), seed=3),
+        _params(StructuredOutputsParams(grammar='root ::= "x" ("ab" | "cd")+ "!"'), seed=4),
+        # an unconstrained row in the same batch is left alone
+        SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True),
+    ]
+    outs = llm.generate([*prompts, "free"], params, use_tqdm=False)
+    texts = [o.outputs[0] for o in outs]
+    jsonschema.validate(json.loads(texts[0].text), SCHEMA)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", texts[1].text)
+    assert texts[2].text in ("yes", "no", "maybe")
+    assert re.fullmatch(r"x(ab|cd)+!", texts[3].text)
+    for c in texts[:4]:
+        assert c.finish_reason == "stop"  # the finished grammar ended the request
+    assert texts[4].finish_reason == "length" and len(texts[4].token_ids) == 6
+    stats = llm.llm_engine.get_stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_async_order_gives_the_synchronous_tokens(llms):
+    got = {}
+    for mode, llm in llms.items():
+        ps = [_params(StructuredOutputsParams(json=SCHEMA), seed=s) for s in range(3)]
+        ps.append(_params(StructuredOutputsParams(json_object=True), seed=9, max_tokens=30))
+        outs = llm.generate(["a", "b c", "d e f", "g"], ps, use_tqdm=False)
+        got[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+    assert got[True] == got[False]
+
+
+def test_constraints_survive_preemption_and_chunked_prefill(tiny_model_dir):
+    """Recompute keeps the generated tokens, so each matcher stays where it was."""
+    llm = LLM(
+        tiny_model_dir, max_model_len=256, num_kv_blocks=24, block_size=4, max_num_batched_tokens=8
+    )
+    ps = [_params(StructuredOutputsParams(json=SCHEMA), seed=s) for s in range(6)]
+    outs = llm.generate([f"prompt number {i} here" for i in range(6)], ps, use_tqdm=False)
+    for o in outs:
+        assert o.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_json_object_and_n_greater_than_one(llms):
+    llm = llms[False]
+    so = StructuredOutputsParams(json_object=True)
+    out = llm.generate(["x"], _params(so, n=3, max_tokens=40, seed=7), use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    for c in out.outputs:
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+        else:  # a random model may ramble inside a string until max_tokens
+            assert c.finish_reason == "length" and c.text.startswith("{")
+
+
+def test_grammar_compiled_once_per_constraint(llms):
+    engine = llms[False].llm_engine
+    so = StructuredOutputsParams(regex=r"[a-c]{5}")
+    llms[False].generate(["p"], _params(so), use_tqdm=False)
+    before = engine.grammar.num_compiled
+    outs = llms[False].generate(["p", "q"], [_params(so), _params(so, seed=3)], use_tqdm=False)
+    assert engine.grammar.num_compiled == before
+    assert all(re.fullmatch(r"[a-c]{5}", o.outputs[0].text) for o in outs)
+
+
+def test_bad_constraints_are_value_errors(llms):
+    engine = llms[False].llm_engine
+    with pytest.raises(ValueError, match="invalid structured_outputs json"):
+        engine.add_request("bad1", "x", _params(StructuredOutputsParams(json={"type": "nope"})))
+    with pytest.raises(ValueError, match="invalid structured_outputs grammar"):
+        engine.add_request("bad2", "x", _params(StructuredOutputsParams(grammar="root ::= (")))
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="choice"):
+        StructuredOutputsParams(choice=[])
+    sp = SamplingParams(structured_outputs={"regex": "a+"})  # a dict is converted
+    assert sp.structured_outputs == StructuredOutputsParams(regex="a+")
+
+
+def test_unconstrained_requests_build_no_grammar(tiny_model_dir):
+    llm = LLM(tiny_model_dir)
+    llm.generate(["hi"], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert llm.llm_engine._grammar is None
+
+
+def test_apply_bitmask_matches_a_per_row_reference():
+    torch.manual_seed(0)
+    n, vocab = 5, 70  # not a multiple of 32: the mask's last word is padding
+    logits = torch.randn(n, vocab)
+    mask = torch.randint(-(2**31), 2**31 - 1, (n, bitmask_width(vocab)), dtype=torch.int32)
+    rows = [0, 3, 4]
+    want = logits.clone()
+    for r in rows:
+        for t in range(vocab):
+            if not (int(mask[r, t // 32]) >> (t % 32)) & 1:
+                want[r, t] = float("-inf")
+    got = logits.clone()
+    apply_bitmask(got, StepBitmask(mask, rows))
+    assert torch.equal(got, want)
+
+
+def test_bounded_json_strings_refuse_control_characters(llms):
+    """xgrammar's own grammar for a maxLength string lets raw control bytes in; ours does not."""
+    backend = llms[False].llm_engine.grammar
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}}}
+    m = backend.matcher(backend.compile(StructuredOutputsParams(json=schema)))
+    assert m.accept_string('{"a": "x')
+    assert not m.accept_string("\x06")
+    assert m.accept_string('y"}')
+
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_apply_bitmask_matches_the_cpu():
+    torch.manual_seed(0)
+    n, vocab = 64, 49152 + 17
+    logits = torch.randn(n, vocab)
+    mask = torch.randint(-(2**31), 2**31 - 1, (n, bitmask_width(vocab)), dtype=torch.int32)
+    for rows in (list(range(n)), list(range(0, n, 3))):
+        want = logits.clone()
+        apply_bitmask(want, StepBitmask(mask, rows))
+        got = logits.cuda()
+        apply_bitmask(got, StepBitmask(mask, rows))
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_constraints_hold_with_async_scheduling_and_cuda_graphs(tiny_model_dir):
+    llm = LLM(tiny_model_dir, device="cuda", max_model_len=256)
+    assert llm.llm_engine.async_scheduling
+    params = [_params(StructuredOutputsParams(json=SCHEMA), seed=s) for s in range(6)]
+    params.append(SamplingParams(temperature=1.0, seed=9, max_tokens=8, ignore_eos=True))
+    outs = llm.generate([f"p{i}" for i in range(7)], params, use_tqdm=False)
+    for o in outs[:6]:
+        assert o.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
+    assert len(outs[6].outputs[0].token_ids) == 8
