@@ -13,6 +13,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _BACKENDS = ("auto", "torch", "triton")
 _LOAD_FORMATS = ("auto", "dummy")
+_QUANTIZATIONS = ("fp8", "gptq", "awq", "compressed-tensors")  # = quantization.QUANTIZATIONS
 
 
 @dataclass
@@ -47,6 +48,9 @@ class EngineArgs:
     # "dummy": random weights instead of the checkpoint's (benchmarks of a model's shape: only
     # config.json and the tokenizer need to exist)
     load_format: str = "auto"
+    # The checkpoint's quantization ("fp8", "gptq", "awq", "compressed-tensors"); None: read
+    # from config.json's quantization_config. "fp8" on a float checkpoint quantizes it at load.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -77,6 +81,10 @@ class EngineArgs:
             )
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.quantization is not None and self.quantization not in _QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
@@ -117,3 +125,4 @@ class ModelConfig:
     served_model_name: str
     gguf_file: str | None = None
     load_format: str = "auto"
+    quantization: str | None = None  # EngineArgs.quantization

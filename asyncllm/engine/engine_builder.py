@@ -64,6 +64,7 @@ def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
         served_model_name=name,
         gguf_file=resolved.gguf_file,
         load_format=args.load_format,
+        quantization=args.quantization,
     )
     return mc, tokenizer
 

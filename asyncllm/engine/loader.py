@@ -466,6 +466,8 @@ def load_model(
             model_config.device, model_config.dtype, attention=attn_backend
         )
     cls = get_model_class(architecture_of(hf_config))
+    if quant_config is None:
+        quant_config = _quant_config(model_config)
     # Built on the meta device: no memory and no random init for weights about to be
     # overwritten. Parameters are created in the model dtype (no cast afterwards, which would
     # also cast a quantized method's float parameters, e.g. fp8 weights).
@@ -497,6 +499,21 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _quant_config(model_config: Any) -> Any:
+    """The checkpoint format (config.json's quantization_config, or model_config.quantization)."""
+    from asyncllm.engine.quantization import get_quant_config
+
+    quantization = getattr(model_config, "quantization", None)
+    if model_config.gguf_file:
+        if quantization is not None:
+            raise ValueError(
+                f"quantization={quantization!r} does not apply to a GGUF file (its tensors "
+                "are dequantized at load)"
+            )
+        return None
+    return get_quant_config(model_config.hf_config, quantization)
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

@@ -85,3 +85,36 @@ def fused_moe_ref(
         y = h @ w2[e].float().T
         out.index_add_(0, tokens, y * topk_weights[tokens, slots].float()[:, None])
     return out
+
+
+def int4_gemm_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """kernels.quant_gemm.int4_gemm in float32: unpack [K/8, N] words, (q - zero) * scale."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32).view(1, 8, 1)
+    q = ((qweight.unsqueeze(1) >> shifts) & 0xF).reshape(-1, qweight.shape[1]).float()
+    g = torch.arange(q.shape[0], device=q.device) // group_size
+    w = (q - zeros.float()[g]) * scales.float()[g]
+    return x.float() @ w
+
+
+def fp8_block_gemm_ref(
+    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """kernels.quant_gemm.fp8_block_gemm in float32."""
+    n, k = weight.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)
+    return x.float() @ (weight.float() * s[:, :k]).t()
+
+
+def per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row e4m3 quantization: (x / scale) in fp8 and the float32 scale [M, 1]."""
+    finfo = torch.finfo(torch.float8_e4m3fn)
+    amax = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    scale = amax / finfo.max
+    q = (x.float() / scale).clamp(finfo.min, finfo.max).to(torch.float8_e4m3fn)
+    return q, scale
