@@ -1,0 +1,154 @@
+"""Quantized checkpoints (GPTQ, AWQ, fp8 per-tensor / per-channel / block, fp8 at load) packed
+by the test itself: greedy tokens equal transformers running the same weights dequantized to
+float32; the bit layouts against hand-built words; bad configs get clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from asyncllm import LLM, SamplingParams
+from asyncllm.engine.quantization import get_quant_config, int4_pack
+from tests.quant_checkpoints import build_base, quantize_checkpoint
+from tests.tiny_models import hf_greedy
+
+PROMPTS = ["Hello world", "The capital of France is", "def f(x):\n    return"]
+MAX_NEW = 10
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_base(tmp_path_factory.mktemp("quant_base"))
+
+
+# ---- bit layouts -------------------------------------------------------------------------------
+def test_gptq_layout_words():
+    q = torch.zeros(8, 8, dtype=torch.int32)
+    q[3, 5] = 9  # input 3 of the first word row, output 5
+    w = int4_pack.Int4Weights(
+        q,
+        torch.ones(1, 8, dtype=torch.float16),
+        torch.full((1, 8), 8, dtype=torch.int32),
+        torch.zeros(8, dtype=torch.int32),
+    )
+    stored = int4_pack.to_gptq(w)
+    assert stored["qweight"].shape == (1, 8)
+    assert stored["qweight"][0, 5].item() == 9 << 12  # input 8r+j in bits 4j..
+    # v1 zeros: stored minus one, along the output dim: symmetric 8 -> 0x77777777
+    assert stored["qzeros"].shape == (1, 1) and stored["qzeros"].item() == 0x77777777
+    back = int4_pack.from_gptq(**stored)
+    assert torch.equal(back.q, q) and torch.equal(back.zeros, w.zeros)
+
+
+def test_awq_layout_interleaved():
+    q = torch.zeros(1, 8, dtype=torch.int32)
+    q[0, 2] = 5  # output 2 sits in nibble 1 of AWQ's order [0, 2, 4, 6, 1, 3, 5, 7]
+    q[0, 1] = 3  # output 1 in nibble 4
+    assert int4_pack.pack_cols(q, int4_pack.AWQ_ORDER).item() == (5 << 4) | (3 << 16)
+    assert torch.equal(int4_pack.unpack_cols(int4_pack.pack_cols(q, int4_pack.AWQ_ORDER),
+                                             int4_pack.AWQ_ORDER), q)  # fmt: skip
+
+
+def test_negative_words_unpack():
+    q = torch.full((8, 4), 15, dtype=torch.int32)  # every bit set: int32 -1
+    packed = int4_pack.pack_rows(q)
+    assert (packed == -1).all() and torch.equal(int4_pack.unpack_rows(packed), q)
+
+
+@pytest.mark.parametrize("sym,desc_act", [(True, False), (False, True)])
+def test_quantizer_round_trip(sym, desc_act):
+    w = torch.randn(24, 64)
+    qw = int4_pack.quantize_int4(w, 16, sym=sym, desc_act=desc_act)
+    deq = qw.dequantize()
+    step = qw.scales.float().amax()
+    assert (deq - w).abs().max() <= step  # round to nearest: within one step
+    assert torch.equal(int4_pack.from_gptq(**int4_pack.to_gptq(qw)).dequantize(), deq)
+    if not desc_act:
+        assert torch.equal(int4_pack.from_awq(**int4_pack.to_awq(qw)).dequantize(), deq)
+
+
+# ---- whole models on the CPU against transformers -----------------------------------------------
+FORMATS = {
+    "gptq-g32-sym": ("gptq", {"group_size": 32}),
+    "gptq-g64-desc_act-asym": ("gptq", {"group_size": 64, "desc_act": True, "sym": False}),
+    "gptq-g128": ("gptq", {"group_size": 128, "sym": False}),
+    "gptq-per-column": ("gptq", {"group_size": -1}),
+    "awq-g32": ("awq", {"group_size": 32}),
+    "awq-g128": ("awq", {"group_size": 128}),
+    "fp8-per-tensor": ("fp8-tensor", {}),
+    "fp8-per-channel-static-input": ("fp8-channel", {"static_input": True}),
+    "fp8-block": ("fp8-block", {"block": (32, 32)}),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMATS))
+def test_quantized_greedy_matches_dequantized_transformers(base, tmp_path, case):
+    fmt, opts = FORMATS[case]
+    qdir, pdir = quantize_checkpoint(base, fmt, tmp_path, **opts)
+    tok = AutoTokenizer.from_pretrained(pdir)
+    refs = [hf_greedy(pdir, tok.encode(p), MAX_NEW) for p in PROMPTS]
+    llm = LLM(str(qdir))
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    layer = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.linear_method.name.startswith(fmt.split("-")[0])
+
+
+def test_online_fp8_matches_fp8_rounded_weights(base, tmp_path):
+    """quantization="fp8" on a float checkpoint: per-channel e4m3 at load. On the CPU that is the
+    float32 model with every linear weight rounded through fp8, which transformers runs here."""
+    qdir, pdir = quantize_checkpoint(base, "fp8-channel", tmp_path)
+    tok = AutoTokenizer.from_pretrained(pdir)
+    refs = [hf_greedy(pdir, tok.encode(p), MAX_NEW) for p in PROMPTS]
+    llm = LLM(str(base), quantization="fp8")
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_runner_names_the_method(base, tmp_path, caplog):
+    qdir, _ = quantize_checkpoint(base, "gptq", tmp_path)
+    with caplog.at_level("INFO"):
+        LLM(str(qdir))
+    assert "linear=gptq-int4 (dequantized to float32 at load) + dense" in caplog.text
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def _cfg(qc):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(quantization_config=qc)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="8-bit weights are not supported"):
+        get_quant_config(_cfg({"quant_method": "gptq", "bits": 8}))
+    with pytest.raises(ValueError, match="'bitsandbytes' is not supported"):
+        get_quant_config(_cfg({"quant_method": "bitsandbytes"}))
+    with pytest.raises(ValueError, match="checkpoint is 'awq'"):
+        get_quant_config(_cfg({"quant_method": "awq", "bits": 4}), "gptq")
+    with pytest.raises(ValueError, match="has no quantization_config"):
+        get_quant_config(_cfg(None), "gptq")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        get_quant_config(_cfg(None), "int3")
+    assert get_quant_config(_cfg(None)) is None
+    assert get_quant_config(_cfg(None), "fp8").online
+
+
+def test_engine_args_reject_unknown_quantization():
+    from asyncllm import EngineArgs
+
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineArgs(quantization="int2")
+
+
+def test_group_size_that_does_not_divide(base, tmp_path):
+    qdir, _ = quantize_checkpoint(base, "gptq", tmp_path)
+    cfg = json.loads((qdir / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 96  # 128 inputs are not a multiple of 96
+    (qdir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not a multiple of the group size 96"):
+        LLM(str(qdir))
