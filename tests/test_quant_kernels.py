@@ -1,0 +1,185 @@
+"""The quantized GEMM kernels (kernels/quant_gemm.py) against their float32 references, and the
+GPU paths of the linear methods (repack at load, activation-order gather, the kernels) against
+the dequantized dense layer. Without CUDA they run under TRITON_INTERPRET=1 on tiny shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from asyncllm.engine.kernels.quant_gemm import fp8_block_gemm, int4_gemm  # noqa: E402
+from asyncllm.engine.kernels.reference import (  # noqa: E402
+    fp8_block_gemm_ref,
+    int4_gemm_ref,
+    per_token_fp8_ref,
+)
+from asyncllm.engine.layers.linear import MergedColumnParallelLinear  # noqa: E402
+from asyncllm.engine.quantization import fp8 as fp8_mod  # noqa: E402
+from asyncllm.engine.quantization import int4, int4_pack  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FP8 = torch.float8_e4m3fn
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+def _int4_inputs(m, k, n, gs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qw = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=g)
+    s = (torch.rand(k // gs, n, generator=g) * 0.05 + 0.01).half()
+    z = torch.randint(0, 16, (k // gs, n), dtype=torch.uint8, generator=g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    return [t.to(DEVICE) for t in (x, qw, s, z)]
+
+
+@pytest.mark.parametrize("m,k,n,gs", [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128)])
+def test_int4_gemm_matches_reference(m, k, n, gs):
+    x, qw, s, z = _int4_inputs(m, k, n, gs, torch.float32)
+    out = int4_gemm(x, qw, s, z, gs)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert rel_err(out, int4_gemm_ref(x, qw, s, z, gs)) < 1e-5
+
+
+def test_fp8_block_gemm_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 96, generator=g).to(FP8).to(DEVICE)
+    si = (torch.rand(2, 3, generator=g) + 0.5).to(DEVICE)
+    x = torch.randn(3, 96, generator=g).to(DEVICE)
+    out = fp8_block_gemm(x, w, si, (32, 32))  # 48 rows: a partial last block of rows
+    assert rel_err(out, fp8_block_gemm_ref(x, w, si, (32, 32))) < 1e-5
+    per_row = torch.rand(48, 1, generator=g).to(DEVICE)
+    out = fp8_block_gemm(x, w, per_row, (1, 96))
+    assert rel_err(out, fp8_block_gemm_ref(x, w, per_row, (1, 96))) < 1e-5
+
+
+def test_kernel_shape_errors():
+    x, qw, s, z = _int4_inputs(2, 64, 16, 32, torch.float32)
+    with pytest.raises(ValueError, match="do not fit together"):
+        int4_gemm(x[:, :32], qw, s, z, 32)
+    with pytest.raises(ValueError, match="no K tile"):
+        int4_gemm(x, qw, s[:].repeat(4, 1)[:8], z, 8)
+
+
+# ---- the methods' kernel paths, layer by layer --------------------------------------------------
+def _merged(config, k=64, parts=(32, 32), dtype=torch.float32):
+    torch.set_default_dtype(dtype)
+    try:
+        layer = MergedColumnParallelLinear(k, list(parts), quant_config=config, prefix="mlp.gate_up_proj")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return layer.to(DEVICE)
+
+
+def _force_kernel(monkeypatch):
+    """On the CPU, take the CUDA path of the methods (the kernels run in the interpreter)."""
+    monkeypatch.setattr(int4.Int4LinearMethod, "uses_kernel", lambda self, device: True)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq-desc_act", "awq"])
+def test_int4_layer_kernel_path_matches_dequantized(fmt, monkeypatch):
+    if DEVICE.type == "cpu":
+        _force_kernel(monkeypatch)
+    gs = 32
+    if fmt.startswith("gptq"):
+        cfg = int4.GPTQConfig({"bits": 4, "group_size": gs, "desc_act": fmt.endswith("act"),
+                               "sym": False})  # fmt: skip
+    else:
+        cfg = int4.AWQConfig({"bits": 4, "group_size": gs})
+    layer = _merged(cfg)
+    order = torch.randperm(64) if fmt.endswith("act") else None
+    dense = []
+    for shard in (0, 1):
+        w = torch.randn(32, 64)
+        qw = int4_pack.quantize_int4(w, gs, desc_act=order is not None, order=order)
+        stored = int4_pack.to_gptq(qw) if fmt.startswith("gptq") else int4_pack.to_awq(qw)
+        for name, t in stored.items():
+            p = getattr(layer, name)
+            p.weight_loader(p, t.to(DEVICE), shard)
+        dense.append(qw.dequantize())
+    layer.process_weights_after_loading()
+    assert not hasattr(layer, "qweight") and hasattr(layer, "w4_qweight")
+    assert (layer.w4_perm is not None) == fmt.endswith("act")
+    x = torch.randn(3, 64).to(DEVICE)
+    ref = x.float().cpu() @ torch.cat(dense).t()
+    assert rel_err(layer(x).cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["channel", "block"])
+def test_fp8_layer_kernel_path_matches_dequantized(kind, monkeypatch):
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(fp8_mod, "fp8_matmul_supported", lambda device: True)
+    if kind == "block":
+        cfg = fp8_mod.Fp8Config({"weight_block_size": [32, 32]})
+    else:
+        cfg = fp8_mod.Fp8Config(online=True)
+    layer = _merged(cfg)
+    ws = [torch.randn(32, 64) for _ in range(2)]
+    dense = []
+    for shard, w in enumerate(ws):
+        if kind == "block":
+            s = w.reshape(1, 32, 2, 32).abs().amax((1, 3)) / 448
+            q = (w.reshape(1, 32, 2, 32) / s[:, None, :, None]).to(FP8).reshape(32, 64)
+            layer.weight.weight_loader(layer.weight, q.to(DEVICE), shard)
+            p = layer.weight_scale_inv
+            p.weight_loader(p, s.to(DEVICE), shard)
+            dense.append(fp8_block_gemm_ref(torch.eye(64), q, s, (32, 32)).t())
+        else:
+            layer.weight.weight_loader(layer.weight, w.to(DEVICE), shard)
+            q, s = per_token_fp8_ref(w)
+            dense.append(q.float() * s)
+    layer.process_weights_after_loading()
+    assert layer.fp8_weight.dtype == FP8
+    x = torch.randn(3, 64).to(DEVICE)
+    ref = x.float().cpu() @ torch.cat(dense).t()
+    # float32 model: the Triton W8A16 kernel (no activation quantization), exact up to order
+    assert rel_err(layer(x).cpu(), ref) < 1e-5
+
+
+# ---- the GPU ------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("gs", [32, 128])
+def test_int4_gemm_gpu_bf16(m, gs):
+    x, qw, s, z = _int4_inputs(m, 4096, 1536, gs, torch.bfloat16, seed=m)
+    out = int4_gemm(x, qw, s, z, gs)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, int4_gemm_ref(x, qw, s, z, gs)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 33, 512])
+def test_fp8_block_gemm_gpu_bf16(m):
+    w = torch.randn(2048, 1024, device="cuda").to(FP8)
+    si = torch.rand(16, 8, device="cuda") * 0.01
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    out = fp8_block_gemm(x, w, si, (128, 128))
+    assert rel_err(out, fp8_block_gemm_ref(x, w, si, (128, 128))) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 48, 512])
+def test_fp8_w8a8_layer_gpu(m):
+    """bf16 on Hopper: per-token activation quantization and _scaled_mm."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs compute capability 8.9")
+    layer = _merged(fp8_mod.Fp8Config(online=True), k=1024, parts=(512, 512), dtype=torch.bfloat16)
+    ws = [torch.randn(512, 1024, device="cuda") * 0.02 for _ in range(2)]
+    for shard, w in enumerate(ws):
+        layer.weight.weight_loader(layer.weight, w.to(torch.bfloat16), shard)
+    layer.process_weights_after_loading()
+    assert layer.fp8_scale.shape == (1, 1024)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    xq, xs = per_token_fp8_ref(x)
+    wq, wsc = per_token_fp8_ref(torch.cat(ws).to(torch.bfloat16))
+    ref = (xq.float() * xs) @ (wq.float() * wsc).t()
+    assert rel_err(layer(x), ref) < 1e-2
+    assert rel_err(layer(x), x.float() @ torch.cat(ws).t()) < 0.08  # and it is the layer
