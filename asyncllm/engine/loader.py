@@ -400,7 +400,12 @@ def dequantize_gguf(t: GGUFTensor) -> torch.Tensor:
         return raw.view(torch.bfloat16).float().reshape(t.shape)
     if qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
         return _dequant_simple(raw, qtype.name).reshape(t.shape)
-    out = np.array(dequantize(t.data, qtype), dtype=np.float32)
+    try:
+        out = np.array(dequantize(t.data, qtype), dtype=np.float32)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"GGUF tensor {t.name}: the gguf package cannot dequantize {qtype.name} ({e})"
+        ) from e
     return torch.from_numpy(out).reshape(t.shape)
 
 
@@ -424,9 +429,24 @@ def _dequant_simple(raw: torch.Tensor, kind: str) -> torch.Tensor:
     return out.mul_(d).add_(m).reshape(-1)
 
 
+def describe_gguf(file: str, tensors: list[GGUFTensor]) -> str:
+    """The one load line: which quant types the file holds, and what they become."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType
+
+    counts = Counter(GGMLQuantizationType(t.qtype).name for t in tensors)
+    kinds = ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+    return (
+        f"GGUF {os.path.basename(file)}: {kinds}; every tensor dequantized to float32 at load "
+        "(gguf's dequantizers; Q8_0/Q4_0/Q4_1 in torch), then held dense in the model dtype"
+    )
+
+
 def iter_gguf(file: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Every GGUF tensor dequantized to float32, by transformers' names."""
     meta, tensors = read_gguf(file)
+    logger.info("%s", describe_gguf(file, tensors))
     arch = meta.get("general.architecture", "llama")
     n_head = hf_config.num_attention_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_head
