@@ -125,5 +125,7 @@ def test_kquant_gguf_greedy_matches_transformers(kquant_gguf, caplog):
         ids = p + out.outputs[0].token_ids
         with torch.no_grad():
             lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0], -1)
-        for k, (tok, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+        for k, (tok, entry) in enumerate(
+            zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)
+        ):
             assert abs(entry[tok].logprob - lp[len(p) - 1 + k, tok].item()) < 1e-3

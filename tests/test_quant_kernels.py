@@ -73,7 +73,9 @@ def test_kernel_shape_errors():
 def _merged(config, k=64, parts=(32, 32), dtype=torch.float32):
     torch.set_default_dtype(dtype)
     try:
-        layer = MergedColumnParallelLinear(k, list(parts), quant_config=config, prefix="mlp.gate_up_proj")
+        layer = MergedColumnParallelLinear(
+            k, list(parts), quant_config=config, prefix="mlp.gate_up_proj"
+        )
     finally:
         torch.set_default_dtype(torch.float32)
     return layer.to(DEVICE)

@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         from ops.bench import peer
 
         return peer.main(argv[1:])
+    if argv[:1] == ["quant"]:  # bf16 / fp8 / GPTQ-int4 on the Llama-3-8B shape
+        from ops.bench import quant
+
+        return quant.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
     p.add_argument("benchmark", choices=["throughput", "latency", "cpu", "moe"])
     p.add_argument("--baseline", choices=["hf", "none"], default="none")

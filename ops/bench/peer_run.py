@@ -33,13 +33,13 @@ def _emit(rec: dict[str, Any]) -> None:
 class _AsyncLLM:
     name = "asyncllm"
 
-    def __init__(self, model_dir: str, max_model_len: int) -> None:
+    def __init__(self, model_dir: str, max_model_len: int, **engine_kw: Any) -> None:
         from asyncllm import LLM, SamplingParams
 
         self._sp = SamplingParams
         t0 = time.perf_counter()
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the CPU: smoke runs
-        self.llm = LLM(model_dir, dtype=dtype, max_model_len=max_model_len)
+        self.llm = LLM(model_dir, dtype=dtype, max_model_len=max_model_len, **engine_kw)
         self.start_s = time.perf_counter() - t0
 
     def params(self, max_tokens: int):
@@ -73,8 +73,13 @@ class _NanoVLLM:
 
 def run(engine_name: str, model_dir: str, workload: dict[str, Any], what: set[str]) -> None:
     cls = _AsyncLLM if engine_name == "asyncllm" else _NanoVLLM
-    eng = cls(model_dir, workload["max_model_len"])
-    base = {"engine": cls.name, "engine_start_s": round(eng.start_s, 2)}
+    measure(cls(model_dir, workload["max_model_len"]), workload, what)
+
+
+def measure(eng: Any, workload: dict[str, Any], what: set[str]) -> None:
+    """The throughput and latency runs on a built engine (`name`, `start_s`, `generate`)."""
+    cls = type(eng)
+    base = {"engine": eng.name, "engine_start_s": round(eng.start_s, 2)}
     if "throughput" in what:
         prompts = [r[0] for r in workload["requests"]]
         outs_len = [r[1] for r in workload["requests"]]
