@@ -14,7 +14,12 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from asyncllm.engine.kernels.quant_gemm import fp8_block_gemm, int4_gemm  # noqa: E402
+from asyncllm.engine.kernels.fp8_quant import per_token_fp8  # noqa: E402
+from asyncllm.engine.kernels.quant_gemm import (  # noqa: E402
+    DEQUANT_MIN_M,
+    fp8_block_gemm,
+    int4_gemm,
+)
 from asyncllm.engine.kernels.reference import (  # noqa: E402
     fp8_block_gemm_ref,
     int4_gemm_ref,
@@ -59,6 +64,33 @@ def test_fp8_block_gemm_matches_reference():
     per_row = torch.rand(48, 1, generator=g).to(DEVICE)
     out = fp8_block_gemm(x, w, per_row, (1, 96))
     assert rel_err(out, fp8_block_gemm_ref(x, w, per_row, (1, 96))) < 1e-5
+
+
+def test_large_batches_take_the_dequantized_copy():
+    """From DEQUANT_MIN_M rows W is written out by the dequant kernel and the GEMM is torch's."""
+    x, qw, s, z = _int4_inputs(DEQUANT_MIN_M + 3, 64, 48, 32, torch.float32)
+    assert rel_err(int4_gemm(x, qw, s, z, 32), int4_gemm_ref(x, qw, s, z, 32)) < 1e-6
+    w = torch.randn(48, 96).to(FP8).to(DEVICE)
+    si = (torch.rand(2, 3) + 0.5).to(DEVICE)
+    x = torch.randn(DEQUANT_MIN_M, 96).to(DEVICE)
+    assert (
+        rel_err(fp8_block_gemm(x, w, si, (32, 32)), fp8_block_gemm_ref(x, w, si, (32, 32))) < 1e-6
+    )
+
+
+def test_per_token_fp8_matches_reference():
+    x = torch.randn(6, 5000) * 3
+    x[2] = 0  # an all-zero row: a tiny scale, zeros out
+    x[4, 7] = 1e4  # an outlier sets its row's scale
+    q, s = per_token_fp8(x.to(DEVICE))
+    rq, rs = per_token_fp8_ref(x)
+    assert q.dtype == FP8 and s.shape == (6, 1)
+    torch.testing.assert_close(s.cpu(), rs, rtol=1e-6, atol=0)
+    if DEVICE.type == "cpu":
+        assert torch.equal(q.cpu().float(), rq.float())
+    else:  # the GPU's float32 division may differ in the last bit: at most one e4m3 step
+        diff = (q.cpu().float() - rq.float()).abs()
+        assert (diff <= rq.float().abs() / 8 + 2**-9).all() and (diff > 0).float().mean() < 1e-3
 
 
 def test_kernel_shape_errors():
@@ -148,7 +180,7 @@ def test_fp8_layer_kernel_path_matches_dequantized(kind, monkeypatch):
 
 # ---- the GPU ------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("m", [1, 7, 64, 300, 2048])
 @pytest.mark.parametrize("gs", [32, 128])
 def test_int4_gemm_gpu_bf16(m, gs):
     x, qw, s, z = _int4_inputs(m, 4096, 1536, gs, torch.bfloat16, seed=m)
@@ -158,7 +190,7 @@ def test_int4_gemm_gpu_bf16(m, gs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 33, 512])
+@pytest.mark.parametrize("m", [1, 33, 512, 2048])
 def test_fp8_block_gemm_gpu_bf16(m):
     w = torch.randn(2048, 1024, device="cuda").to(FP8)
     si = torch.rand(16, 8, device="cuda") * 0.01

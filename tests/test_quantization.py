@@ -152,3 +152,22 @@ def test_group_size_that_does_not_divide(base, tmp_path):
     (qdir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not a multiple of the group size 96"):
         LLM(str(qdir))
+
+
+def test_gptq_zero_biases_of_bias_free_layers_are_skipped(base, tmp_path):
+    """GPTQ exporters write a zero `bias` for every linear layer; a nonzero one has no place."""
+    from safetensors.torch import load_file, save_file
+
+    qdir, pdir = quantize_checkpoint(base, "gptq", tmp_path)
+    tensors = load_file(qdir / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        tensors[name.replace(".qweight", ".bias")] = torch.zeros(tensors[name].shape[1])
+    save_file(tensors, qdir / "model.safetensors")
+    tok = AutoTokenizer.from_pretrained(pdir)
+    ref = hf_greedy(pdir, tok.encode(PROMPTS[0]), MAX_NEW)
+    out = LLM(str(qdir)).generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref
+    tensors["model.layers.0.mlp.down_proj.bias"] += 1.0
+    save_file(tensors, qdir / "model.safetensors")
+    with pytest.raises(ValueError, match="down_proj.bias' has no place"):
+        LLM(str(qdir))

@@ -9,7 +9,9 @@ accumulation):
   stored, `scale_inv` float32 [ceil(N/bn), ceil(K/bk)]: w = W * scale_inv[n // bn, k // bk].
 
 Small batches (decode) split K across programs so the grid covers the GPU; the partial sums
-go to a float32 buffer summed afterwards (deterministic, no atomics). References in
+go to a float32 buffer summed afterwards (deterministic, no atomics). From DEQUANT_MIN_M rows
+(large prefills, compute-bound) the weight is dequantized by a second kernel into a transient
+copy and the GEMM is cuBLAS's. References in
 `quant_gemm_ref`; tests run the kernel under TRITON_INTERPRET=1 and on the GPU.
 """
 
@@ -86,6 +88,56 @@ def _quant_gemm_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _dequant_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP_K, GROUP_N,
+    stride_wa, stride_wb, stride_sa, stride_sb, stride_za, stride_zb, stride_ok, stride_on,
+    KIND: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """W as the GEMM kernel decodes it, written out: [K, N] (int4) or [N, K] (fp8 blocks),
+    addressed through (stride_ok, stride_on) either way."""
+    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (kk < K)[:, None] & (nn < N)[None, :]
+    if KIND == 0:
+        words = tl.load(w_ptr + (kk // 8)[:, None] * stride_wa + nn[None, :] * stride_wb,
+                        mask=ok, other=0)  # fmt: skip
+        q = ((words >> ((kk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+        g = (kk // GROUP_K)[:, None]
+        s = tl.load(s_ptr + g * stride_sa + nn[None, :] * stride_sb, mask=ok, other=0.0)
+        z = tl.load(z_ptr + g * stride_za + nn[None, :] * stride_zb, mask=ok, other=0)
+        w = (q - z.to(tl.float32)) * s.to(tl.float32)
+    else:
+        wq = tl.load(w_ptr + nn[None, :] * stride_wa + kk[:, None] * stride_wb, mask=ok, other=0.0)
+        s = tl.load(
+            s_ptr + (nn // GROUP_N)[None, :] * stride_sa + (kk // GROUP_K)[:, None] * stride_sb,
+            mask=ok,
+            other=0.0,
+        )
+        w = wq.to(tl.float32) * s
+    out = out_ptr + kk[:, None] * stride_ok + nn[None, :] * stride_on
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# From this many rows (a large prefill), writing W out in the activation dtype and handing the
+# GEMM to cuBLAS beats the tiled kernel: the GEMM is compute-bound and the extra ~4 bytes per
+# weight of the dequantized copy cost a few percent of it.
+DEQUANT_MIN_M = 1024
+
+
+def dequantize(kind, w, s, z, n, k, group_k, group_n, dtype, transposed) -> torch.Tensor:
+    """The weight the kernel would use, in `dtype`: [K, N] (int4) or [N, K] (fp8 blocks)."""
+    out = torch.empty((n, k) if transposed else (k, n), device=w.device, dtype=dtype)
+    sok, son = (out.stride(1), out.stride(0)) if transposed else out.stride()
+    bk, bn = 64, 64
+    _dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        w, s, z, out, n, k, group_k, group_n, *w.stride(), *s.stride(),
+        *(z.stride() if z.dim() == 2 else (0, 0)), sok, son,
+        KIND=kind, BLOCK_K=bk, BLOCK_N=bn,
+    )  # fmt: skip
+    return out
+
+
 @lru_cache(maxsize=8)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -148,6 +200,9 @@ def int4_gemm(
             f"int4_gemm: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, scales "
             f"{tuple(scales.shape)}, group size {group_size} do not fit together"
         )
+    if x.numel() // k >= DEQUANT_MIN_M:
+        w = dequantize(INT4, qweight, scales, zeros, n, k, group_size, 1, x.dtype, False)
+        return x @ w
     return _launch(
         x, qweight, scales, zeros, INT4, n, k, group_size, 1,
         qweight.stride(), scales.stride(), zeros.stride(),
@@ -165,6 +220,9 @@ def fp8_block_gemm(
             f"fp8_block_gemm: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scales "
             f"{tuple(scale_inv.shape)}, block {block} do not fit together"
         )
+    if x.numel() // k >= DEQUANT_MIN_M:
+        w = dequantize(FP8_BLOCK, weight, scale_inv, scale_inv, n, k, bk, bn, x.dtype, True)
+        return torch.nn.functional.linear(x, w)
     return _launch(
         x, weight, scale_inv, scale_inv, FP8_BLOCK, n, k, bk, bn,
         weight.stride(), scale_inv.stride(), (0, 0),

@@ -64,6 +64,10 @@ def load_weights(
                 target, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
                 break
         param = params.get(target)
+        if param is None and name.endswith(".bias") and not tensor.any():
+            # A zero bias for a layer that has none is the same model (GPTQ exporters write
+            # one for every linear layer).
+            continue
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         loader = getattr(param, "weight_loader", default_weight_loader)

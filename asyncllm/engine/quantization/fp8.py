@@ -165,6 +165,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         return f"fp8 {kind} ({'W8A8 _scaled_mm' if path == 'scaled_mm' else 'Triton W8A16'})"
 
     def apply_quantized(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        from asyncllm.engine.kernels.fp8_quant import per_token_fp8
         from asyncllm.engine.kernels.quant_gemm import fp8_block_gemm
 
         w, s = layer.fp8_weight, layer.fp8_scale
@@ -172,7 +173,7 @@ class Fp8LinearMethod(QuantizedLinearMethod):
             y = fp8_block_gemm(x, w, s, self.block)
         elif s.shape[0] == 1:  # [1, N]: the _scaled_mm layout
             shape = x.shape
-            xq, xs = per_token_quant(x.reshape(-1, shape[-1]))
+            xq, xs = per_token_fp8(x.reshape(-1, shape[-1]))
             y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s, out_dtype=x.dtype)
             y = y.reshape(*shape[:-1], w.shape[0])
         else:  # [N, 1]: one block per row
@@ -191,6 +192,8 @@ class CompressedTensorsFp8Config(QuantizationConfig):
     name = "compressed-tensors-fp8"
 
     def __init__(self, cfg: dict[str, Any]):
+        if cfg.get("kv_cache_scheme"):
+            raise ValueError("compressed-tensors fp8 KV cache scales are not supported")
         groups = cfg.get("config_groups") or {}
         if len(groups) != 1:
             raise ValueError(
