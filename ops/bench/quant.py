@@ -123,7 +123,12 @@ def _run_format(fmt: str, mdir: Path, wl_path: Path, args: argparse.Namespace) -
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(f"{fmt} ran past {args.timeout} s; keeping what it reported", flush=True)
+        return [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
     sys.stdout.write(proc.stdout[-3000:])
     sys.stderr.write(proc.stderr[-3000:])
     if proc.returncode:
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--what", default="throughput,latency")
     p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--timeout", type=int, default=240, help="seconds per format")
+    # 3 x 150 s plus the bandwidth probe stays inside the benchmark's 8 minutes on one GPU
+    p.add_argument("--timeout", type=int, default=150, help="seconds per format")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     cfg = SMOKE if args.smoke else LLAMA3_8B
