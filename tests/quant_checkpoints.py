@@ -16,7 +16,18 @@ from safetensors.torch import load_file, save_file
 from asyncllm.engine.quantization import int4_pack
 from tests.tiny_models import build_tokenizer
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+)  # fmt: skip  (w1/w2/w3: Mixtral's experts)
 FP8 = torch.float8_e4m3fn
 
 

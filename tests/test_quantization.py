@@ -213,3 +213,32 @@ def test_quantized_bf16_on_gpu_is_close_to_float32(base, tmp_path, case):
     assert out.token_ids[0] in ref.topk(3).indices.tolist()
     for tok_id, lp in out.logprobs[0].items():
         assert abs(lp.logprob - ref[tok_id].item()) < 0.5
+
+
+@pytest.mark.parametrize(
+    "arch,fmt",
+    [("qwen3_moe", "fp8-channel"), ("qwen2_moe", "fp8-tensor"), ("mixtral", "fp8-block")],
+)
+def test_fp8_moe_checkpoints_match_dequantized_transformers(tmp_path, arch, fmt):
+    """fp8 experts (one tensor per expert projection, with its scales) and fp8 attention /
+    shared-expert linears; the router stays float. Dequantized experts: transformers' tokens."""
+    from tests.tiny_models import build_model
+
+    src = build_model(arch, tmp_path / "src")
+    qdir, pdir = quantize_checkpoint(src, fmt, tmp_path, block=(32, 32))
+    tok = AutoTokenizer.from_pretrained(pdir)
+    refs = [hf_greedy(pdir, tok.encode(p), MAX_NEW) for p in PROMPTS]
+    llm = LLM(str(qdir))
+    experts = next(m for m in llm.llm_engine.runner.model.modules() if hasattr(m, "quant_method"))
+    assert experts.quant_method.name == "fp8"
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_int4_moe_checkpoints_are_refused_clearly(tmp_path):
+    from tests.tiny_models import build_model
+
+    src = build_model("qwen3_moe", tmp_path / "src")
+    qdir, _ = quantize_checkpoint(src, "gptq", tmp_path, group_size=32)
+    with pytest.raises(ValueError, match="no mixture-of-experts method"):
+        LLM(str(qdir))

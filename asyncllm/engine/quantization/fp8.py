@@ -231,6 +231,13 @@ class CompressedTensorsFp8Config(QuantizationConfig):
             self.block, static_input=self.static_input, block_param="weight_scale"
         )
 
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> Any:
+        from asyncllm.engine.quantization.fp8_moe import Fp8MoEMethod
+
+        if is_skipped(prefix, self.ignore):
+            return None
+        return Fp8MoEMethod(self.block, "weight_scale", self.static_input)
+
 
 class Fp8Config(QuantizationConfig):
     """HF `quant_method: "fp8"`: `weight_block_size` [bn, bk] with `weight_scale_inv`
@@ -254,3 +261,10 @@ class Fp8Config(QuantizationConfig):
         if prefix == "lm_head" or is_skipped(prefix, self.skip):
             return None
         return Fp8LinearMethod(self.block, online=self.online)
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> Any:
+        from asyncllm.engine.quantization.fp8_moe import Fp8MoEMethod
+
+        if self.online or is_skipped(prefix, self.skip):
+            return None  # quantized at load: the experts stay dense (fp8_moe.py says why)
+        return Fp8MoEMethod(self.block, "weight_scale_inv", static_input=False)
