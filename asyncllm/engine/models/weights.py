@@ -32,12 +32,9 @@ def _expected_shards(model: nn.Module) -> dict[str, set[Any]]:
     for mname, module in model.named_modules():
         shard_ids = getattr(module, "shard_ids", None)
         for pname, p in module.named_parameters(prefix=mname, recurse=False):
-            # `per_shard`: a parameter every shard loads in full (e.g. GPTQ's g_idx, the
-            # same for q, k and v), so each shard id must arrive though it has no output_dim.
-            by_shard = getattr(p, "output_dim", None) is not None or getattr(p, "per_shard", False)
             if getattr(p, "shard_ids", None):
                 out[pname] = set(p.shard_ids)
-            elif shard_ids and by_shard:
+            elif shard_ids and getattr(p, "output_dim", None) is not None:
                 out[pname] = set(shard_ids)
             else:
                 out.setdefault(pname, {None})

@@ -108,7 +108,8 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if not self.static_input:
             return
         i = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
-        set_weight_attrs(i, {"per_shard": True, "weight_loader": _ignore})
+        ids = getattr(layer, "shard_ids", None)  # each shard brings its own: all must arrive
+        set_weight_attrs(i, {"weight_loader": _ignore, **({"shard_ids": list(ids)} if ids else {})})
         layer.register_parameter("input_scale", i)
 
     @staticmethod

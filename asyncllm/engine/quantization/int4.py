@@ -28,6 +28,12 @@ def _param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dty
     return p
 
 
+def _every_shard(layer: nn.Module) -> dict[str, Any]:
+    """Attributes of a parameter that every shard of a merged layer loads in full."""
+    ids = getattr(layer, "shard_ids", None)
+    return {"shard_ids": list(ids)} if ids else {}
+
+
 class _Int4Config(QuantizationConfig):
     method_cls: type
 
@@ -121,7 +127,8 @@ class GPTQLinearMethod(Int4LinearMethod):
         _param(layer, "qweight", (k // 8, n), torch.int32, **packed)
         _param(layer, "qzeros", (groups, n // 8), torch.int32, **packed)
         _param(layer, "scales", (groups, n), torch.float16, **packed)
-        g = _param(layer, "g_idx", (k,), torch.int32, input_dim=0, per_shard=True)
+        # Every shard of a merged layer brings the same g_idx: each must arrive (shard_ids).
+        g = _param(layer, "g_idx", (k,), torch.int32, input_dim=0, **_every_shard(layer))
         g.weight_loader = self._g_idx_loader(layer)
 
     @staticmethod
