@@ -17,6 +17,7 @@ hundreds of streams was most of the gateway's cost per token.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,10 @@ SERVER_TYPES = (SESSION, DELTA, DONE, ERROR)
 BATCH = "batch"  # only to a client that asked with ?batch=1
 BATCH_QUERY = "batch"
 MAX_BATCH_BYTES = 1 << 16  # a batch message holds frames up to this many bytes (or one bigger)
+# A session key a client may propose on its first connection (so that a proxy hashing on the key
+# sends the first connection where every reconnect will go; docs/PROTOCOL.md). The server's own
+# keys are 22 such characters (128 random bits); a shorter proposal could be guessed.
+SESSION_KEY_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 
 # error codes
 INVALID_REQUEST = "invalid_request"
@@ -465,9 +470,15 @@ def _parse_typed(obj: dict[str, Any], ftype: Any, fid: StreamId | None) -> Clien
 # ---- server -> client frames ------------------------------------------------------------------
 
 
-def session_frame(session: str, resume_ttl: float, batch: bool = False) -> dict[str, Any]:
-    """`batch`: this socket may get batch frames (the client asked with ?batch=1)."""
+def session_frame(
+    session: str, resume_ttl: float, batch: bool = False, resumed: bool | None = None
+) -> dict[str, Any]:
+    """`batch`: this socket may get batch frames (the client asked with ?batch=1). `resumed`:
+    the session existed (its streams can be resumed); False for a new one, also when it has the
+    key the client asked for (a proposal, or one that expired). The gateway always says."""
     f: dict[str, Any] = {"type": SESSION, "session": session, "resume_ttl": resume_ttl}
+    if resumed is not None:
+        f["resumed"] = resumed
     if batch:
         f["batch"] = True
     return f

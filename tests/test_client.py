@@ -162,6 +162,7 @@ class FakeGateway:
             if time.monotonic() - sess.detached_at > self.resume_ttl:
                 self._drop_session(sess)
                 sess = None
+        resumed = sess is not None
         if sess is None:
             sess = FakeSession(f"s{next(self._ids)}")
             self.sessions[sess.id] = sess
@@ -170,7 +171,7 @@ class FakeGateway:
         # finished closing (its handler may still be replaying, so its cleanup below is skipped).
         for st in sess.streams.values():
             st.attached = False
-        await ws.send(P.encode(P.session_frame(sess.id, self.resume_ttl)))
+        await ws.send(P.encode(P.session_frame(sess.id, self.resume_ttl, resumed=resumed)))
         try:
             async for raw in ws:
                 await self._on_frame(sess, P.decode(raw), ws)

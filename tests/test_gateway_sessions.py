@@ -179,8 +179,28 @@ def test_session_expires_without_reconnect():
     clock.t = 1.0
     mgr.reap()
     assert cancelled == [1] and sess.key not in mgr.sessions
-    # An expired key gets a fresh session.
-    assert mgr.attach(sess.key, None, FakeWriter()).key != sess.key
+    # An expired key gets a fresh, empty session under the same key (the replica a proxy
+    # hashes it to is this one), and says it is not the old one.
+    again, resumed = mgr.attach_session(sess.key, None, FakeWriter())
+    assert again is not sess and again.key == sess.key and not again.streams and not resumed
+
+
+def test_proposed_keys():
+    mgr = SessionManager(resume_ttl=30)
+    proposal = "p" * 32
+    sess, resumed = mgr.attach_session(proposal, None, FakeWriter())
+    assert sess.key == proposal and not resumed
+    sess.add(Stream("a", "r"))
+    w = FakeWriter()
+    assert mgr.attach_session(proposal, None, w) == (sess, True)
+    # Too short to be unguessable, or not URL-safe: a random key instead.
+    for bad in ("short", "x" * 21, "y" * 129, "z" * 30 + "/=", "a b" * 10):
+        other, resumed = mgr.attach_session(bad, None, FakeWriter())
+        assert other.key != bad and not resumed
+    # A key someone else owns is never taken, nor shadowed: the caller gets a random one.
+    owned, _ = mgr.attach_session("o" * 32, "alice", FakeWriter())
+    mine, resumed = mgr.attach_session("o" * 32, "bob", FakeWriter())
+    assert mine.key != owned.key and not resumed and mgr.sessions[owned.key] is owned
 
 
 def test_takeover_and_owner():

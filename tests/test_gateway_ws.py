@@ -152,7 +152,8 @@ def test_ttl_cancels_and_frees():
         assert wait_for(lambda: not engine.active, 3)
         assert wait_for(lambda: not srv.app.state.sessions.sessions, 3)
         ws2 = WS(srv.ws_url(f"session={key}"))
-        assert ws2.session["session"] != key
+        # a new, empty session under the same key (it is the key's replica), said to be new
+        assert ws2.session["session"] == key and ws2.session["resumed"] is False
         ws2.send({"type": "resume", "id": "t", "after": 0})
         err = ws2.until(lambda f: f["type"] == "error")
         assert err["code"] == "not_found" and err["id"] == "t"
@@ -505,3 +506,34 @@ def test_freeze_gc_freezes_the_start_up_heap_only_when_asked():
             assert httpx.get(srv.http + "/health").status_code == 200
     finally:
         gc.unfreeze()
+
+
+def test_a_proposed_session_key_is_adopted_and_resumable():
+    """The first connection may bring its own key (so a proxy hashing on it routes every
+    connection of the session alike): a well-formed, free key becomes the session's."""
+    engine = FakeEngine(step_s=0.005)
+    with run_server(engine, GatewaySettings(resume_ttl=5)) as srv:
+        key = "k" * 11 + "-_" + "x" * 19
+        ws = WS(srv.ws_url(f"session={key}"))
+        assert ws.session["session"] == key and ws.session["resumed"] is False
+        ws.send({"type": "complete", "id": "p", "prompt": "propose", "params": {"max_tokens": 60}})
+        first = ws.until(lambda f: f["type"] == "delta")
+        ws.close()
+        ws2 = WS(srv.ws_url(f"session={key}"))
+        assert ws2.session == {
+            "type": "session",
+            "session": key,
+            "resume_ttl": 5.0,
+            "resumed": True,
+        }
+        ws2.send({"type": "resume", "id": "p", "after": first["seq"]})
+        ws2.until_done(["p"])
+        got = [first] + ws2.of("p")
+        assert seqs_ok(got)
+        text = "".join(f["text"] for f in got if f["type"] == "delta")
+        assert text == fake_text(CharTokenizer().encode("propose"), 0, 60)
+        ws2.close()
+        # a key too short to be unguessable is not adopted
+        ws3 = WS(srv.ws_url("session=short"))
+        assert ws3.session["session"] != "short" and ws3.session["resumed"] is False
+        ws3.close()

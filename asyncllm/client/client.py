@@ -3,12 +3,15 @@ reconnect, session resume and exactly-once delivery of deltas.
 
 How a flaky network is hidden:
 - One supervisor task owns the socket. When it drops, it reconnects with capped exponential
-  backoff and full jitter (tenacity), presenting `?session=K`.
+  backoff and full jitter (tenacity), presenting `?session=K`. The first connection presents a
+  random key of ours (a proposal the server adopts): a proxy that routes by session key sends it
+  where every later reconnect will go.
 - On the new socket the server's first frame says which session we have. Same session: every
   open stream is resumed with `{"type":"resume","after":last_seq}`; deltas at or below `last_seq`
   that the server replays anyway are dropped (dedupe by seq), a jump past `last_seq + 1` is an
-  error, never a silent gap. New session (the old one expired): every stream the old session
-  knew raises `StreamLost` with the text it had.
+  error, never a silent gap. New session (the old one expired, or the replica that held it is
+  gone; the frame says `resumed: false`): every stream the old session had shown text of
+  raises `StreamLost` with that text; one that had shown nothing is sent again.
 - A stream started while disconnected is sent once connected. A resume answered `not_found` for a
   stream that has delivered nothing means the server never got its start frame: it is sent again.
 - Cancels that may not have reached the server are sent again after a reconnect.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import secrets
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -74,6 +78,7 @@ class _Connection:
         self.outbox_recv = recv
         self.live = True
         self.max_frame_bytes: int | None = None  # when the session frame states it
+        self.resumed: bool | None = None  # the session frame's say (None: a server without it)
 
     def send(self, frame: dict[str, Any]) -> None:
         if self.live:
@@ -151,6 +156,9 @@ class Client:
         self._cancelling: set[P.StreamId] = set()  # cancel sent, no done/not_found seen yet
         self._conn: _Connection | None = None
         self._session: str | None = None
+        # The key asked for before the server has given us one: proposed by us, so that a proxy
+        # hashing on the session key sends the first connection where the reconnects will go.
+        self._proposal: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._unserved: _Connection | None = None
         self._open = False
@@ -292,11 +300,18 @@ class Client:
             q.append(("session", session))
         return urlunsplit(parts._replace(query=urlencode(q)))
 
+    def _session_to_ask(self) -> str:
+        if self._session is not None:
+            return self._session
+        if self._proposal is None:
+            self._proposal = secrets.token_urlsafe(24)
+        return self._proposal
+
     async def _connect_once(self) -> _Connection:
         """One attempt: socket, upgrade, and the server's `session` frame."""
         try:
             ws = await WSConnection.open(
-                self._url_for(self._session),
+                self._url_for(self._session_to_ask()),
                 self._headers,
                 timeout=self.connect_timeout,
                 max_size=self.max_frame_bytes,
@@ -327,6 +342,8 @@ class Client:
             await ws.abort()
             raise ServerError(P.INTERNAL, f"expected a session frame first, got {first['type']}")
         conn = _Connection(ws, str(first["session"]), float(first["resume_ttl"]))
+        if isinstance(first.get("resumed"), bool):
+            conn.resumed = first["resumed"]
         mfb = first.get("max_frame_bytes")
         if isinstance(mfb, int) and mfb > 0:
             conn.max_frame_bytes = mfb
@@ -420,15 +437,21 @@ class Client:
 
     def _adopt(self, conn: _Connection) -> None:
         """A socket is up: bring every stream's server state in line with ours."""
-        lost = self._session is not None and conn.session != self._session
+        # A server that says whether it resumed is believed (it may hand back the key we asked
+        # for on a new, empty session: the old one expired, or its replica died).
+        lost = self._session is not None and (
+            conn.session != self._session or conn.resumed is False
+        )
         self._session = conn.session
+        self._proposal = None
         if conn.max_frame_bytes:
             self.max_request_bytes = conn.max_frame_bytes
         if lost:
             self.sessions_lost += 1
             self._cancelling.clear()
         for s in list(self._streams.values()):
-            if not s.submitted:
+            if not s.submitted or (lost and s.last_seq == 0):
+                # never sent, or sent to a session that is gone before it showed anything
                 s.submitted = True
                 conn.send(s.request)
             elif lost:

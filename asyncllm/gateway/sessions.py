@@ -23,6 +23,7 @@ from asyncllm.gateway.engine_io import Piece
 from asyncllm.protocol import (
     INVALID_REQUEST,
     NOT_FOUND,
+    SESSION_KEY_RE,
     ProtocolError,
     StreamId,
     delta_frame,
@@ -293,20 +294,34 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
 
     def attach(self, key: str | None, owner: str | None, writer: Writer) -> Session:
-        """The session `key` if it is alive and belongs to `owner`, else a new one. A socket that
-        takes over a session still attached elsewhere (a half-open old socket) wins."""
+        return self.attach_session(key, owner, writer)[0]
+
+    def attach_session(
+        self, key: str | None, owner: str | None, writer: Writer
+    ) -> tuple[Session, bool]:
+        """(session, resumed): the session `key` if it is alive and belongs to `owner`
+        (resumed), else a new one. The new one has the key asked for when that key is
+        well-formed and free: a client proposes its key on its first connection, so that a proxy
+        hashing on the key sends that connection where its reconnects will go (and an expired
+        session comes back, empty, on the replica the key hashes to). A key held by another
+        owner is never taken: that caller gets a random key. A socket that takes over a session
+        still attached elsewhere (a half-open old socket) wins."""
         sess = self.sessions.get(key) if key else None
         if sess is None or sess.owner != owner:
-            key = secrets.token_urlsafe(16)
+            if key is None or sess is not None or not SESSION_KEY_RE.fullmatch(key):
+                key = secrets.token_urlsafe(16)
             sess = Session(key, owner, self.finished_kept)
             self.sessions[key] = sess
-        elif sess.writer is not None and sess.writer is not writer:
+            resumed = False
+        else:
+            resumed = True
+        if resumed and sess.writer is not None and sess.writer is not writer:
             old = sess.writer
             self._detach_streams(sess)  # they wait for a resume on the new socket
             old.take_over()
         sess.writer = writer
         sess.detached_at = None
-        return sess
+        return sess, resumed
 
     def detach(self, sess: Session, writer: Writer) -> None:
         if sess.writer is not writer:

@@ -192,13 +192,13 @@ class WebSocketGateway:
         conn = Connection(ws, self.manager, batch)
         key = presented_key(ws)
         owner = hashlib.sha256(key.encode()).hexdigest() if key and s.api_keys else None
-        sess = self.manager.attach(ws.query_params.get("session"), owner, conn)
+        sess, resumed = self.manager.attach_session(ws.query_params.get("session"), owner, conn)
         conn.session = sess
         try:
             # First and alone (never inside a batch: it says whether batches may follow), sent
             # before the writer exists, so nothing can overtake it.
             try:
-                await ws.send_text(encode(session_frame(sess.key, s.resume_ttl, batch)))
+                await ws.send_text(encode(session_frame(sess.key, s.resume_ttl, batch, resumed)))
             except (WebSocketDisconnect, RuntimeError, OSError):
                 return
             async with anyio.create_task_group() as tg:

@@ -6,6 +6,9 @@
 # - promtool for tests/test_deploy.py, taken out of Debian's `prometheus` package (19 MB .deb):
 #   only /usr/local/bin/promtool (48 MB) is unpacked, so no Prometheus server, init script or
 #   user comes with it.
+# - nginx (Debian's nginx-light) for tests/test_nginx_routing.py, which runs it as a plain
+#   subprocess with a config, prefix and port of its own (whether the package's own service
+#   starts on port 80 does not matter to them).
 # Quick when already installed. Runs as root or with sudo.
 set -euo pipefail
 SUDO=""
@@ -32,6 +35,13 @@ if ! command -v promtool >/dev/null; then
   rm -rf "$tmp"
 fi
 
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt_update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    nginx-light >/dev/null
+fi
+
 chromium --version 2>/dev/null | head -1
 chromedriver --version | head -1
 promtool --version | head -1
+"$(command -v nginx || echo /usr/sbin/nginx)" -v 2>&1
