@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     s.add_argument("--ui-file", default=None, help="the chat page to serve at /")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N engine processes behind this one gateway (one per GPU, or per NUMA node on a "
+        "CPU host), each request to the least-loaded one (default 1)",
+    )
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -196,7 +204,6 @@ def settings_from(ns: argparse.Namespace) -> Any:
 def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
-    from asyncllm.engine.async_engine import AsyncLLMEngine
     from asyncllm.gateway import build_app, uvicorn_config
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
@@ -204,7 +211,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         settings = settings_from(ns)
         args = serve_engine_args(ns)
         _check_model(args)
-        engine = AsyncLLMEngine.from_engine_args(args)
+        engine, engine_states = _serve_engine(args, ns)
     except ValueError as e:
         print(f"asyncllm serve: {e}", file=sys.stderr)
         return 2
@@ -215,7 +222,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             settings.host,
             settings.port,
         )
-    app = build_app(engine, settings)
+    app = build_app(engine, settings, engine_states=engine_states)
     server = uvicorn.Server(uvicorn_config(app, settings, log_level=ns.log_level))
     # uvicorn turns Ctrl-C / SIGTERM into a graceful exit (the lifespan shuts the engine down),
     # then raises the signal again for the default behaviour: that is not an error here.
@@ -224,6 +231,26 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0 if server.started else 1
+
+
+def _serve_engine(args: EngineArgs, ns: argparse.Namespace) -> tuple[Any, Any]:
+    """(the EngineClient to serve, its per-engine states for metrics or None): one engine, or
+    with --data-parallel-size N a DataParallelEngine of N engine processes."""
+    from asyncllm.engine.async_engine import AsyncLLMEngine
+
+    n = ns.data_parallel_size
+    if n < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, got {n}")
+    if n == 1:
+        return AsyncLLMEngine.from_engine_args(args), None
+    if vars(ns).get("engine_engine_process") is False:
+        raise ValueError(
+            "--data-parallel-size runs every engine in its own process: drop --no-engine-process"
+        )
+    from asyncllm.engine.data_parallel import DataParallelEngine
+
+    dp = DataParallelEngine.from_engine_args(args, n)
+    return dp, dp.engine_states
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -65,9 +65,15 @@ def _guarded(settings: GatewaySettings, metrics: Metrics, handler: Handler) -> H
     return endpoint
 
 
-def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> Starlette:
+def build_app(
+    engine: EngineClient,
+    settings: GatewaySettings | None = None,
+    engine_states: Callable[[], Sequence[Any]] | None = None,
+) -> Starlette:
+    """`engine_states`: for a data-parallel group (DataParallelEngine.engine_states), the
+    per-engine metrics."""
     settings = settings or GatewaySettings()
-    metrics = Metrics(stats=engine.stats)
+    metrics = Metrics(stats=engine.stats, engine_states=engine_states)
     io = EngineIO(engine, settings, metrics)
     manager = SessionManager(settings.resume_ttl, settings.finished_streams_kept)
     wsg = WebSocketGateway(io, manager)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -20,7 +20,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -78,13 +78,64 @@ class _FastCollector(Collector):
             yield m.family()
 
 
+class _EngineCollector(Collector):
+    """Per-engine series of a data-parallel group, read at scrape time from `engine_states()`
+    (data_parallel.EngineState); no samples (only the families) without a group."""
+
+    def __init__(self, states: Callable[[], Sequence[Any]] | None):
+        self.states = states
+
+    def collect(self) -> Iterator[Any]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["engine"])
+
+        alive = gauge("asyncllm_dp_engine_alive", "1 while this data-parallel engine is alive")
+        flight = gauge("asyncllm_dp_requests_in_flight", "Requests routed to it, unfinished")
+        running = gauge("asyncllm_dp_num_requests_running", "Running in this engine")
+        waiting = gauge("asyncllm_dp_num_requests_waiting", "Waiting in this engine")
+        used = gauge("asyncllm_dp_kv_blocks_used", "KV cache blocks in use in this engine")
+        total = gauge("asyncllm_dp_kv_blocks_total", "KV cache blocks of this engine")
+        routed = CounterMetricFamily(
+            "asyncllm_dp_requests_routed", "Requests routed to this engine", labels=["engine"]
+        )
+        prefix = CounterMetricFamily(
+            "asyncllm_dp_prefix_routed",
+            "Requests routed to this engine because it held their prefix",
+            labels=["engine"],
+        )
+        try:
+            states = list(self.states()) if self.states is not None else []
+        except Exception:  # the group is not loaded yet: families without samples
+            states = []
+        for st in states:
+            lab = [str(st.index)]
+            alive.add_metric(lab, 1 if st.alive else 0)
+            flight.add_metric(lab, st.in_flight)
+            routed.add_metric(lab, st.routed)
+            prefix.add_metric(lab, st.prefix_routed)
+            s = st.stats
+            if s is not None:
+                running.add_metric(lab, s.num_running)
+                waiting.add_metric(lab, s.num_waiting)
+                used.add_metric(lab, s.kv_blocks_total - s.kv_blocks_free)
+                total.add_metric(lab, s.kv_blocks_total)
+        yield from (alive, flight, running, waiting, used, total, routed, prefix)
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, stats: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        stats: Callable[[], Any] | None = None,
+        engine_states: Callable[[], Sequence[Any]] | None = None,
+    ):
+        """`stats`: the engine's stats snapshot. `engine_states`: a data-parallel group's
+        per-engine states (DataParallelEngine.engine_states), for the asyncllm_dp_* series."""
         self.registry = CollectorRegistry()
         self._stats = stats
         r = self.registry
+        r.register(_EngineCollector(engine_states))
         self.requests = Counter(
             "asyncllm_requests",
             "Requests finished, by API and outcome",
