@@ -46,6 +46,13 @@ def _one(kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def _named(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [
+        d for _, d in _k8s_objects() if d.get("kind") == kind and d["metadata"]["name"] == name
+    ]
+    return found
+
+
 def _exported_metric_names() -> set[str]:
     """Every series name the gateway's /metrics can carry, by metric type."""
     from asyncllm.gateway.metrics import Metrics
@@ -153,6 +160,32 @@ def test_service_pins_a_client_to_its_pod_for_longer_than_resume_ttl():
     assert all(p["targetPort"] in port_names for p in svc["spec"]["ports"])
 
 
+def _session_maps(text: str) -> str:
+    start = text.index("# --- begin session-key maps")
+    end = text.index("# --- end session-key maps")
+    return "\n".join(line.strip() for line in text[start:end].splitlines())
+
+
+def test_ingress_routes_by_session_key_with_the_nginx_maps():
+    """The ingress hashes on the variable the shipped nginx config routes by, defined by the
+    same maps (the controller's http-snippet); nginx itself runs that config in
+    tests/test_nginx_routing.py."""
+    ing = _one("Ingress")
+    ann = ing["metadata"]["annotations"]
+    assert ann["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$asyncllm_route"
+    assert "nginx.ingress.kubernetes.io/affinity" not in ann  # no cookie: keys route
+    assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == _one("Service")["metadata"]["name"]
+    snippet = _named("ConfigMap", "ingress-nginx-controller")["data"]["http-snippet"]
+    conf = (DEPLOY / "nginx" / "asyncllm.conf").read_text()
+    assert _session_maps(snippet) == _session_maps(conf)
+    assert "map $asyncllm_session $asyncllm_route" in snippet
+    assert "hash $asyncllm_route consistent;" in conf
+    for carrier in ("$http_sec_websocket_protocol", "$http_x_asyncllm_session", "$arg_session"):
+        assert carrier in snippet
+
+
 def test_hpa_scales_the_deployment_on_an_exported_queue_gauge():
     hpa, dep = _one("HorizontalPodAutoscaler"), _one("Deployment")
     ref = hpa["spec"]["scaleTargetRef"]
@@ -163,7 +196,7 @@ def test_hpa_scales_the_deployment_on_an_exported_queue_gauge():
     assert name == "asyncllm_num_requests_waiting"
     assert name in _exported_metric_names()
     # prometheus-adapter serves the series under the same name
-    adapter = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])
+    adapter = yaml.safe_load(_named("ConfigMap", "asyncllm-adapter-rules")["data"]["config.yaml"])
     (rule,) = adapter["rules"]
     assert rule["name"]["as"] == name
     assert set(_METRIC.findall(rule["seriesQuery"])) == {name}
