@@ -32,6 +32,9 @@ def test_both_engines_are_engine_clients():
     assert isinstance(FakeEngine(), EngineClient)
     assert isinstance(AsyncLLMEngine.from_engine_args(EngineArgs()), EngineClient)
     assert not isinstance(object(), EngineClient)
+    from asyncllm.engine.data_parallel import DataParallelEngine
+
+    assert isinstance(DataParallelEngine([FakeEngine(), FakeEngine()]), EngineClient)
 
 
 def test_engine_client_use_type_checks(tmp_path):
@@ -42,6 +45,9 @@ def test_engine_client_use_type_checks(tmp_path):
         "tests/engine_client_typing.py",  # FakeEngine and AsyncLLMEngine as EngineClient
         "asyncllm/engine/engine_client.py",
         "asyncllm/engine/transports.py",
+        "asyncllm/engine/data_parallel.py",
+        "asyncllm/engine/dp_router.py",
+        "asyncllm/engine/placement.py",
         "asyncllm/gateway/engine_io.py",  # the gateway's calls into the engine
         "asyncllm/gateway/app.py",
     ]

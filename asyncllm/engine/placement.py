@@ -159,15 +159,11 @@ def apply_placement(p: Placement) -> None:
 
 
 def _ranges(cpus: Sequence[int]) -> str:
-    out, start, prev = [], None, None
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
     for c in sorted(cpus):
-        if start is None:
-            start = prev = c
-        elif c == prev + 1:
-            prev = c
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
         else:
-            out.append(f"{start}-{prev}" if start != prev else str(start))
-            start = prev = c
-    if start is not None:
-        out.append(f"{start}-{prev}" if start != prev else str(start))
-    return ",".join(out)
+            runs.append([c])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
