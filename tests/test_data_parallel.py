@@ -6,6 +6,7 @@ own streams while the other serves on. Last, `asyncllm serve --data-parallel-siz
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -282,3 +283,39 @@ def test_serve_data_parallel_refuses_the_engine_thread(tiny_model_dir):
     )
     assert r.returncode == 2 and "drop --no-engine-process" in r.stderr
     assert build_parser().parse_args(["serve"]).data_parallel_size == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_two_gpus_one_engine_each(tiny_model_dir):
+    """On a host with 2+ GPUs: engine i runs on GPU i (its KV cache fills that GPU's memory),
+    and greedy outputs equal one engine's."""
+    import torch
+
+    from asyncllm.engine.data_parallel import DataParallelEngine
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    llm = LLM(tiny_model_dir, device="cuda", gpu_memory_utilization=0.3)
+    refs = llm.generate(PROMPTS, greedy(16), use_tqdm=False)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    free_before = [torch.cuda.mem_get_info(i)[0] for i in range(2)]
+    args = EngineArgs(model=tiny_model_dir, device="cuda", gpu_memory_utilization=0.3)
+    async with DataParallelEngine.from_engine_args(args, 2) as dp:
+        assert len({p.cuda_device for p in dp.placements}) == 2
+        for i in range(2):  # each child took about 0.3 of its own GPU
+            total = torch.cuda.mem_get_info(i)[1]
+            assert free_before[i] - torch.cuda.mem_get_info(i)[0] > 0.2 * total, i
+        got: dict[str, list[int]] = {}
+
+        async def one(p: str) -> None:
+            got[p] = (await _run(dp, p, 16))[0]
+
+        async with anyio.create_task_group() as tg:
+            for p in PROMPTS:
+                tg.start_soon(one, p)
+        assert [got[p] for p in PROMPTS] == [r.outputs[0].token_ids for r in refs]
+        assert [s.routed for s in dp.engine_states()] == [2, 2]

@@ -131,11 +131,14 @@ class EngineProcess:
 def child_main(
     args: EngineArgs, conn: Any, factory: Callable[[EngineArgs], Any] | None = None
 ) -> None:
-    """The child: build the engine, then run the engine loop over the pipe."""
-    from asyncllm.engine.llm_engine import LLMEngine
-
+    """The child: build the engine, then run the engine loop over the pipe. A factory runs
+    before torch is imported here (a data-parallel one first picks its GPU)."""
     try:
-        engine = (factory or LLMEngine.from_engine_args)(args)
+        if factory is None:
+            from asyncllm.engine.llm_engine import LLMEngine
+
+            factory = LLMEngine.from_engine_args
+        engine = factory(args)
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         try:
             conn.send(("failed", e))
