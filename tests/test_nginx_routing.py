@@ -255,7 +255,7 @@ def test_reconnects_from_other_addresses_resume_exactly(cluster):
     keys = [secrets.token_urlsafe(24) for _ in range(n)]
     frames: dict[int, list[dict]] = {i: [] for i in range(n)}
     upstreams: dict[int, set[int]] = {i: set() for i in range(n)}
-    done_after_resume = 0
+    cut_mid_stream = [False] * n
     socks = {}
     for i, key in enumerate(keys):
         ws = addrs.connect(cluster, key)
@@ -268,6 +268,8 @@ def test_reconnects_from_other_addresses_resume_exactly(cluster):
         for i in range(n):
             got = _stream_frames(socks[i], f"s{i}", (rounds + 1) * 3)
             frames[i] += got
+            if rounds == 0:  # the cut comes while the stream still has output to deliver
+                cut_mid_stream[i] = got[-1]["type"] != "done"
             _drop(socks[i])
         for i in range(n):
             ws = addrs.connect(cluster, keys[i])
@@ -277,9 +279,7 @@ def test_reconnects_from_other_addresses_resume_exactly(cluster):
             ws.send({"type": "resume", "id": f"s{i}", "after": last})
             socks[i] = ws
     for i in range(n):
-        got = _stream_frames(socks[i], f"s{i}", None)
-        done_after_resume += got[-1]["type"] == "done" and len(got) > 1
-        frames[i] += got
+        frames[i] += _stream_frames(socks[i], f"s{i}", None)
         socks[i].close()
     for i in range(n):
         seqs = [f["seq"] for f in frames[i]]
@@ -290,7 +290,7 @@ def test_reconnects_from_other_addresses_resume_exactly(cluster):
         assert len(upstreams[i]) == 1, (i, upstreams[i])  # one replica for the whole session
     # the sessions were spread over both replicas (16 random keys: all on one is 2 in 65536)
     assert {p for u in upstreams.values() for p in u} == set(cluster.ports)
-    assert done_after_resume >= n // 2  # the streams were really cut while generating
+    assert all(cut_mid_stream)
     assert addrs.n >= 3 * n
 
 
@@ -354,8 +354,10 @@ def test_replica_death_ends_its_streams_clearly_and_new_chats_go_to_the_live_one
             assert text == expected[i]  # the other replica's streams go on, exact
         else:
             # nginx closes the client's socket when its replica's goes
-            with pytest.raises((ConnectionClosed, TimeoutError)):
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionClosed):
                 _stream_frames(socks[i], f"d{i}", None, timeout=20)
+            assert time.monotonic() - t0 < 10
             ws = addrs.connect(cluster, keys[i])
             assert cluster.upstream_port(ws) == live_port
             # a new session under the same key: the old one is gone, and it says so
