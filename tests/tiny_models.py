@@ -28,13 +28,17 @@ CHAT_TEMPLATE = (
 ARCHITECTURES = (
     "llama",
     "llama3_scaled_untied",
+    "llama_yarn",
     "mistral",
     "qwen2",
+    "qwen2_window",
     "qwen3",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
 )
+# Sliding windows shorter than the tests' prompts, so the window changes every output.
+WINDOW = 5
 
 
 def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 400):
@@ -98,16 +102,33 @@ def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
-        if hasattr(cfg, "rope_parameters"):
-            cfg.rope_parameters = rope
-        else:
-            cfg.rope_scaling = rope
-            cfg.rope_theta = rope["rope_theta"]
+        _set_rope(cfg, rope)
+        return cfg
+    if arch == "llama_yarn":
+        cfg = LlamaConfig(**common, tie_word_embeddings=True)
+        _set_rope(
+            cfg,
+            {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+        )
         return cfg
     if arch == "mistral":
-        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=WINDOW)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen2_window":
+        # layer 0 full, layer 1 windowed (transformers: layers >= max_window_layers slide)
+        return Qwen2Config(
+            **common,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+        )
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
     # MoE: an odd expert count (Mixtral); a shared expert, no renormalisation (Qwen2-MoE); a dense
@@ -138,6 +159,14 @@ def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
             tie_word_embeddings=True,
         )
     raise ValueError(arch)
+
+
+def _set_rope(cfg, rope: dict) -> None:
+    if hasattr(cfg, "rope_parameters"):
+        cfg.rope_parameters = rope
+    else:
+        cfg.rope_scaling = rope
+        cfg.rope_theta = rope["rope_theta"]
 
 
 def build_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -505,7 +505,7 @@ def load_model(
     for name, param in model.named_parameters(remove_duplicate=False):
         for key, value in attrs.get(name, {}).items():
             setattr(param, key, value)
-    _rebuild_buffers(model, hf_config, model_config.device)
+    _rebuild_buffers(model, hf_config, model_config.device, model_config.max_model_len)
     if getattr(model_config, "load_format", "auto") == "dummy":
         init_dummy_weights(model)
         weights = None
@@ -562,12 +562,16 @@ def init_dummy_weights(model: nn.Module) -> None:
                 p.zero_()
 
 
-def _rebuild_buffers(model: nn.Module, hf_config: Any, device: torch.device) -> None:
+def _rebuild_buffers(
+    model: nn.Module, hf_config: Any, device: torch.device, max_model_len: int | None = None
+) -> None:
     """Buffers computed at construction (rotary tables) were lost on the meta device."""
     from asyncllm.engine.layers.rotary import RotaryEmbedding
 
     for module in list(model.modules()):
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(module.head_dim, module.max_positions, hf_config)
+            fresh = RotaryEmbedding(
+                module.head_dim, module.max_positions, hf_config, module.layer_type, max_model_len
+            )
             module.cos = fresh.cos.to(device)
             module.sin = fresh.sin.to(device)
