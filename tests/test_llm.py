@@ -42,7 +42,8 @@ CONFIGS = {
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_greedy_matches_transformers(tiny_model_dirs, references, arch, config):
     llm = LLM(tiny_model_dirs[arch], **CONFIGS[config])
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    # As hf_greedy (min_new_tokens): EOS is never chosen, not merely ignored.
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, min_tokens=MAX_NEW)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == references[arch]
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)

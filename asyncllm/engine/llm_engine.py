@@ -209,7 +209,9 @@ class LLMEngine:
                 f"this request needs up to {blocks} KV blocks but the cache has "
                 f"{self.cache_config.num_blocks}: lower max_tokens or n, or enlarge the KV cache"
             )
-        params._eos_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
+        # Kept under ignore_eos too: min_tokens masks EOS either way (the finish rule checks
+        # ignore_eos).
+        params._eos_token_ids = set(self.eos_token_ids)
         compiled = None
         if params.structured_outputs is not None:
             compiled = self.grammar.compile(params.structured_outputs)
@@ -453,7 +455,7 @@ class LLMEngine:
         stop_reason: int | str | None = None
         stop_token = False
         if n_out >= p.min_tokens:
-            if tok in p._eos_token_ids:
+            if tok in p._eos_token_ids and not p.ignore_eos:
                 reason, stop_token = "stop", True
             elif tok in p.stop_token_ids:
                 reason, stop_reason, stop_token = "stop", tok, True
