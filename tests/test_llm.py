@@ -294,3 +294,40 @@ def test_default_model_answers_paris():
         use_tqdm=False,
     )[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_prompt_logprobs_once_after_preemption_in_mid_prefill(tiny_model_dir):
+    """Six 40-token prompts through 16 blocks of 4 tokens, 8 tokens a step: prompts are
+    preempted half-prefilled and computed again; each position's logprobs appear once."""
+    llm = LLM(tiny_model_dir, block_size=4, num_kv_blocks=16, max_num_batched_tokens=8)
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 300 + 3 for j in range(40)]} for i in range(6)]
+    params = SamplingParams(max_tokens=16, prompt_logprobs=1, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    single = LLM(tiny_model_dir, block_size=4)
+    for p, out in zip(prompts, outs, strict=True):
+        assert len(out.prompt_logprobs) == 40
+        assert out.prompt_logprobs[0] is None
+        (ref,) = single.generate(p, params, use_tqdm=False)
+        for a, b in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True):
+            assert a.keys() == b.keys()
+            for t in a:
+                assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def test_n_above_max_num_seqs_is_refused(tiny_model_dir):
+    llm = LLM(tiny_model_dir, max_num_seqs=2)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.generate("Hello", SamplingParams(n=3, max_tokens=2), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    # the engine is not held up: the next request runs
+    (out,) = llm.generate("Hello", SamplingParams(n=2, max_tokens=2), use_tqdm=False)
+    assert len(out.outputs) == 2
+
+
+def test_model_as_a_path(tiny_model_dir):
+    from pathlib import Path
+
+    llm = LLM(Path(tiny_model_dir))
+    (out,) = llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2

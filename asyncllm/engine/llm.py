@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -17,7 +18,9 @@ Conversation = list[dict[str, Any]]
 class LLM:
     """`LLM(model=None)` loads the default model; keyword arguments are EngineArgs fields."""
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
+    def __init__(self, model: str | os.PathLike[str] | None = None, **kwargs: Any):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()

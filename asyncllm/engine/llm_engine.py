@@ -195,6 +195,13 @@ class LLMEngine:
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         params.verify_vocab(self.vocab_size)
+        max_seqs = self.scheduler_config.max_num_seqs
+        if params.n > max_seqs:
+            # It would wait forever for n free sequence slots (and hold up its priority).
+            raise ValueError(
+                f"n={params.n} is more than max_num_seqs={max_seqs}, the most sequences the "
+                "engine runs at once: lower n or raise max_num_seqs"
+            )
         text, ids = self.encode_prompt(prompt)
         max_len = self.model_config.max_model_len
         if len(ids) >= max_len:
@@ -421,7 +428,8 @@ class LLMEngine:
         req = seq.request
         k = req.params.prompt_logprobs or 0
         targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
-        entries: list[dict[int, Logprob] | None] = [] if req.prompt_logprobs else [None]
+        # Row i is the distribution of prompt position start + 1 + i; position 0 has none.
+        entries: list[dict[int, Logprob] | None] = [None] if start == 0 else []
         for d in compute_prompt_logprobs(logits, targets, k):
             entries.append(
                 {
@@ -429,7 +437,7 @@ class LLMEngine:
                     for tid, (lp, rank) in d.items()
                 }
             )
-        req.add_prompt_logprobs(entries)
+        req.add_prompt_logprobs(0 if start == 0 else start + 1, entries)
 
     def _append_token(
         self,
