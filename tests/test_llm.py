@@ -331,3 +331,36 @@ def test_model_as_a_path(tiny_model_dir):
     llm = LLM(Path(tiny_model_dir))
     (out,) = llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 2
+
+
+def test_generation_config_eos_ids_and_defaults(tiny_model_dir, tmp_path):
+    """generation_config.json as vLLM's --generation-config auto reads it: its EOS ids end
+    generation, its sampling values are the defaults, a request's own params win."""
+    import json
+    import shutil
+
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    (ref,) = LLM(tiny_model_dir).generate("Hello world", greedy, use_tqdm=False)
+    toks = ref.outputs[0].token_ids
+    d = tmp_path / "with_generation_config"
+    shutil.copytree(tiny_model_dir, d)
+    eos = json.loads((d / "config.json").read_text())["eos_token_id"]
+    assert eos not in toks
+    stop_at = next(i for i, t in enumerate(toks) if i >= 3 and t not in toks[:i])
+    (d / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [eos, toks[stop_at]], "temperature": 0.0, "max_new_tokens": 8})
+    )
+    llm = LLM(str(d))
+    (out,) = llm.generate("Hello world", use_tqdm=False)  # no params: the file's defaults
+    assert out.outputs[0].token_ids == toks[: stop_at + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    assert llm.get_default_sampling_params().temperature == 0.0
+    # the request's values win over the file's (temperature 0 again, max_tokens 2)
+    (out,) = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=2))
+    assert out.outputs[0].token_ids == toks[:2]
+    # "vllm": the file's sampling values are not used, its EOS ids still are
+    plain = LLM(str(d), generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    (out,) = plain.generate("Hello world", SamplingParams(temperature=0, max_tokens=8))
+    assert out.outputs[0].token_ids == toks[: stop_at + 1]
+    assert out.outputs[0].finish_reason == "stop"

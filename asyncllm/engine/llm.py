@@ -28,6 +28,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate(prompts)` without sampling params uses: the model's
+        generation_config.json values over SamplingParams' defaults (vLLM's)."""
+        return self.llm_engine.get_default_sampling_params()
+
     def generate(
         self,
         prompts: PromptType | Seq[PromptType],
@@ -60,7 +65,7 @@ class LLM:
     def _run(self, prompts, sampling_params, use_tqdm, priority, chat: bool) -> list[RequestOutput]:
         n = len(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.llm_engine.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * n
         else:

@@ -41,7 +41,7 @@ from asyncllm.engine.sampler import (
 from asyncllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from asyncllm.engine.sequence import Request, Sequence
 from asyncllm.outputs import Logprob, RequestOutput
-from asyncllm.sampling_params import SamplingParams
+from asyncllm.sampling_params import SamplingParams, default_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class LLMEngine:
         self.executor = UniProcExecutor(runner)
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.eos_token_ids = _eos_ids(model_config.hf_config, tokenizer)
+        self.eos_token_ids.update(model_config.generation_eos_token_ids)
         self.block_manager = BlockManager(
             cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -131,6 +132,11 @@ class LLMEngine:
         return self._grammar
 
     # ---- requests ---------------------------------------------------------------------------
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults (vLLM's
+        `--generation-config auto`); used when a request brings none."""
+        return default_sampling_params(self.model_config.generation_defaults)
+
     def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             text, ids = prompt, None
@@ -191,7 +197,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        params = (params or SamplingParams()).clone()
+        params = (params or self.get_default_sampling_params()).clone()
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         params.verify_vocab(self.vocab_size)
