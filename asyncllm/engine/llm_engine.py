@@ -30,6 +30,7 @@ from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from asyncllm.engine.executor import UniProcExecutor
 from asyncllm.engine.grammar import GrammarBackend, StepBitmask
 from asyncllm.engine.model_runner import ModelRunner
+from asyncllm.engine.models import kv_cache_window
 from asyncllm.engine.output_builder import collect_outputs, make_output
 from asyncllm.engine.sampler import (
     PendingSample,
@@ -105,7 +106,10 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(model_config.hf_config, tokenizer)
         self.eos_token_ids.update(model_config.generation_eos_token_ids)
         self.block_manager = BlockManager(
-            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            cache_config.num_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            kv_cache_window(model_config.hf_config),
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
@@ -216,7 +220,8 @@ class LLMEngine:
                 "to generate: shorten the prompt or raise max_model_len"
             )
         total = min(len(ids) + (params.max_tokens or max_len), max_len)
-        blocks = -(-total // self.cache_config.block_size) * params.n
+        chunk = self.scheduler_config.max_num_batched_tokens
+        blocks = self.block_manager.max_blocks_held(total, chunk) * params.n
         if blocks > self.cache_config.num_blocks:
             raise ValueError(
                 f"this request needs up to {blocks} KV blocks but the cache has "

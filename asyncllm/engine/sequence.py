@@ -44,6 +44,8 @@ class Sequence:
     pending_row: int = -1
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    # leading table entries looked at for release (sliding windows): NULL_BLOCK where released
+    num_released_blocks: int = 0
     block_hashes: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None

@@ -6,7 +6,13 @@ from typing import Any
 
 from asyncllm.engine.models.registry import get_model_class, supported_architectures
 
-__all__ = ["get_model_class", "kv_cache_shape", "sliding_windows", "supported_architectures"]
+__all__ = [
+    "get_model_class",
+    "kv_cache_shape",
+    "kv_cache_window",
+    "sliding_windows",
+    "supported_architectures",
+]
 
 
 def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
@@ -30,3 +36,15 @@ def sliding_windows(hf_config: Any) -> list[int | None]:
             raise ValueError(f"config.layer_types has {len(types)} entries for {n} layers")
         return [int(window) if t == "sliding_attention" else None for t in types]
     return [int(window)] * n
+
+
+def kv_cache_window(hf_config: Any) -> int | None:
+    """How far back any layer reads when every layer has a window (their largest), else None:
+    KV blocks before it can be given back (block_manager.release_outside_window)."""
+    try:
+        windows = sliding_windows(hf_config)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
