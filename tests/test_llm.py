@@ -369,3 +369,37 @@ def test_generation_config_eos_ids_and_defaults(tiny_model_dir, tmp_path):
     (out,) = plain.generate("Hello world", SamplingParams(temperature=0, max_tokens=8))
     assert out.outputs[0].token_ids == toks[: stop_at + 1]
     assert out.outputs[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def longrope_dir(tmp_path_factory) -> str:
+    from tests.tiny_models import build_model
+
+    return str(build_model("phi3_longrope", tmp_path_factory.mktemp("phi3_longrope")))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_longrope_phi3_matches_transformers(longrope_dir, config):
+    """Longrope: transformers rotates with the short factors while a sequence fits the original
+    context (64 here) and the long ones beyond; our table picks one set by max_model_len. Both
+    regimes: max_model_len 64 with short prompts, 512 with prompts past 64 tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(longrope_dir)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, min_tokens=MAX_NEW)
+    long_prompts = [" ".join([p] * 14) for p in PROMPTS[:3]]
+    for max_len, prompts in ((64, PROMPTS), (512, long_prompts)):
+        ids = [tok.encode(p) for p in prompts]
+        assert all((len(i) + MAX_NEW <= 64) == (max_len == 64) for i in ids)
+        assert max_len == 64 or all(len(i) > 64 for i in ids)
+        kwargs = dict(CONFIGS[config], max_model_len=max_len)
+        if config == "preempting":
+            # window 5: in chunks of 8 a sequence holds at most 4 blocks; 6 run short
+            kwargs.update(num_kv_blocks=6, max_num_batched_tokens=8)
+        llm = LLM(longrope_dir, **kwargs)
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [
+            hf_greedy(longrope_dir, i, MAX_NEW) for i in ids
+        ]
+        if config == "preempting" and max_len == 64:  # the long ones run one at a time
+            assert llm.llm_engine.get_stats().num_preemptions > 0

@@ -11,6 +11,9 @@ What sets them apart from Llama, all per transformers' modeling_gemma2/3:
   (final_logit_softcapping);
 - Gemma 3: q/k RMSNorm per head, and its own rope base for local layers (rope_parameters per
   layer type); transformers' Gemma 3 does not cap attention logits, so neither do we.
+
+The parts are Llama's where they can be (merged q/k/v and gate/up linear layers, the weight
+loading); the factories (`make_attention`, `make_mlp`, `make_layer`) build Gemma's.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncllm.engine.kernel_paths import KernelPaths
 from asyncllm.engine.layers.activations import get_act_and_mul
-from asyncllm.engine.layers.attention import AttentionBackend, AttentionMetadata
+from asyncllm.engine.layers.attention import AttentionMetadata
+from asyncllm.engine.layers.linear import QuantizationConfig
 from asyncllm.engine.layers.rotary import RotaryEmbedding
+from asyncllm.engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncllm.engine.models import sliding_windows
-from asyncllm.engine.models.llama import LlamaForCausalLM, head_dim_of, num_kv_heads_of
+from asyncllm.engine.models.llama import _STACKED, MLP, Attention, head_dim_of
+from asyncllm.engine.models.weights import load_weights
 
 
 class GemmaRMSNorm(nn.Module):
@@ -41,38 +48,36 @@ class GemmaRMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).type_as(x)
 
+    plain = forward  # as RMSNorm.plain: no residual
 
-class GemmaAttention(nn.Module):
+
+class GemmaAttention(Attention):
+    """Llama's attention with Gemma's scale, (1 + w) q/k norms, a soft cap and a window. The
+    fused q/k-norm + rope kernel assumes a plain RMSNorm weight, so the torch path runs."""
+
     def __init__(
         self,
-        cfg: Any,
-        backend: AttentionBackend,
-        rotary: RotaryEmbedding,
-        sliding_window: int | None,
-        qk_norm: bool,
+        hf_config: Any,
+        layer_idx: int,
+        prefix: str,
+        *,
         softcap: float | None,
+        qk_norm: bool,
+        **kwargs: Any,
     ):
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = num_kv_heads_of(cfg)
-        self.head_dim = head_dim_of(cfg)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=bias)
-        self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
-        self.sliding_window = sliding_window
+        super().__init__(hf_config, layer_idx, prefix, qk_norm=False, **kwargs)
+        eps = hf_config.rms_norm_eps
+        self.q_norm = GemmaRMSNorm(self.head_dim, eps) if qk_norm else None
+        self.k_norm = GemmaRMSNorm(self.head_dim, eps) if qk_norm else None
+        self.scale = float(hf_config.query_pre_attn_scalar) ** -0.5
         self.softcap = softcap
-        self.backend = backend
-        self._rotary = (rotary,)  # shared; kept out of this module's state dict
+        self.ops = None
 
     def forward(
         self, positions: Tensor, x: Tensor, kv_cache: Tensor, meta: AttentionMetadata
     ) -> Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -92,27 +97,25 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
-class GemmaMLP(nn.Module):
-    def __init__(self, cfg: Any):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "gelu")
-        self.act = get_act_and_mul(act)
+class GemmaMLP(MLP):
+    """Llama's merged gate/up MLP with Gemma's activation (`hidden_activation`: tanh GELU)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def __init__(self, hf_config: Any, prefix: str, **kwargs: Any):
+        super().__init__(hf_config, prefix, **kwargs)
+        act = getattr(hf_config, "hidden_activation", None) or hf_config.hidden_act
+        self.act = get_act_and_mul(act)
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, attn: GemmaAttention):
+    def __init__(self, hf_config: Any, layer_idx: int, attention: nn.Module, mlp: nn.Module):
         super().__init__()
-        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_idx = layer_idx
+        h, eps = hf_config.hidden_size, hf_config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(h, eps)
-        self.self_attn = attn
+        self.self_attn = attention
         self.post_attention_layernorm = GemmaRMSNorm(h, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
-        self.mlp = GemmaMLP(cfg)
+        self.mlp = mlp
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
 
     def forward(
@@ -125,29 +128,15 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
-    def __init__(self, cfg: Any, backend: AttentionBackend, qk_norm: bool, softcap: float | None):
+    def __init__(self, hf_config: Any, rotaries: list[RotaryEmbedding], layers: list[nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_scale = float(cfg.hidden_size) ** 0.5
-        windows = sliding_windows(cfg)
-        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(windows)
-        head_dim, max_pos = head_dim_of(cfg), int(cfg.max_position_embeddings)
-        # One rotary table per layer type that has its own rope settings (Gemma 3's local
-        # layers use another base); Gemma 2 has one for all.
-        per_type = isinstance(getattr(cfg, "rope_parameters", None), dict) and all(
-            t in cfg.rope_parameters for t in set(types)
+        self.embed_tokens = VocabParallelEmbedding(
+            hf_config.vocab_size, hf_config.hidden_size, prefix="model.embed_tokens"
         )
-        rotaries = {
-            t: RotaryEmbedding(head_dim, max_pos, cfg, t if per_type else None) for t in set(types)
-        }
-        self.rotaries = nn.ModuleList(rotaries[t] for t in sorted(rotaries))
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(
-                cfg, GemmaAttention(cfg, backend, rotaries[t], window, qk_norm, softcap)
-            )
-            for t, window in zip(types, windows, strict=True)
-        )
-        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale = float(hf_config.hidden_size) ** 0.5
+        self.rotaries = nn.ModuleList(rotaries)
+        self.layers = nn.ModuleList(layers)
+        self.norm = GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[Tensor], meta: AttentionMetadata
@@ -163,37 +152,91 @@ class GemmaModel(nn.Module):
 class Gemma2ForCausalLM(nn.Module):
     qk_norm = False
 
-    def __init__(self, hf_config: Any, attn_backend: AttentionBackend):
+    def __init__(
+        self,
+        hf_config: Any,
+        kernels: KernelPaths,
+        quant_config: QuantizationConfig | None = None,
+    ):
         super().__init__()
         self.config = hf_config
-        softcap = self.attention_soft_cap(hf_config)
-        self.model = GemmaModel(hf_config, attn_backend, self.qk_norm, softcap)
+        self.kernels = kernels
+        self.quant_config = quant_config
+        self._windows = sliding_windows(hf_config)
+        n = int(hf_config.num_hidden_layers)
+        self._types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * n)
+        # One rotary table per layer type with rope settings of its own (Gemma 3's local layers
+        # have another base); otherwise one for all.
+        params = getattr(hf_config, "rope_parameters", None)
+        per_type = isinstance(params, dict) and all(t in params for t in self._types)
+        head_dim, max_pos = head_dim_of(hf_config), int(hf_config.max_position_embeddings)
+        rotaries = {
+            t: RotaryEmbedding(head_dim, max_pos, hf_config, t if per_type else None)
+            for t in sorted(set(self._types))
+        }
+        self._rotaries = rotaries  # for the factories; owned (and listed) by self.model
+        layers = [self.make_layer(hf_config, i, f"model.layers.{i}") for i in range(n)]
+        self.model = GemmaModel(hf_config, list(rotaries.values()), layers)
         self.final_softcap = getattr(hf_config, "final_logit_softcapping", None)
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", True))
-        self.lm_head = (
-            None
-            if self.tie_word_embeddings
-            else nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        tied = bool(getattr(hf_config, "tie_word_embeddings", True))
+        self.lm_head = ParallelLMHead(
+            hf_config.vocab_size,
+            hf_config.hidden_size,
+            quant_config=quant_config,
+            prefix="lm_head",
+            tie_to=self.model.embed_tokens if tied else None,
         )
 
     @staticmethod
     def attention_soft_cap(hf_config: Any) -> float | None:
         return getattr(hf_config, "attn_logit_softcapping", None)
 
+    # ---- the parts of one decoder layer -----------------------------------------------------
+    def make_layer(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
+        return GemmaDecoderLayer(
+            hf_config,
+            layer_idx,
+            self.make_attention(hf_config, layer_idx, f"{prefix}.self_attn"),
+            self.make_mlp(hf_config, layer_idx, f"{prefix}.mlp"),
+        )
+
+    def make_attention(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return GemmaAttention(
+            hf_config,
+            layer_idx,
+            prefix,
+            softcap=self.attention_soft_cap(hf_config),
+            qk_norm=self.qk_norm,
+            kernels=self.kernels,
+            rotary=self._rotaries[self._types[layer_idx]],
+            quant_config=self.quant_config,
+            qkv_bias=bias,
+            o_bias=bias,
+            sliding_window=self._windows[layer_idx],
+        )
+
+    def make_mlp(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
+        return GemmaMLP(hf_config, prefix, ops=None, quant_config=self.quant_config)
+
+    # ---- running -------------------------------------------------------------------------
     def forward(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[Tensor], meta: AttentionMetadata
     ) -> Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        logits = LlamaForCausalLM.compute_logits(self, hidden)
+        logits = self.lm_head(hidden).float()
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
+    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        # The same names and stacking as Llama's (q/k/v and gate/up into the fused layers).
-        LlamaForCausalLM.load_weights(self, weights)
+        def skip(name: str) -> bool:
+            return "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head.tied)
+
+        load_weights(self, weights, _STACKED, skip)
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
