@@ -59,10 +59,15 @@ def test_greedy_matches_transformers(tiny_model_dirs, references, arch, config):
     assert stats.num_running == stats.num_waiting == 0
 
 
-def test_logprobs_match_transformers(tiny_model_dir):
+@pytest.mark.parametrize(
+    "arch", ["llama", "llama_yarn", "mistral", "qwen2_window", "gemma2", "gemma3", "phi3"]
+)
+def test_logprobs_match_transformers(tiny_model_dirs, arch):
     from transformers import AutoModelForCausalLM
 
+    tiny_model_dir = tiny_model_dirs[arch]
     llm = LLM(tiny_model_dir)
+    # 10 tokens in all: past the windows (5) of the windowed models
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
     out = llm.generate({"prompt_token_ids": [5, 17, 42, 99]}, params, use_tqdm=False)[0]
     comp = out.outputs[0]
