@@ -92,7 +92,7 @@ def test_async_greedy_equals_transformers(tiny_model_dirs):
         path = tiny_model_dirs[arch]
         llm = LLM(path, async_scheduling=True, num_kv_blocks=12, block_size=4)
         tok = llm.get_tokenizer()
-        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, min_tokens=10)
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
         outs = llm.generate(PROMPTS[:4], params, use_tqdm=False)
         for p, o in zip(PROMPTS[:4], outs, strict=True):
             assert o.outputs[0].token_ids == hf_greedy(path, tok.encode(p), 10)

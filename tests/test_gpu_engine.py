@@ -42,8 +42,7 @@ def test_gpu_float32_greedy_equals_transformers(tiny_model_dirs, hf_refs, arch, 
     assert llm.llm_engine.runner.attn_backend.name == "triton"
     if not config:
         assert llm.llm_engine.runner.graph_runner is not None
-    # min_tokens as hf_greedy's min_new_tokens: EOS is never chosen, not merely ignored
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, min_tokens=MAX_NEW)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_refs[arch]
     stats = llm.llm_engine.get_stats()

@@ -47,8 +47,7 @@ def test_greedy_matches_transformers(tiny_model_dirs, references, arch, config):
         # in chunks of 8 a sequence holds at most 4 of 4 tokens (window 5), and 6 run short.
         kwargs.update(num_kv_blocks=6, max_num_batched_tokens=8)
     llm = LLM(tiny_model_dirs[arch], **kwargs)
-    # As hf_greedy (min_new_tokens): EOS is never chosen, not merely ignored.
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, min_tokens=MAX_NEW)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == references[arch]
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
@@ -404,7 +403,7 @@ def test_longrope_phi3_matches_transformers(longrope_dir, longrope_cases, config
     """Longrope: transformers rotates with the short factors while a sequence fits the original
     context (64 here) and the long ones beyond; our table picks one set by max_model_len. Both
     regimes: max_model_len 64 with short prompts, 512 with prompts past 64 tokens."""
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, min_tokens=MAX_NEW)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     for max_len, ids, want in longrope_cases:
         if config == "preempting" and max_len == 512:
             continue  # three long prompts in chunks of 8 run one at a time: nothing to preempt

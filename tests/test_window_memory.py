@@ -79,7 +79,7 @@ def test_long_windowed_generation_holds_bounded_kv(tiny_model_dirs, long_referen
         enable_prefix_caching=caching,
     )
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=new, min_tokens=new, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     engine.add_request("long", {"prompt_token_ids": prompt}, params)
     most = 0
     final = None
@@ -99,7 +99,7 @@ def test_prefix_cache_hits_on_a_windowed_model(tiny_model_dirs):
     path = tiny_model_dirs["mistral"]
     shared = [(7 * j) % 300 + 3 for j in range(30)]
     prompts = [{"prompt_token_ids": shared + tail} for tail in ([5, 6], [9, 10, 11])]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, min_tokens=6)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm = LLM(path, block_size=4, num_kv_blocks=12)
     first = llm.generate(prompts[0], params, use_tqdm=False)[0]
     second = llm.generate(prompts[1], params, use_tqdm=False)[0]
