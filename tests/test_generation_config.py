@@ -45,13 +45,15 @@ def test_modes(tmp_path):
 
 
 def test_gateway_request_values_win_over_the_files():
+    """max_new_tokens is the gateway's own max_tokens_default (read from the same file);
+    the other sampling values come through the model config."""
     model_config = SimpleNamespace(
         generation_defaults={"temperature": 0.6, "top_k": 20, "max_tokens": 50},
         max_model_len=128,
         served_model_name="tiny",
     )
     io = EngineIO(SimpleNamespace(model_config=model_config), GatewaySettings(), Metrics())
-    sp = io.sampling_params(GenParams(temperature=0.1))
-    assert (sp.temperature, sp.top_k, sp.max_tokens) == (0.1, 20, 50)
+    sp = io.sampling_params(GenParams(temperature=0.1), default_max_tokens=16)
+    assert (sp.temperature, sp.top_k, sp.max_tokens) == (0.1, 20, 16)
     sp = io.sampling_params(GenParams(max_tokens=3), default_max_tokens=16)
     assert (sp.temperature, sp.max_tokens) == (0.6, 3)
