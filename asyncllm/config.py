@@ -51,6 +51,10 @@ class EngineArgs:
     # The checkpoint's quantization ("fp8", "gptq", "awq", "compressed-tensors"); None: read
     # from config.json's quantization_config. "fp8" on a float checkpoint quantizes it at load.
     quantization: str | None = None
+    # vLLM's --generation-config: "auto" reads the model's generation_config.json for default
+    # sampling values (a request's own values win), "vllm" ignores them, or a folder holding one.
+    # Its EOS ids are used either way.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -84,6 +88,11 @@ class EngineArgs:
         if self.quantization is not None and self.quantization not in _QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(
+                "generation_config must be 'auto', 'vllm' or a folder holding "
+                f"generation_config.json, got {self.generation_config!r}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
@@ -126,3 +135,6 @@ class ModelConfig:
     gguf_file: str | None = None
     load_format: str = "auto"
     quantization: str | None = None  # EngineArgs.quantization
+    # From generation_config.json: SamplingParams defaults, and EOS ids beyond the config's.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    generation_eos_token_ids: list[int] = field(default_factory=list)

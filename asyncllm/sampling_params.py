@@ -284,3 +284,12 @@ class SamplingParams:
             new.logit_bias = dict(self.logit_bias)
         new._eos_token_ids = set(self._eos_token_ids)
         return new
+
+
+def default_sampling_params(defaults: dict[str, Any]) -> SamplingParams:
+    """SamplingParams() with a model's generation_config.json defaults (field -> value) over
+    its own, as vLLM's `--generation-config auto` (a request that brings its own params wins)."""
+    try:
+        return SamplingParams(**defaults)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"generation_config.json has a bad sampling default: {e}") from e

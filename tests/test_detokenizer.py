@@ -260,3 +260,17 @@ def test_fast_decode_uses_the_backend_only_where_it_agrees(tok):
 
     c = CleansUp(tok)
     assert D.fast_decode(c) == c.decode  # transformers would clean up: keep its decode
+
+
+def test_min_tokens_holds_off_stop_strings(tok):
+    """vLLM: a stop string counts only once more than min_tokens tokens are out, so "blue" in the
+    first tokens does not end generation; a later one does."""
+    text = "The sky is blue and the grass is green. The sky is blue"
+    ids = tok.encode(text)
+    first_blue = next(i for i in range(len(ids)) if "blue" in tok.decode(ids[: i + 1]))
+    _, d, matched = _stream(tok, ids, SamplingParams(stop=["blue"]))
+    assert matched == "blue" and d.output_text == "The sky is "
+    params = SamplingParams(stop=["blue"], min_tokens=first_blue + 1)
+    _, d, matched = _stream(tok, ids, params)
+    assert matched == "blue"
+    assert d.output_text == "The sky is blue and the grass is green. The sky is "

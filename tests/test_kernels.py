@@ -285,3 +285,128 @@ def test_gpu_sweep_decode_and_prefill(dtype, d, hq, hkv, bs):
             c["q"][last], c["cache"], c["tables"], c["seq_lens_t"], d**-0.5, num_splits=splits
         )
         assert_close(out, ref[last], dtype)
+
+
+# ---- sliding window and soft cap (Mistral, Qwen2, Gemma 2/3) -------------------------------------
+WINDOW_CASES = [
+    # seq_lens, query_lens, window, softcap
+    ([30, 9, 17], [1, 9, 5], 6, None),  # decode past the window, a prompt, a chunk over a prefix
+    ([40, 3], [12, 1], 1, None),  # window 1: each token sees only itself
+    ([25, 8], [25, 1], 9, 2.0),  # window and soft cap together (Gemma 2's local layers)
+    ([21], [4], None, 1.5),  # soft cap alone (Gemma 2's global layers)
+]
+
+
+@pytest.mark.parametrize("seq_lens,query_lens,window,softcap", WINDOW_CASES)
+def test_windowed_prefill_and_decode_match_reference(seq_lens, query_lens, window, softcap):
+    dtype = torch.float32
+    c = make_case(seq_lens, query_lens, 4, 2, 32, 4, dtype, seed=sum(seq_lens) + (window or 0))
+    c["q"] = c["q"] * 3  # sharper scores: the window and the cap matter
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    ref = paged_attention_ref(
+        c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.2, window, softcap
+    )
+    plain = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.2)
+    assert not torch.allclose(ref, plain, atol=1e-3)
+    work = torch.tensor(build_prefill_work(c["qsl"], 16), dtype=torch.int32, device=DEVICE)
+    out = paged_prefill_attention(
+        c["q"],
+        c["cache"],
+        c["tables"],
+        c["qsl_t"],
+        c["seq_lens_t"],
+        0.2,
+        work.view(-1, 2),
+        16,
+        sliding_window=window,
+        logits_soft_cap=softcap,
+    )
+    assert_close(out, ref, dtype)
+    last = torch.tensor([c["qsl"][i + 1] - 1 for i in range(len(seq_lens))], device=DEVICE)
+    for splits in (1, 3):
+        out = paged_decode_attention(
+            c["q"][last],
+            c["cache"],
+            c["tables"],
+            c["seq_lens_t"],
+            0.2,
+            num_splits=splits,
+            sliding_window=window,
+            logits_soft_cap=softcap,
+        )
+        assert_close(out, ref[last], dtype)
+
+
+def test_windowed_kernels_skip_blocks_before_the_window():
+    """Blocks wholly before every query's window are never read (they may be freed): NaN in them
+    changes nothing."""
+    seq_lens, query_lens, window = [33, 26], [1, 3], 7
+    c = make_case(seq_lens, query_lens, 4, 2, 32, 4, torch.float32, seed=4)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.2, window)
+    for b, (n, ql) in enumerate(zip(seq_lens, query_lens, strict=True)):
+        first = n - ql - window + 1
+        for j in range(first // 4):
+            c["cache"][:, int(c["tables"][b, j])] = float("nan")
+    work = torch.tensor(build_prefill_work(c["qsl"], 16), dtype=torch.int32, device=DEVICE)
+    out = paged_prefill_attention(
+        c["q"],
+        c["cache"],
+        c["tables"],
+        c["qsl_t"],
+        c["seq_lens_t"],
+        0.2,
+        work.view(-1, 2),
+        16,
+        sliding_window=window,
+    )
+    assert_close(out, ref, torch.float32)
+    out = paged_decode_attention(
+        c["q"][:1], c["cache"], c["tables"][:1], c["seq_lens_t"][:1], 0.2, sliding_window=window
+    )
+    assert_close(out, ref[:1], torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window,softcap", [(64, None), (17, None), (300, 50.0), (None, 30.0)])
+def test_gpu_windowed_sweep(dtype, window, softcap):
+    g = torch.Generator().manual_seed(window or 1)
+    n = 18
+    seq_lens = torch.randint(1, 900, (n,), generator=g).tolist()
+    query_lens = [
+        1 if i % 3 == 0 else (s if i % 3 == 1 else max(1, s // 3)) for i, s in enumerate(seq_lens)
+    ]
+    c = make_case(seq_lens, query_lens, 16, 4, 128, 16, dtype, seed=n)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    ref = paged_attention_ref(
+        c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 128**-0.5, window, softcap
+    )
+    for block_m in (16, 64):
+        work = torch.tensor(build_prefill_work(c["qsl"], block_m), dtype=torch.int32)
+        out = paged_prefill_attention(
+            c["q"],
+            c["cache"],
+            c["tables"],
+            c["qsl_t"],
+            c["seq_lens_t"],
+            128**-0.5,
+            work.view(-1, 2).to(DEVICE),
+            block_m,
+            sliding_window=window,
+            logits_soft_cap=softcap,
+        )
+        assert_close(out, ref, dtype)
+    last = torch.tensor([c["qsl"][i + 1] - 1 for i in range(n)], device=DEVICE)
+    for splits in (None, 1, 7):
+        out = paged_decode_attention(
+            c["q"][last],
+            c["cache"],
+            c["tables"],
+            c["seq_lens_t"],
+            128**-0.5,
+            num_splits=splits,
+            sliding_window=window,
+            logits_soft_cap=softcap,
+        )
+        assert_close(out, ref[last], dtype)

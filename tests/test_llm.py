@@ -41,7 +41,12 @@ CONFIGS = {
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_greedy_matches_transformers(tiny_model_dirs, references, arch, config):
-    llm = LLM(tiny_model_dirs[arch], **CONFIGS[config])
+    kwargs = dict(CONFIGS[config])
+    if config == "preempting" and arch == "mistral":
+        # Every layer windowed: blocks behind the window come back, so 10 blocks are plenty;
+        # in chunks of 8 a sequence holds at most 4 of 4 tokens (window 5), and 6 run short.
+        kwargs.update(num_kv_blocks=6, max_num_batched_tokens=8)
+    llm = LLM(tiny_model_dirs[arch], **kwargs)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == references[arch]
@@ -53,10 +58,15 @@ def test_greedy_matches_transformers(tiny_model_dirs, references, arch, config):
     assert stats.num_running == stats.num_waiting == 0
 
 
-def test_logprobs_match_transformers(tiny_model_dir):
+@pytest.mark.parametrize(
+    "arch", ["llama", "llama_yarn", "mistral", "qwen2_window", "gemma2", "gemma3", "phi3"]
+)
+def test_logprobs_match_transformers(tiny_model_dirs, arch):
     from transformers import AutoModelForCausalLM
 
+    tiny_model_dir = tiny_model_dirs[arch]
     llm = LLM(tiny_model_dir)
+    # 10 tokens in all: past the windows (5) of the windowed models
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
     out = llm.generate({"prompt_token_ids": [5, 17, 42, 99]}, params, use_tqdm=False)[0]
     comp = out.outputs[0]
@@ -293,3 +303,116 @@ def test_default_model_answers_paris():
         use_tqdm=False,
     )[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_prompt_logprobs_once_after_preemption_in_mid_prefill(tiny_model_dir):
+    """Six 40-token prompts through 16 blocks of 4 tokens, 8 tokens a step: prompts are
+    preempted half-prefilled and computed again; each position's logprobs appear once."""
+    llm = LLM(tiny_model_dir, block_size=4, num_kv_blocks=16, max_num_batched_tokens=8)
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 300 + 3 for j in range(40)]} for i in range(6)]
+    params = SamplingParams(max_tokens=16, prompt_logprobs=1, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    single = LLM(tiny_model_dir, block_size=4)
+    for p, out in zip(prompts, outs, strict=True):
+        assert len(out.prompt_logprobs) == 40
+        assert out.prompt_logprobs[0] is None
+        (ref,) = single.generate(p, params, use_tqdm=False)
+        for a, b in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True):
+            assert a.keys() == b.keys()
+            for t in a:
+                assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def test_n_above_max_num_seqs_is_refused(tiny_model_dir):
+    llm = LLM(tiny_model_dir, max_num_seqs=2)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.generate("Hello", SamplingParams(n=3, max_tokens=2), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    # the engine is not held up: the next request runs
+    (out,) = llm.generate("Hello", SamplingParams(n=2, max_tokens=2), use_tqdm=False)
+    assert len(out.outputs) == 2
+
+
+def test_model_as_a_path(tiny_model_dir):
+    from pathlib import Path
+
+    llm = LLM(Path(tiny_model_dir))
+    (out,) = llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2
+
+
+def test_generation_config_eos_ids_and_defaults(tiny_model_dir, tmp_path):
+    """generation_config.json as vLLM's --generation-config auto reads it: its EOS ids end
+    generation, its sampling values are the defaults, a request's own params win."""
+    import json
+    import shutil
+
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    (ref,) = LLM(tiny_model_dir).generate("Hello world", greedy, use_tqdm=False)
+    toks = ref.outputs[0].token_ids
+    d = tmp_path / "with_generation_config"
+    shutil.copytree(tiny_model_dir, d)
+    eos = json.loads((d / "config.json").read_text())["eos_token_id"]
+    assert eos not in toks
+    stop_at = next(i for i, t in enumerate(toks) if i >= 3 and t not in toks[:i])
+    (d / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [eos, toks[stop_at]], "temperature": 0.0, "max_new_tokens": 8})
+    )
+    llm = LLM(str(d))
+    (out,) = llm.generate("Hello world", use_tqdm=False)  # no params: the file's defaults
+    assert out.outputs[0].token_ids == toks[: stop_at + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    assert llm.get_default_sampling_params().temperature == 0.0
+    # the request's values win over the file's (temperature 0 again, max_tokens 2)
+    (out,) = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=2))
+    assert out.outputs[0].token_ids == toks[:2]
+    # "vllm": the file's sampling values are not used, its EOS ids still are
+    plain = LLM(str(d), generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    (out,) = plain.generate("Hello world", SamplingParams(temperature=0, max_tokens=8))
+    assert out.outputs[0].token_ids == toks[: stop_at + 1]
+    assert out.outputs[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def longrope_dir(tmp_path_factory) -> str:
+    from tests.tiny_models import build_model
+
+    return str(build_model("phi3_longrope", tmp_path_factory.mktemp("phi3_longrope")))
+
+
+@pytest.fixture(scope="module")
+def longrope_cases(longrope_dir) -> list[tuple[int, list[list[int]], list[list[int]]]]:
+    """(max_model_len, prompt ids, transformers' tokens) for both longrope regimes."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(longrope_dir)
+    long_prompts = [" ".join([p] * 14) for p in PROMPTS[:3]]
+    cases = []
+    for max_len, prompts in ((64, PROMPTS), (512, long_prompts)):
+        ids = [tok.encode(p) for p in prompts]
+        assert all((len(i) + MAX_NEW <= 64) == (max_len == 64) for i in ids)
+        assert max_len == 64 or all(len(i) > 64 for i in ids)
+        cases.append((max_len, ids, [hf_greedy(longrope_dir, i, MAX_NEW) for i in ids]))
+    return cases
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_longrope_phi3_matches_transformers(longrope_dir, longrope_cases, config):
+    """Longrope: transformers rotates with the short factors while a sequence fits the original
+    context (64 here) and the long ones beyond; our table picks one set by max_model_len. Both
+    regimes: max_model_len 64 with short prompts, 512 with prompts past 64 tokens."""
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    for max_len, ids, want in longrope_cases:
+        if config == "preempting" and max_len == 512:
+            continue  # three long prompts in chunks of 8 run one at a time: nothing to preempt
+        kwargs = dict(CONFIGS[config], max_model_len=max_len)
+        if config == "preempting":
+            # window 5: in chunks of 8 a sequence holds at most 4 blocks; 6 run short
+            kwargs.update(num_kv_blocks=6, max_num_batched_tokens=8)
+        llm = LLM(longrope_dir, **kwargs)
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        if config == "preempting":
+            assert llm.llm_engine.get_stats().num_preemptions > 0

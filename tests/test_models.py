@@ -214,7 +214,7 @@ def test_rope_settings_in_either_config_layout():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma2", "gemma3", "phi3"])
 def test_decode_forward_captures_in_a_cuda_graph(arch, tiny_model_dirs):
     """The forward has no host syncs or value-dependent Python: a decode step captured in a
     CUDA graph and replayed on new inputs equals the eager step."""

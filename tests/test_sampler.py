@@ -55,9 +55,14 @@ def _softmax(xs: list[float]) -> list[float]:
 
 
 def _expected(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, logits=LOGITS) -> list[float]:
-    """The definitions, written out one token at a time."""
+    """The definitions, written out one token at a time, in vLLM's order: temperature, min-p,
+    top-k, top-p."""
     xs = [x / temperature for x in logits.tolist()]
     order = sorted(range(len(xs)), key=lambda i: -xs[i])
+    if min_p:
+        probs = _softmax(xs)
+        top = max(probs)
+        xs = [x if probs[i] >= min_p * top else -math.inf for i, x in enumerate(xs)]
     if top_k:
         for i in order[top_k:]:
             xs[i] = -math.inf
@@ -68,10 +73,6 @@ def _expected(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, logits=LOGITS) -> 
             if mass >= top_p:  # the tokens before this one already hold top_p
                 xs[i] = -math.inf
             mass += probs[i]
-    if min_p:
-        probs = _softmax(xs)
-        top = max(probs)
-        xs = [x if probs[i] >= min_p * top else -math.inf for i, x in enumerate(xs)]
     return _softmax(xs)
 
 
@@ -112,6 +113,27 @@ def test_top_k_top_p_min_p_truncate_exactly():
     assert counts[:2] != [0, 0] and counts[2:] == [0] * 6
 
 
+@pytest.mark.parametrize("vocab", [4, 1000])
+def test_min_p_applies_before_top_p(vocab):
+    """By hand. vocab 4: p = .4, .3, .2, .1 and min_p=0.3 drops the last (.1 < .12); vocab 1000:
+    p = .36, .27, .18 and the rest (.19) spread thin, min_p=0.1 drops the rest (each < .036).
+    Either way what is left renormalises to .444, .333, .222, and top_p=0.75 drops the third
+    (the two before it hold .778). Min-p after top-p would keep the third (.7 or .63 < .75
+    before it). vocab 1000 takes the CPU's candidate path (a full-vocabulary top-p normaliser)."""
+    if vocab == 4:
+        probs, min_p = [0.4, 0.3, 0.2, 0.1], 0.3
+    else:
+        probs, min_p = [0.36, 0.27, 0.18] + [0.19 / (vocab - 3)] * (vocab - 3), 0.1
+    logits = torch.tensor(probs).log()
+    expected = _expected(top_p=0.75, min_p=min_p, logits=logits)
+    assert {i for i, p in enumerate(expected) if p} == {0, 1}
+    counts = _draw(SamplingParams(top_p=0.75, min_p=min_p), logits=logits, draws=3000)
+    assert {i for i, c in enumerate(counts) if c} == {0, 1}
+    # the same draw without min-p: top-p alone keeps the third token
+    counts = _draw(SamplingParams(top_p=0.75), logits=logits, draws=3000)
+    assert {i for i, c in enumerate(counts) if c} == {0, 1, 2}
+
+
 def _direct(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]):
     """Penalties and bias by their definitions, one token at a time."""
     x = logits.tolist()
@@ -120,7 +142,7 @@ def _direct(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: 
     for t, b in (p.logit_bias or {}).items():
         x[t] += b
     if len(output) < p.min_tokens:
-        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else p._eos_token_ids):
+        for t in set(p.stop_token_ids) | p._eos_token_ids:
             x[t] = -math.inf
     for t in set(prompt) | set(output):
         x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
@@ -175,7 +197,8 @@ def test_min_tokens_and_ignore_eos_in_sampling():
     out = Sampler()(logits, rows)
     assert out.token_ids[0] not in (3, 5) and out.token_ids[1] not in (3, 5)
     assert out.token_ids[2] == 3
-    assert out.token_ids[3] == 3  # ignore_eos: EOS is not masked (stop_token_ids still are)
+    # ignore_eos: EOS still cannot be one of the min_tokens (vLLM masks every stop id)
+    assert out.token_ids[3] not in (3, 5)
 
 
 def test_allowed_token_ids_sampled_in_proportion():

@@ -28,13 +28,20 @@ CHAT_TEMPLATE = (
 ARCHITECTURES = (
     "llama",
     "llama3_scaled_untied",
+    "llama_yarn",
     "mistral",
     "qwen2",
+    "qwen2_window",
     "qwen3",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
 )
+# Sliding windows shorter than the tests' prompts, so the window changes every output.
+WINDOW = 5
 
 
 def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 400):
@@ -98,16 +105,33 @@ def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
-        if hasattr(cfg, "rope_parameters"):
-            cfg.rope_parameters = rope
-        else:
-            cfg.rope_scaling = rope
-            cfg.rope_theta = rope["rope_theta"]
+        _set_rope(cfg, rope)
+        return cfg
+    if arch == "llama_yarn":
+        cfg = LlamaConfig(**common, tie_word_embeddings=True)
+        _set_rope(
+            cfg,
+            {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+        )
         return cfg
     if arch == "mistral":
-        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=WINDOW)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen2_window":
+        # layer 0 full, layer 1 windowed (transformers: layers >= max_window_layers slide)
+        return Qwen2Config(
+            **common,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+        )
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
     # MoE: an odd expert count (Mixtral); a shared expert, no renormalisation (Qwen2-MoE); a dense
@@ -137,7 +161,54 @@ def _config(arch: str, vocab_size: int, eos_id: int, bos_id: int):
             norm_topk_prob=True,
             tie_word_embeddings=True,
         )
+    if arch in ("gemma2", "gemma3"):
+        gemma = dict(
+            common,
+            head_dim=16,
+            query_pre_attn_scalar=24,  # not head_dim: the scale is its own setting
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        )
+        if arch == "gemma2":
+            from transformers import Gemma2Config
+
+            # caps small enough to bite on a tiny random model (real ones: 50 and 30)
+            return Gemma2Config(**gemma, attn_logit_softcapping=3.0, final_logit_softcapping=5.0)
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(**gemma)
+        cfg.rope_parameters = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0},
+        }
+        cfg.architectures = ["Gemma3ForCausalLM"]
+        return cfg
+    if arch in ("phi3", "phi3_longrope"):
+        from transformers import Phi3Config
+
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        extra = {}
+        if arch == "phi3_longrope":
+            # head_dim 16, half of it rotated: 4 frequencies, each with its own factor
+            rope = dict(
+                rope,
+                rope_type="longrope",
+                short_factor=[1.0, 1.3, 1.9, 2.6],
+                long_factor=[1.1, 2.0, 4.5, 9.0],
+            )
+            extra = dict(original_max_position_embeddings=64, sliding_window=WINDOW)
+        return Phi3Config(**common, **extra, tie_word_embeddings=False, rope_parameters=rope)
     raise ValueError(arch)
+
+
+def _set_rope(cfg, rope: dict) -> None:
+    if hasattr(cfg, "rope_parameters"):
+        cfg.rope_parameters = rope
+    else:
+        cfg.rope_scaling = rope
+        cfg.rope_theta = rope["rope_theta"]
 
 
 def build_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -152,9 +223,11 @@ def build_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         # Larger-than-default weights make the logits peaked enough that greedy ties are rare.
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
+            elif arch.startswith("gemma") and "norm" in name:
+                p.normal_(0.0, 0.3)  # (1 + w) norms: w = 0 would hide a missing "1 +"
     model.save_pretrained(out, safe_serialization=True)
     return out
 

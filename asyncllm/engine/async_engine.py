@@ -46,7 +46,7 @@ from asyncllm.engine.engine_loop import Item, merge_items
 from asyncllm.engine.stream import RequestStream
 from asyncllm.engine.transports import EngineInfo, ProcessTransport, ThreadTransport, Transport
 from asyncllm.outputs import RequestOutput
-from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams, default_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +271,11 @@ class AsyncLLMEngine:
             self._transport.send(_Abort(request_id))
         await stream.wait_finished()
 
-    @staticmethod
-    def _params(sampling_params: SamplingParams | None) -> SamplingParams:
+    def _params(self, sampling_params: SamplingParams | None) -> SamplingParams:
         if sampling_params is None:
-            return SamplingParams()
+            # the model's generation_config.json defaults, once the engine has loaded it
+            defaults = getattr(self.model_config, "generation_defaults", None)
+            return default_sampling_params(defaults or {})
         if not isinstance(sampling_params, SamplingParams):
             raise ValueError(
                 f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}"

@@ -4,6 +4,12 @@ A full block is identified by a chained hash (hash of the parent block's hash an
 tokens), so a block's identity covers the whole prefix before it. Freed blocks keep their hash and
 stay in the free queue; a later request with the same prefix revives them in O(1). Allocation takes
 the least recently freed block, evicting its cached identity (LRU).
+
+Sliding windows: when every layer of the model attends within a window (Mistral), a block wholly
+before the window of a sequence's next token is never read again, so `release_outside_window`
+gives it back (its table entry becomes NULL_BLOCK; a full block stays cached for prefix hits until
+it is evicted) and a long sequence holds about window + chunk tokens of cache. A model with any
+full-attention layer (Gemma's global layers) keeps every block.
 """
 
 from __future__ import annotations
@@ -37,17 +43,33 @@ class PrefixMatch:
         seq.block_hashes = self.block_hashes
 
 
+# A table entry whose block was released (wholly outside every layer's window); attention never
+# reads it (the kernels start at the window).
+NULL_BLOCK = -1
+
+
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
+        """`sliding_window`: the largest window when every layer has one (else None): how far
+        back any layer reads."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, least recently freed first. Values unused: an ordered set.
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -73,6 +95,40 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    def max_blocks_held(self, num_tokens: int, max_chunk: int) -> int:
+        """The most blocks one sequence of `num_tokens` tokens holds at once, computed in chunks
+        of at most `max_chunk` tokens: all of them, or under a window the window before a chunk
+        plus the chunk (and a partial block at each end)."""
+        whole = -(-num_tokens // self.block_size)
+        if self.sliding_window is None:
+            return whole
+        span = self.sliding_window - 1 + min(max_chunk, num_tokens)
+        return min(whole, -(-span // self.block_size) + 1)
+
+    def release_outside_window(self, seq: Sequence) -> int:
+        """Give back `seq`'s blocks that lie wholly before the window of its next token (every
+        layer's window); returns how many. Their entries become NULL_BLOCK."""
+        if self.sliding_window is None:
+            return 0
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1
+        end = min(max(first_needed, 0) // self.block_size, len(seq.block_table))
+        table, released = seq.block_table, 0
+        for j in range(seq.num_released_blocks, end):
+            block_id = table[j]
+            if block_id != NULL_BLOCK:
+                self._unref(block_id)
+                table[j] = NULL_BLOCK
+                released += 1
+        seq.num_released_blocks = max(seq.num_released_blocks, end)
+        return released
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
 
     # ---- allocation -------------------------------------------------------------------------
     def _pop_free(self) -> Block:
@@ -113,21 +169,21 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so they are evicted before the shared prefix blocks.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
+            if block_id != NULL_BLOCK:
+                self._unref(block_id)
         seq.block_table = []
         seq.num_hashed_blocks = 0
+        seq.num_released_blocks = 0
         seq.block_hashes = []
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
         child.num_hashed_blocks = parent.num_hashed_blocks
+        child.num_released_blocks = parent.num_released_blocks
         child.block_hashes = list(parent.block_hashes)
         for block_id in child.block_table:
-            self.blocks[block_id].ref_count += 1
+            if block_id != NULL_BLOCK:
+                self.blocks[block_id].ref_count += 1
 
     # ---- prefix cache -----------------------------------------------------------------------
     def _hash_of_block(self, seq: Sequence, i: int) -> int:
@@ -187,6 +243,8 @@ class BlockManager:
         known = min(seq.num_computed_tokens, len(seq.token_ids))
         num_full = min(known // self.block_size, len(seq.block_table))
         for i in range(seq.num_hashed_blocks, num_full):
+            if seq.block_table[i] == NULL_BLOCK:
+                continue  # released before it could be published
             h = self._hash_of_block(seq, i)
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None and h not in self.hash_to_block:

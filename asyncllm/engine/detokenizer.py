@@ -45,6 +45,10 @@ class IncrementalDetokenizer:
         self._text = ""  # all decoded output text so far (complete characters only)
         self._searched = 0  # _text[:_searched] has been searched for stop strings
         self.output_text = ""  # APPEND-ONLY: text safe to show
+        # vLLM: stop strings count only once more than min_tokens tokens are out; text before
+        # that is neither matched nor held back.
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0
         self.stop_reason: str | None = None
         self.finished = False
 
@@ -70,12 +74,14 @@ class IncrementalDetokenizer:
         if self.finished:
             return None
         self._ids.extend(token_ids)
+        self._num_tokens += len(token_ids)
         new = self._decode_new()
         if not new:
             return None
         self._text += new
-        if not self.stop:
+        if not self.stop or self._num_tokens <= self._min_tokens:
             self.output_text = self._text
+            self._searched = len(self._text)
             return None
         return self._check_stop()
 

@@ -32,6 +32,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
     from asyncllm.engine.loader import (
+        load_generation_config,
         load_hf_config,
         load_tokenizer,
         resolve_model,
@@ -55,6 +56,7 @@ def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
     else:
         max_len = min(model_max, _DEFAULT_MAX_MODEL_LEN_CAP)
     name = args.served_model_name or (args.model if args.model else "SmolLM2-135M-Instruct")
+    gen = load_generation_config(resolved.path, args.generation_config)
     mc = ModelConfig(
         path=resolved.path,
         hf_config=hf_config,
@@ -65,6 +67,8 @@ def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
         gguf_file=resolved.gguf_file,
         load_format=args.load_format,
         quantization=args.quantization,
+        generation_defaults=gen.defaults,
+        generation_eos_token_ids=gen.eos_token_ids,
     )
     return mc, tokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -17,13 +18,20 @@ Conversation = list[dict[str, Any]]
 class LLM:
     """`LLM(model=None)` loads the default model; keyword arguments are EngineArgs fields."""
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
+    def __init__(self, model: str | os.PathLike[str] | None = None, **kwargs: Any):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate(prompts)` without sampling params uses: the model's
+        generation_config.json values over SamplingParams' defaults (vLLM's)."""
+        return self.llm_engine.get_default_sampling_params()
 
     def generate(
         self,
@@ -57,7 +65,7 @@ class LLM:
     def _run(self, prompts, sampling_params, use_tqdm, priority, chat: bool) -> list[RequestOutput]:
         n = len(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.llm_engine.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * n
         else:

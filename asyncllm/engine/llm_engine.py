@@ -30,6 +30,7 @@ from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from asyncllm.engine.executor import UniProcExecutor
 from asyncllm.engine.grammar import GrammarBackend, StepBitmask
 from asyncllm.engine.model_runner import ModelRunner
+from asyncllm.engine.models import kv_cache_window
 from asyncllm.engine.output_builder import collect_outputs, make_output
 from asyncllm.engine.sampler import (
     PendingSample,
@@ -41,7 +42,7 @@ from asyncllm.engine.sampler import (
 from asyncllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from asyncllm.engine.sequence import Request, Sequence
 from asyncllm.outputs import Logprob, RequestOutput
-from asyncllm.sampling_params import SamplingParams
+from asyncllm.sampling_params import SamplingParams, default_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,12 @@ class LLMEngine:
         self.executor = UniProcExecutor(runner)
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.eos_token_ids = _eos_ids(model_config.hf_config, tokenizer)
+        self.eos_token_ids.update(model_config.generation_eos_token_ids)
         self.block_manager = BlockManager(
-            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            cache_config.num_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            kv_cache_window(model_config.hf_config),
         )
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler()
@@ -131,6 +136,11 @@ class LLMEngine:
         return self._grammar
 
     # ---- requests ---------------------------------------------------------------------------
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults (vLLM's
+        `--generation-config auto`); used when a request brings none."""
+        return default_sampling_params(self.model_config.generation_defaults)
+
     def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             text, ids = prompt, None
@@ -191,10 +201,17 @@ class LLMEngine:
     ) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        params = (params or SamplingParams()).clone()
+        params = (params or self.get_default_sampling_params()).clone()
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         params.verify_vocab(self.vocab_size)
+        max_seqs = self.scheduler_config.max_num_seqs
+        if params.n > max_seqs:
+            # It would wait forever for n free sequence slots (and hold up its priority).
+            raise ValueError(
+                f"n={params.n} is more than max_num_seqs={max_seqs}, the most sequences the "
+                "engine runs at once: lower n or raise max_num_seqs"
+            )
         text, ids = self.encode_prompt(prompt)
         max_len = self.model_config.max_model_len
         if len(ids) >= max_len:
@@ -203,13 +220,16 @@ class LLMEngine:
                 "to generate: shorten the prompt or raise max_model_len"
             )
         total = min(len(ids) + (params.max_tokens or max_len), max_len)
-        blocks = -(-total // self.cache_config.block_size) * params.n
+        chunk = self.scheduler_config.max_num_batched_tokens
+        blocks = self.block_manager.max_blocks_held(total, chunk) * params.n
         if blocks > self.cache_config.num_blocks:
             raise ValueError(
                 f"this request needs up to {blocks} KV blocks but the cache has "
                 f"{self.cache_config.num_blocks}: lower max_tokens or n, or enlarge the KV cache"
             )
-        params._eos_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
+        # Kept under ignore_eos too: min_tokens masks EOS either way (the finish rule checks
+        # ignore_eos).
+        params._eos_token_ids = set(self.eos_token_ids)
         compiled = None
         if params.structured_outputs is not None:
             compiled = self.grammar.compile(params.structured_outputs)
@@ -419,7 +439,8 @@ class LLMEngine:
         req = seq.request
         k = req.params.prompt_logprobs or 0
         targets = seq.token_ids[start + 1 : start + 1 + logits.shape[0]]
-        entries: list[dict[int, Logprob] | None] = [] if req.prompt_logprobs else [None]
+        # Row i is the distribution of prompt position start + 1 + i; position 0 has none.
+        entries: list[dict[int, Logprob] | None] = [None] if start == 0 else []
         for d in compute_prompt_logprobs(logits, targets, k):
             entries.append(
                 {
@@ -427,7 +448,7 @@ class LLMEngine:
                     for tid, (lp, rank) in d.items()
                 }
             )
-        req.add_prompt_logprobs(entries)
+        req.add_prompt_logprobs(0 if start == 0 else start + 1, entries)
 
     def _append_token(
         self,
@@ -453,7 +474,7 @@ class LLMEngine:
         stop_reason: int | str | None = None
         stop_token = False
         if n_out >= p.min_tokens:
-            if tok in p._eos_token_ids:
+            if tok in p._eos_token_ids and not p.ignore_eos:
                 reason, stop_token = "stop", True
             elif tok in p.stop_token_ids:
                 reason, stop_reason, stop_token = "stop", tok, True

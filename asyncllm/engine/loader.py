@@ -35,6 +35,9 @@ _MODEL_TYPE_ARCH = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -208,6 +211,63 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False) -> 
         return AutoTokenizer.from_pretrained(resolved.path, **kw)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot load the tokenizer at {resolved.path}: {e}") from e
+
+
+# generation_config.json key -> SamplingParams field (vLLM's get_diff_sampling_param)
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    defaults: dict[str, Any]  # SamplingParams field -> value, only those the file sets
+    eos_token_ids: list[int]
+
+
+def load_generation_config(model_dir: str, mode: str = "auto") -> GenerationConfig:
+    """The model's generation_config.json as vLLM's `--generation-config` reads it: `mode` "auto"
+    (the model's folder), "vllm" (no sampling defaults) or another folder. EOS ids come from the
+    model's own file in every mode. A missing file means nothing; an unreadable one is an error."""
+
+    def read(folder: str) -> dict[str, Any]:
+        f = Path(folder) / "generation_config.json"
+        if not f.is_file():
+            return {}
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {f}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{f} does not hold a JSON object")
+        return data
+
+    own = read(model_dir)
+    eos = own.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else [int(i) for i in eos or [] if isinstance(i, int)]
+    if mode == "vllm":
+        return GenerationConfig({}, eos_ids)
+    if mode == "auto":
+        source = own
+    else:
+        if not Path(mode).is_dir():
+            raise ValueError(
+                f"generation_config {mode!r} is neither 'auto', 'vllm' nor an existing folder"
+            )
+        source = read(mode)
+    defaults = {
+        ours: source[theirs]
+        for theirs, ours in _GENERATION_DEFAULTS.items()
+        if source.get(theirs) is not None
+    }
+    if defaults:
+        logger.info("default sampling values from generation_config.json: %s", defaults)
+    return GenerationConfig(defaults, eos_ids)
 
 
 def architecture_of(hf_config: Any) -> str:
@@ -505,7 +565,7 @@ def load_model(
     for name, param in model.named_parameters(remove_duplicate=False):
         for key, value in attrs.get(name, {}).items():
             setattr(param, key, value)
-    _rebuild_buffers(model, hf_config, model_config.device)
+    _rebuild_buffers(model, hf_config, model_config.device, model_config.max_model_len)
     if getattr(model_config, "load_format", "auto") == "dummy":
         init_dummy_weights(model)
         weights = None
@@ -562,12 +622,16 @@ def init_dummy_weights(model: nn.Module) -> None:
                 p.zero_()
 
 
-def _rebuild_buffers(model: nn.Module, hf_config: Any, device: torch.device) -> None:
+def _rebuild_buffers(
+    model: nn.Module, hf_config: Any, device: torch.device, max_model_len: int | None = None
+) -> None:
     """Buffers computed at construction (rotary tables) were lost on the meta device."""
     from asyncllm.engine.layers.rotary import RotaryEmbedding
 
     for module in list(model.modules()):
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(module.head_dim, module.max_positions, hf_config)
+            fresh = RotaryEmbedding(
+                module.head_dim, module.max_positions, hf_config, module.layer_type, max_model_len
+            )
             module.cos = fresh.cos.to(device)
             module.sin = fresh.sin.to(device)

@@ -6,9 +6,11 @@ vocabulary-sized operation runs once over the batch. The only device-to-host tra
 `.tolist()` of one packed tensor.
 
 Processing order (vLLM/OpenAI definitions): allowed_token_ids mask, logit_bias, min_tokens masking,
-repetition penalty (prompt + output), frequency/presence penalties (output), temperature, top-k,
-top-p, min-p, then one inverse-CDF draw per row from a single uniform (greedy rows take the argmax
-of the processed logits). Returned logprobs are the raw model log-softmax, before any processing,
+repetition penalty (prompt + output), frequency/presence penalties (output), temperature, min-p,
+top-k, top-p (top-p's mass is counted over the tokens min-p and top-k left, as vLLM's sampler
+does: min-p is one of its argmax-invariant logits processors, run before top-k/top-p), then one
+inverse-CDF draw per row from a single uniform (greedy rows take the argmax of the processed
+logits). Returned logprobs are the raw model log-softmax, before any processing,
 as vLLM's default.
 """
 
@@ -126,10 +128,9 @@ def _min_tokens_mask_ids(row: SamplerRow) -> list[int]:
     p = row.params
     if len(row.output_token_ids) >= p.min_tokens:
         return []
-    ids = list(p.stop_token_ids or [])
-    if not p.ignore_eos:
-        ids.extend(p._eos_token_ids)
-    return ids
+    # EOS is held back too under ignore_eos (vLLM masks every stop id during min_tokens): the
+    # request asked for at least min_tokens real tokens, EOS would be one that ends nothing.
+    return list(p.stop_token_ids or []) + list(p._eos_token_ids)
 
 
 class Sampler:
@@ -275,7 +276,7 @@ _CPU_CANDIDATES = 256
 
 
 def _sample(x: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p and one inverse-CDF draw per row, for rows that sample."""
+    """Temperature, min-p, top-k, top-p and one inverse-CDF draw per row, for rows that sample."""
     device = x.device
     n, vocab = x.shape
     params = [r.params for r in rows]
@@ -351,7 +352,14 @@ def _sample_truncated(
     else:
         vals, idx = x.topk(k_cand, dim=-1)
         needs_full = any(p.top_p < 1.0 and k == 0 for p, k in zip(params, top_k, strict=True))
-        lse_full = x.logsumexp(dim=-1) if needs_full else None
+        lse_full = None
+        if needs_full:
+            # top-p's normaliser: the whole vocabulary that min-p leaves
+            log_min_p = _min_p_limit(params, x)
+            xf = x
+            if log_min_p is not None:
+                xf = x.masked_fill(x - x.max(dim=-1, keepdim=True).values < log_min_p, _NEG_INF)
+            lse_full = xf.logsumexp(dim=-1)
     pos, covered = _truncate_and_draw(vals, params, top_k, u, lse_full)
     tokens = idx.gather(1, pos)[:, 0]
     if covered is not None and k_cand < vocab:
@@ -373,12 +381,16 @@ def _truncate_and_draw(
     u: torch.Tensor,
     lse_full: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """On candidates sorted best first: top-k keeps values >= the k-th; top-p drops every token
-    whose better tokens already hold top_p of the probability (over the top-k set, or over the
-    whole vocabulary, whose log-normaliser is `lse_full` when the candidates are not all of it);
-    min-p; then the draw. Returns the chosen position and, when top-p applies, whether the
-    candidates held enough probability for the cut to be exact."""
+    """On candidates sorted best first: min-p drops tokens below min_p times the best one's
+    probability; top-k keeps values >= the k-th; top-p drops every token whose better tokens
+    already hold top_p of the probability that is left (over the top-k set, or over the whole
+    vocabulary, whose log-normaliser is `lse_full` when the candidates are not all of it); then
+    the draw. Returns the chosen position and, when top-p applies, whether the candidates held
+    enough probability for the cut to be exact."""
     device = vals.device
+    log_min_p = _min_p_limit(params, vals)
+    if log_min_p is not None:
+        vals = vals.masked_fill(vals - vals[:, :1] < log_min_p, _NEG_INF)
     has_k = _to_device([k > 0 for k in top_k], torch.bool, device)
     if any(top_k):
         k = _to_device([max(k, 1) - 1 for k in top_k], torch.long, device)
@@ -395,11 +407,7 @@ def _truncate_and_draw(
         cum = prob.cumsum(dim=-1)
         vals = vals.masked_fill((cum - prob) >= tp[:, None], _NEG_INF)
         covered = (cum[:, -1] >= tp) | has_k | (tp > 1.0)
-    log_min_p = _min_p_limit(params, vals)
-    best = vals[:, :1]
-    w = vals - best
-    if log_min_p is not None:
-        w = w.masked_fill(w < log_min_p, _NEG_INF)
+    w = vals - vals[:, :1]
     return _inverse_cdf(w.exp_(), u), covered
 
 

@@ -104,6 +104,8 @@ class Scheduler:
             if num_new == 0 or (seq.num_pending and seq.ends_by_length(self.config.max_model_len)):
                 i += 1
                 continue
+            # Blocks behind every layer's window come back before this sequence asks for more.
+            bm.release_outside_window(seq)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running[-1]
                 if victim.seq_id in scheduled_ids:
@@ -140,6 +142,7 @@ class Scheduler:
                     if seq.request.num_cached_tokens == 0 and seq.num_output_tokens == 0:
                         seq.request.num_cached_tokens = cached
             num_new = min(seq.num_uncomputed_tokens, budget)
+            bm.release_outside_window(seq)  # a long cached prefix matched beyond the window
             if not bm.can_allocate(seq, num_new):
                 # A waiting sequence must not sit on the cached blocks it matched: with several
                 # such sequences (preempted ones re-match their own blocks) nothing is left to

@@ -44,6 +44,8 @@ class Sequence:
     pending_row: int = -1
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    # leading table entries looked at for release (sliding windows): NULL_BLOCK where released
+    num_released_blocks: int = 0
     block_hashes: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
@@ -120,7 +122,12 @@ class Request:
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
 
-    def add_prompt_logprobs(self, entries: list[dict[int, Logprob] | None]) -> None:
+    def add_prompt_logprobs(self, start: int, entries: list[dict[int, Logprob] | None]) -> None:
+        """`entries` are those of prompt positions start, start+1, ...; positions already known
+        are skipped (a sequence preempted in mid-prefill computes its first chunks again)."""
         if self.prompt_logprobs is None:
             self.prompt_logprobs = []
-        self.prompt_logprobs.extend(entries)
+        have = len(self.prompt_logprobs)
+        if start > have:
+            raise ValueError(f"prompt logprobs from position {start}, but only {have} are known")
+        self.prompt_logprobs.extend(entries[have - start :])

@@ -139,8 +139,11 @@ class EngineIO:
         self, gp: GenParams, id: StreamId | None = None, default_max_tokens: int | None = None
     ) -> SamplingParams:
         """No max_tokens means the server's default (--max-tokens-default, else the model's
-        generation_config), else `default_max_tokens` (None: up to max_model_len)."""
-        kw = gp.sampling_kwargs()
+        generation_config), else `default_max_tokens` (None: up to max_model_len). The model's
+        other generation_config.json sampling values fill the fields the request leaves out."""
+        defaults = dict(getattr(self._model, "generation_defaults", None) or {})
+        defaults.pop("max_tokens", None)  # max_new_tokens: the server's default above
+        kw = {**defaults, **gp.sampling_kwargs()}
         kw.setdefault("max_tokens", getattr(self, "max_tokens_default", None) or default_max_tokens)
         try:
             sp = SamplingParams(**kw)

@@ -78,11 +78,15 @@ static inline __attribute__((always_inline)) void attend_item(
     float *restrict o, const float *restrict q, int64_t q_stride_h, const float *restrict K,
     const float *restrict V, const int32_t *restrict table, int64_t L, int NH, int G, const int D,
     int block_size, int64_t tok_stride, int64_t blk_stride, int64_t max_len, float scale,
-    float *restrict scores, float *restrict acc) {
+    int64_t first, float softcap, float *restrict scores, float *restrict acc) {
     const int nblk = (int)((L + block_size - 1) / block_size);
+    /* A sliding window: positions before `first` are hidden, and blocks wholly before it are
+     * not read at all (they may have been freed). */
+    const int j0 = (int)(first / block_size);
+    const int64_t lo = (int64_t)j0 * block_size;
     const int QH = NH * G; /* query heads of this item, in order: q + i * q_stride_h, o + i * D */
     /* pass 1: scaled scores, scores[i * max_len + position] for query head i */
-    for (int j = 0; j < nblk; j++) {
+    for (int j = j0; j < nblk; j++) {
         const float *kb = K + (int64_t)table[j] * blk_stride;
         const int64_t base = (int64_t)j * block_size;
         const int n = (int)(L - base < block_size ? L - base : block_size);
@@ -123,16 +127,23 @@ static inline __attribute__((always_inline)) void attend_item(
             }
         }
     }
+    /* soft cap (Gemma 2): c * tanh(s / c); then the window's hidden head of the first block */
+    for (int g = 0; g < QH; g++) {
+        float *sg = scores + g * max_len;
+        if (softcap > 0.0f)
+            for (int64_t i = lo; i < L; i++) sg[i] = softcap * tanhf(sg[i] / softcap);
+        for (int64_t i = lo; i < first; i++) sg[i] = -INFINITY;
+    }
     /* softmax numerators, in place; inv[i] = 1 / sum, applied at the end */
     float inv[QH];
     for (int g = 0; g < QH; g++) {
         float *sg = scores + g * max_len;
-        float m = sg[0];
+        float m = sg[first];
 #pragma omp simd reduction(max : m)
-        for (int64_t i = 1; i < L; i++) m = sg[i] > m ? sg[i] : m;
+        for (int64_t i = first + 1; i < L; i++) m = sg[i] > m ? sg[i] : m;
         /* whole vectors; the tail of the row padded with -inf (exp 0) in a copy */
         vf sums = (vf){0};
-        for (int64_t i = 0; i < L; i += VW) {
+        for (int64_t i = lo; i < L; i += VW) {
             vf x;
             const int64_t n = L - i < VW ? L - i : VW;
             if (n == VW) {
@@ -152,7 +163,7 @@ static inline __attribute__((always_inline)) void attend_item(
     }
     /* pass 2: probability-weighted sum of V rows */
     memset(acc, 0, sizeof(float) * (size_t)QH * D);
-    for (int j = 0; j < nblk; j++) {
+    for (int j = j0; j < nblk; j++) {
         const float *vb = V + (int64_t)table[j] * blk_stride;
         const int64_t base = (int64_t)j * block_size;
         const int n = (int)(L - base < block_size ? L - base : block_size);
@@ -199,7 +210,9 @@ int asyncllm_paged_decode_attention_f32(
     int64_t bt_stride, int32_t max_blocks,
     const int32_t *seq_lens,     /* [B] */
     int32_t batch, int32_t num_q_heads, int32_t num_kv_heads, int32_t head_dim,
-    int32_t block_size, int64_t num_blocks, float scale, int32_t num_threads) {
+    int32_t block_size, int64_t num_blocks, float scale, int32_t num_threads,
+    int64_t window,              /* > 0: each query sees its last `window` positions only */
+    float softcap) {             /* > 0: scores become softcap * tanh(score / softcap) */
     const int G = num_q_heads / num_kv_heads;
     const int D = head_dim;
     const int64_t tok_stride = (int64_t)num_kv_heads * D;
@@ -234,8 +247,9 @@ int asyncllm_paged_decode_attention_f32(
             const int64_t L = seq_lens[b] < cap ? seq_lens[b] : cap;
             const int32_t *table = block_tables + b * bt_stride;
             const int nblk = L > 0 ? (int)((L + block_size - 1) / block_size) : 0;
+            const int64_t first = window > 0 && L > window ? L - window : 0;
             int ok = scores != NULL && L > 0;
-            for (int j = 0; ok && j < nblk; j++)
+            for (int j = (int)(first / block_size); ok && j < nblk; j++)
                 if (table[j] < 0 || table[j] >= num_blocks) ok = 0;
             if (!ok) {
                 if (L > 0) bad += 1;
@@ -246,13 +260,16 @@ int asyncllm_paged_decode_attention_f32(
             const float *Kh = K + (int64_t)h * D, *Vh = V + (int64_t)h * D;
             if (D == 64)
                 attend_item(o, qb, q_stride_h, Kh, Vh, table, L, NH, G, 64, block_size,
-                            tok_stride, blk_stride, max_len, scale, scores, acc);
+                            tok_stride, blk_stride, max_len, scale, first, softcap, scores,
+                            acc);
             else if (D == 128)
                 attend_item(o, qb, q_stride_h, Kh, Vh, table, L, NH, G, 128, block_size,
-                            tok_stride, blk_stride, max_len, scale, scores, acc);
+                            tok_stride, blk_stride, max_len, scale, first, softcap, scores,
+                            acc);
             else
                 attend_item(o, qb, q_stride_h, Kh, Vh, table, L, NH, G, D, block_size,
-                            tok_stride, blk_stride, max_len, scale, scores, acc);
+                            tok_stride, blk_stride, max_len, scale, first, softcap, scores,
+                            acc);
         }
         free(scores);
     }

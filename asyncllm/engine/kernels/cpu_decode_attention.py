@@ -41,7 +41,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = getattr(lib, SYMBOL)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     fn.argtypes = [p, p, i64, i64, p, p, i64, i32, p, i32, i32, i32, i32, i32, i64]
-    fn.argtypes += [ctypes.c_float, i32]
+    fn.argtypes += [ctypes.c_float, i32, i64, ctypes.c_float]
     fn.restype = ctypes.c_int
 
 
@@ -85,11 +85,18 @@ def usable(q: Tensor, kv_cache: Tensor) -> bool:
 
 
 def decode(
-    q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float
+    q: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor | None:
     """q [B,Hq,D] (one new token per sequence) against each sequence's first seq_lens[b] cached
     tokens -> [B,Hq,D]; None when the kernel is not available (use the torch path). Rows with
-    seq_len 0 (padding) come out as zeros."""
+    seq_len 0 (padding) come out as zeros. `window` > 0: only the last `window` positions are
+    seen (and read); `softcap` > 0: scores are soft-capped (Gemma 2)."""
     lib = load()
     if lib is None:
         return None
@@ -127,6 +134,8 @@ def decode(
         num_blocks,
         scale,
         torch.get_num_threads(),
+        int(window or 0),
+        float(softcap or 0.0),
     )
     if bad:
         raise RuntimeError(

@@ -28,6 +28,14 @@ def choose_num_splits(batch: int, num_kv_heads: int) -> int:
 
 
 @triton.jit
+def _soft_cap(x, cap):
+    """cap * tanh(x / cap), tanh from exp (exact enough in float32; saturates without NaN)."""
+    e = tl.exp(-2.0 * tl.abs(x) / cap)
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -46,6 +54,8 @@ def _decode_kernel(
     stride_cblk,
     stride_ctok,
     num_splits,
+    window,  # > 0: only the last `window` positions are seen (a sliding-window layer)
+    softcap,  # > 0: scores become softcap * tanh(score / softcap), in natural-log units
     G: tl.constexpr,  # query heads per KV head
     GP: tl.constexpr,  # G padded to a tensor-core M (>= 16)
     D: tl.constexpr,
@@ -55,13 +65,19 @@ def _decode_kernel(
     DIRECT: tl.constexpr,  # one split: write the output, not partials
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not tf32
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    lo = 0
+    if WINDOWED:
+        # keys before the window are neither seen nor read (their blocks may be freed)
+        lo = tl.maximum(seq_len - window, 0)
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     g = tl.arange(0, GP)
@@ -97,7 +113,11 @@ def _decode_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(nmask[None, :], s * scale_log2, float("-inf"))
+        if SOFTCAP:
+            s = _soft_cap(s * (scale_log2 / 1.4426950408889634), softcap) * 1.4426950408889634
+        else:
+            s = s * scale_log2
+        s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -168,10 +188,13 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q [B,Hq,D] (one token per sequence, already in the cache) -> [B,Hq,D].
 
-    block_tables int32 [B,W]; seq_lens int32 [B] (0 = padding row: output zeros)."""
+    block_tables int32 [B,W]; seq_lens int32 [B] (0 = padding row: output zeros). A sliding
+    window sees the last `sliding_window` positions only; a soft cap caps the scores."""
     bsz, hq, d = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
     check_cache(kv_cache, hkv, d)
@@ -216,6 +239,8 @@ def paged_decode_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         splits,
+        int(sliding_window or 0),
+        float(logits_soft_cap or 0.0),
         G=group,
         GP=gp,
         D=d,
@@ -225,6 +250,8 @@ def paged_decode_attention(
         DIRECT=direct,
         UPCAST=upcast_flag(q.dtype),
         IEEE=q.dtype == torch.float32,
+        WINDOWED=bool(sliding_window),
+        SOFTCAP=bool(logits_soft_cap),
         num_warps=4,
         num_stages=3,
     )

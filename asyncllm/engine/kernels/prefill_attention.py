@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from asyncllm.engine.kernels._common import check_cache, next_pow2, upcast_flag
+from asyncllm.engine.kernels.decode_attention import _soft_cap
 
 _LOG2E = 1.4426950408889634
 
@@ -36,6 +37,8 @@ def _prefill_kernel(
     stride_bt,
     stride_cblk,
     stride_ctok,
+    window,  # > 0: query position i sees keys i-window+1..i
+    softcap,  # > 0: scores become softcap * tanh(score / softcap)
     G: tl.constexpr,
     D: tl.constexpr,
     DP: tl.constexpr,
@@ -44,6 +47,8 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -75,7 +80,11 @@ def _prefill_kernel(
     head_off = (h // G) * D
     # causal: the last query row of this tile sees keys up to its own position
     end = tl.minimum(seq_len, ctx + tl.minimum(m0 + BLOCK_M, q_len))
-    for n0 in range(0, end, BLOCK_N):
+    lo = 0
+    if WINDOWED:
+        # the tile's first query row sees nothing before its window: skip those keys
+        lo = tl.maximum(ctx + m0 - window + 1, 0)
+    for n0 in range(lo, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         blk = tl.load(bt_row + n // BS, mask=nmask, other=0)
@@ -91,7 +100,13 @@ def _prefill_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         visible = nmask[None, :] & (n[None, :] <= qpos[:, None])
-        s = tl.where(visible, s * scale_log2, float("-inf"))
+        if WINDOWED:
+            visible = visible & (n[None, :] > qpos[:, None] - window)
+        if SOFTCAP:
+            s = _soft_cap(s * (scale_log2 / 1.4426950408889634), softcap) * 1.4426950408889634
+        else:
+            s = s * scale_log2
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; shift them by 0 to avoid inf - inf
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -139,9 +154,11 @@ def paged_prefill_attention(
     block_m: int,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q [T,Hq,D] -> [T,Hq,D]. `work` is int32 [num_tiles, 2] from build_prefill_work(block_m),
-    on q's device."""
+    on q's device. Sliding window and soft cap as in paged_decode_attention."""
     t, hq, d = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
     check_cache(kv_cache, hkv, d)
@@ -177,6 +194,8 @@ def paged_prefill_attention(
         block_tables.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
+        int(sliding_window or 0),
+        float(logits_soft_cap or 0.0),
         G=hq // hkv,
         D=d,
         DP=dp,
@@ -185,6 +204,8 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         UPCAST=upcast_flag(q.dtype),
         IEEE=q.dtype == torch.float32,
+        WINDOWED=bool(sliding_window),
+        SOFTCAP=bool(logits_soft_cap),
         num_warps=4,
         num_stages=2,
     )

@@ -38,10 +38,13 @@ def paged_attention_ref(
     query_start_loc: list[int],
     seq_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T,Hq,D] over each sequence's paged context, in float32.
 
-    The new tokens of sequence b are the last `query_len` positions of its `seq_lens[b]`.
+    The new tokens of sequence b are the last `query_len` positions of its `seq_lens[b]`; with a
+    sliding window W, position i sees keys i-W+1..i; a soft cap c maps scores to c*tanh(s/c).
     Returns float32 [T,Hq,D]."""
     t, hq, d = q.shape
     hkv = kv_cache.shape[3]
@@ -58,7 +61,12 @@ def paged_attention_ref(
         scores = torch.einsum("lhd,shd->hls", qb, k) * scale
         qpos = torch.arange(seq_len - (e - a), seq_len, device=q.device)
         kpos = torch.arange(seq_len, device=q.device)
-        scores = scores.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
+        if logits_soft_cap:
+            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+        hidden = kpos[None, None, :] > qpos[None, :, None]
+        if sliding_window:
+            hidden |= kpos[None, None, :] <= qpos[None, :, None] - sliding_window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[a:e] = torch.einsum("hls,shd->lhd", scores.softmax(-1), v)
     return out
 

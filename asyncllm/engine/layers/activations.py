@@ -24,7 +24,29 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
+class GeluAndMul(nn.Module):
+    """x = [gate | up] on the last dim -> gelu(gate) * up (GeGLU; Gemma's tanh approximation).
+    Torch ops only (no fused kernel for it yet)."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
+
+
+_ACTS: dict[str, Any] = {
+    "silu": SiluAndMul,
+    "swish": SiluAndMul,
+    "gelu": lambda ops: GeluAndMul("none"),
+    "gelu_pytorch_tanh": lambda ops: GeluAndMul("tanh"),
+    "gelu_new": lambda ops: GeluAndMul("tanh"),
+}
+
+
 def get_act_and_mul(name: str, ops: Any = None) -> nn.Module:
-    if name in ("silu", "swish"):
-        return SiluAndMul(ops)
-    raise ValueError(f"unsupported hidden_act {name!r}; supported: 'silu'")
+    if name not in _ACTS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(_ACTS)}")
+    return _ACTS[name](ops)

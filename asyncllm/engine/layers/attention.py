@@ -36,7 +36,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend:
-    """Writes the new K/V into the paged cache, then attends causally within each sequence."""
+    """Writes the new K/V into the paged cache, then attends causally within each sequence.
+
+    Two per-layer properties come with each call (a model mixes layers that differ in them):
+    `sliding_window` W (a query at position i sees keys j with i - W < j <= i, as transformers'
+    sliding-window mask; None = the whole context) and `logits_soft_cap` c (scores become
+    c * tanh(score / c) before the softmax, Gemma 2; None = off)."""
 
     name: str = "base"
 
@@ -48,6 +53,8 @@ class AttentionBackend:
         kv_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> Tensor:
         """q [T,Hq,D], k/v [T,Hkv,D] -> [T,Hq,D]. The new tokens of sequence b are the last
         query_len positions of seq_lens[b]. Hq % Hkv == 0."""
@@ -72,13 +79,17 @@ def write_kv_cache(
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def gather_kv(kv_cache: Tensor, block_table: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """The first `length` cached K and V of one sequence: [length, Hkv, D] each."""
+def gather_kv(
+    kv_cache: Tensor, block_table: Tensor, length: int, first: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Cached K and V of positions first..length-1 of one sequence: [length - first, Hkv, D]
+    each. `first` is a multiple of the block size (blocks before it may be freed)."""
     block_size = kv_cache.shape[2]
     n = -(-length // block_size)
     # index_select: several times faster than advanced indexing behind a leading slice.
-    blocks = kv_cache.index_select(1, block_table[:n].long())  # [2, n, bs, H, D]
-    blocks = blocks.flatten(1, 2)[:, :length]
+    ids = block_table[first // block_size : n].long()
+    blocks = kv_cache.index_select(1, ids)  # [2, n', bs, H, D]
+    blocks = blocks.flatten(1, 2)[:, : length - first]
     return blocks[0], blocks[1]
 
 
@@ -109,14 +120,17 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping, self.fused_ops)
         qsl = meta.query_start_loc_cpu
         lens = meta.seq_lens_cpu
         num_seqs = len(lens)
+        win, cap = sliding_window or 0, logits_soft_cap or 0.0
         if meta.decode_only:
             return self._decode(
-                q, kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale
+                q, kv_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale, win, cap
             )
 
         out = torch.empty_like(q)
@@ -131,6 +145,8 @@ class TorchAttentionBackend(AttentionBackend):
                 meta.seq_lens[sel],
                 max(lens[b] for b in decode_seqs),
                 scale,
+                win,
+                cap,
             )
             done = set(decode_seqs)
         else:
@@ -145,9 +161,13 @@ class TorchAttentionBackend(AttentionBackend):
             if n == length:
                 # Nothing cached before this chunk: attend over the fresh K/V directly.
                 kb, vb = k[start:end], v[start:end]
+                first = 0
             else:
-                kb, vb = gather_kv(kv_cache, meta.block_tables[b], length)
-            out[start:end] = _attend(q[start:end], kb, vb, length - n, scale)
+                # A window hides every key before the first query's window: skip reading them.
+                first = max(0, length - n - win + 1) if win else 0
+                first -= first % kv_cache.shape[2]
+                kb, vb = gather_kv(kv_cache, meta.block_tables[b], length, first)
+            out[start:end] = _attend(q[start:end], kb, vb, length - n - first, scale, win, cap)
         return out
 
     def _decode(
@@ -158,16 +178,20 @@ class TorchAttentionBackend(AttentionBackend):
         seq_lens: Tensor,
         max_seq_len: int,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> Tensor:
         """One new token per sequence. CPU float32: the paged C kernel, which reads the cache in
         place (asyncllm.engine.kernels.cpu_decode_attention; padding rows come out as zeros);
         elsewhere, or without a C compiler, the gather + SDPA reference."""
         if self.decode_kernel and cpu_decode_attention.applies(q, kv_cache):
-            out = cpu_decode_attention.decode(q, kv_cache, block_tables, seq_lens, scale)
+            out = cpu_decode_attention.decode(
+                q, kv_cache, block_tables, seq_lens, scale, window, softcap
+            )
             if out is not None:
                 return out
         return TorchAttentionBackend._decode_torch(
-            q, kv_cache, block_tables, seq_lens, max_seq_len, scale
+            q, kv_cache, block_tables, seq_lens, max_seq_len, scale, window, softcap
         )
 
     @staticmethod
@@ -178,47 +202,80 @@ class TorchAttentionBackend(AttentionBackend):
         seq_lens: Tensor,
         max_seq_len: int,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> Tensor:
         """One new token per sequence: q [B,Hq,D] against padded [B,S] cached K/V (gathered)."""
         block_size = kv_cache.shape[2]
         n = -(-max_seq_len // block_size)
         batch = block_tables.shape[0]
-        ids = block_tables[:, :n].reshape(-1).long()
+        table = block_tables[:, :n].long()
+        if window:
+            # Blocks wholly before the window may be freed (any id): read the window's first
+            # block in their place; those positions are masked out below anyway.
+            j0 = ((seq_lens.long() - window).clamp(min=0) // block_size)[:, None]
+            cols = torch.arange(n, device=table.device)[None, :]
+            table = torch.where(cols < j0, table.gather(1, j0.clamp(max=n - 1)), table)
+        ids = table.reshape(-1)
         blocks = kv_cache.index_select(1, ids).view(2, batch, n * block_size, *kv_cache.shape[3:])
         kv = blocks  # [2, B, S, H, D]
         keys = kv[0].transpose(1, 2)  # [B, H, S, D]
         values = kv[1].transpose(1, 2)
         positions = torch.arange(kv.shape[2], device=q.device)
-        mask = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [B, S]
+        lens = seq_lens[:, None].to(positions.dtype)
+        mask = positions[None, :] < lens  # [B, S]
+        if window:
+            mask &= positions[None, :] >= lens - window
         # Padding rows (seq_len 0) would softmax over nothing (NaN); let them see slot 0.
-        mask[:, 0] = True
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(keys.dtype),  # [B, Hq, 1, D]
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            enable_gqa=q.shape[1] != keys.shape[1],
+        mask[:, 0] |= seq_lens <= 0
+        out = _sdpa(
+            q.unsqueeze(2).to(keys.dtype), keys, values, mask[:, None, None, :], scale, softcap
         )
         return out.squeeze(2).to(q.dtype)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, offset: int, scale: float) -> Tensor:
-    """Causal attention of n queries at positions offset..offset+n-1 over keys 0..offset+n-1."""
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offset: int,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> Tensor:
+    """Causal attention of n queries at positions offset..offset+n-1 over keys 0..offset+n-1
+    (positions relative to the first key given), each seeing at most `window` keys if set."""
     n, length = q.shape[0], k.shape[0]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
     kh = k.transpose(0, 1).unsqueeze(0).to(q.dtype)
     vh = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
     gqa = qh.shape[1] != kh.shape[1]
-    if offset == 0:
+    if offset == 0 and not window and not softcap:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa
         )
     else:
         # torch's is_causal aligns top-left; the new tokens sit bottom-right of the context.
         rows = torch.arange(n, device=q.device)[:, None] + offset
-        mask = torch.arange(length, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa
-        )
+        cols = torch.arange(length, device=q.device)[None, :]
+        mask = cols <= rows
+        if window:
+            mask &= cols > rows - window
+        out = _sdpa(qh, kh, vh, mask, scale, softcap)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, softcap: float) -> Tensor:
+    """SDPA with a boolean mask (True = attend), or, with a soft cap, the same computed by hand:
+    SDPA cannot cap the scores between the product and the softmax. q [..., Hq, n, D]."""
+    gqa = q.shape[-3] != k.shape[-3]
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        rep = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)

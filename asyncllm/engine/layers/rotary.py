@@ -12,10 +12,13 @@ import torch
 from torch import Tensor, nn
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The rope settings as one dict with `rope_type` and `rope_theta`, from either layout:
-    transformers 5 (`config.rope_parameters`) or older (`rope_theta` + `rope_scaling`)."""
+    transformers 5 (`config.rope_parameters`, per layer type for Gemma 3: `layer_type` picks
+    one) or older (`rope_theta` + `rope_scaling`)."""
     params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and layer_type is not None and layer_type in params:
+        params = params[layer_type]
     if isinstance(params, dict) and params:
         out = dict(params)
     else:
@@ -24,10 +27,17 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     # Older configs name the kind `type`.
     out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
     out.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    out.setdefault("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     return out
 
 
-def _inv_freq(dim: int, params: dict[str, Any], hf_config: Any) -> tuple[Tensor, float]:
+def _inv_freq(
+    dim: int,
+    params: dict[str, Any],
+    hf_config: Any,
+    layer_type: str | None = None,
+    max_model_len: int | None = None,
+) -> tuple[Tensor, float]:
     """Inverse frequencies [dim/2] and the attention scaling applied to cos/sin."""
     base = float(params["rope_theta"])
     partial = float(params.get("partial_rotary_factor", 1.0))
@@ -58,25 +68,54 @@ def _inv_freq(dim: int, params: dict[str, Any], hf_config: Any) -> tuple[Tensor,
     # Anything else (yarn, longrope, ...): transformers' own initialiser, if it knows the kind.
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    if kind in ("su", "yarn") and "short_factor" in params:
+        kind = "longrope"  # Phi-3's older names for it
     if kind not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {kind!r}")
-    inv, scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, torch.device("cpu"))
+    kwargs: dict[str, Any] = {}
+    if layer_type is not None and isinstance(getattr(hf_config, "rope_parameters", None), dict):
+        if layer_type in hf_config.rope_parameters:
+            kwargs["layer_type"] = layer_type
+    if kind == "longrope":
+        # transformers picks the long factors once the sequence outgrows the original context
+        # (and keeps keys rotated with the short ones in its cache). A table must pick one set
+        # for every position, or rotations within one sequence disagree: the long set when
+        # the engine may run past the original context (max_model_len), else the short set.
+        kwargs["seq_len"] = max_model_len
+    inv, scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, torch.device("cpu"), **kwargs)
     return inv.float(), float(scaling)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, hf_config: Any):
+    """`layer_type` picks per-layer-type settings (Gemma 3's local and global rope bases);
+    `max_model_len` decides longrope's factor set (see _inv_freq). The loader rebuilds the
+    tables after building the model on the meta device (loader._rebuild_buffers)."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        hf_config: Any,
+        layer_type: str | None = None,
+        max_model_len: int | None = None,
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.max_positions = max_positions
-        params = rope_parameters(hf_config)
-        inv, scaling = _inv_freq(head_dim, params, hf_config)
-        self.rot_dim = 2 * inv.numel()
-        pos = torch.arange(max_positions, dtype=torch.float32)
-        freqs = pos[:, None] * inv[None, :]  # [P, rot/2], float32 as transformers
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.layer_type = layer_type
+        # Computed on the CPU even when the model is being built on the meta device: an
+        # initialiser that creates a tensor without a device and then moves it (transformers'
+        # yarn, longrope, ...) fails there ("Cannot copy out of meta tensor").
+        with torch.device("cpu"):
+            params = rope_parameters(hf_config, layer_type)
+            inv, scaling = _inv_freq(head_dim, params, hf_config, layer_type, max_model_len)
+            self.rot_dim = 2 * inv.numel()
+            pos = torch.arange(max_positions, dtype=torch.float32)
+            freqs = pos[:, None] * inv[None, :]  # [P, rot/2], float32 as transformers
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """q [T,Hq,D], k [T,Hk,D] rotated at `positions` [T]."""

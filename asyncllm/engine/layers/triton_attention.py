@@ -57,10 +57,20 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         if meta.decode_only:
-            return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+            return paged_decode_attention(
+                q,
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                sliding_window=sliding_window,
+                logits_soft_cap=logits_soft_cap,
+            )
         work, block_m = self._prefill_work(meta, q.device)
         return paged_prefill_attention(
             q,
@@ -71,6 +81,8 @@ class TritonAttentionBackend(AttentionBackend):
             scale,
             work,
             block_m,
+            sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap,
         )
 
     __call__ = forward

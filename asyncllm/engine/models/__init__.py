@@ -6,7 +6,13 @@ from typing import Any
 
 from asyncllm.engine.models.registry import get_model_class, supported_architectures
 
-__all__ = ["get_model_class", "kv_cache_shape", "supported_architectures"]
+__all__ = [
+    "get_model_class",
+    "kv_cache_shape",
+    "kv_cache_window",
+    "sliding_windows",
+    "supported_architectures",
+]
 
 
 def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
@@ -14,3 +20,31 @@ def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
     from asyncllm.engine.models.llama import head_dim_of, num_kv_heads_of
 
     return int(hf_config.num_hidden_layers), num_kv_heads_of(hf_config), head_dim_of(hf_config)
+
+
+def sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each layer's sliding window (None = full attention), as transformers decides it:
+    `layer_types` where the config has them (Gemma 2/3; Qwen2 from use_sliding_window and
+    max_window_layers), else every layer when `sliding_window` is set (Mistral, Phi-3)."""
+    n = int(hf_config.num_hidden_layers)
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return [None] * n
+    types = getattr(hf_config, "layer_types", None)
+    if types:
+        if len(types) != n:
+            raise ValueError(f"config.layer_types has {len(types)} entries for {n} layers")
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [int(window)] * n
+
+
+def kv_cache_window(hf_config: Any) -> int | None:
+    """How far back any layer reads when every layer has a window (their largest), else None:
+    KV blocks before it can be given back (block_manager.release_outside_window)."""
+    try:
+        windows = sliding_windows(hf_config)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)

@@ -29,6 +29,7 @@ from asyncllm.engine.layers.linear import (
 from asyncllm.engine.layers.norms import RMSNorm
 from asyncllm.engine.layers.rotary import RotaryEmbedding
 from asyncllm.engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from asyncllm.engine.models import sliding_windows
 from asyncllm.engine.models.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,11 @@ class Attention(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: bool,
+        sliding_window: int | None = None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window  # None: the whole context
         total_heads, total_kv = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
         if total_heads % total_kv:
             raise ValueError(
@@ -123,7 +126,9 @@ class Attention(nn.Module):
                 self.q_norm.eps if norm else 0.0,
             )
             v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-            out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+            out = self.backend.forward(
+                q, k, v, kv_cache, meta, self.scale, sliding_window=self.sliding_window
+            )
             return self.o_proj(out.reshape(-1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -133,7 +138,9 @@ class Attention(nn.Module):
             q = self.q_norm.plain(q)
             k = self.k_norm.plain(k)
         q, k = self._rotary[0](positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.backend.forward(
+            q, k, v, kv_cache, meta, self.scale, sliding_window=self.sliding_window
+        )
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -250,15 +257,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.kernels = kernels
         self.quant_config = quant_config
-        window = getattr(hf_config, "sliding_window", None)
-        uses_window = getattr(hf_config, "use_sliding_window", True)
-        if window and uses_window and window < hf_config.max_position_embeddings:
-            # Full attention instead: identical up to `window` tokens of context, not beyond.
-            logger.warning(
-                "sliding-window attention (window %d) is not implemented; contexts longer "
-                "than the window attend to all tokens",
-                window,
-            )
+        self._windows = sliding_windows(hf_config)  # per layer, for make_attention
         rotary = RotaryEmbedding(
             head_dim_of(hf_config), int(hf_config.max_position_embeddings), hf_config
         )
@@ -299,6 +298,7 @@ class LlamaForCausalLM(nn.Module):
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             qk_norm=self.qk_norm,
+            sliding_window=self._windows[layer_idx],
         )
 
     def make_mlp(self, hf_config: Any, layer_idx: int, prefix: str) -> nn.Module:
