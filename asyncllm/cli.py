@@ -3,7 +3,7 @@
 serve: the gateway (WebSocket /v1/ws, OpenAI HTTP, /metrics, /health, the chat page at /) on
 uvicorn; the engine loads in the app's lifespan and shuts down with it (Ctrl-C is clean).
 chat: an interactive terminal chat on the engine, no server.
-bench: forwarded to the benchmark suite (ops/bench) when it is importable.
+bench: the benchmark suite (asyncllm.bench: throughput, latency, cpu, serving).
 Every EngineArgs field is a flag of serve and chat (generated from the dataclass).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import sys
@@ -21,9 +20,6 @@ from typing import Any
 from asyncllm.config import EngineArgs
 
 logger = logging.getLogger("asyncllm")
-
-# `asyncllm bench ARGS...` calls the first of these that imports, as main(argv) -> int.
-BENCH_ENTRY_POINTS = ("asyncllm.bench:main", "ops.bench.__main__:main")
 
 
 def _flag(name: str) -> str:
@@ -155,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser(
-        "bench", help="benchmarks (ops/bench); arguments are passed on", add_help=False
+        "bench",
+        help="benchmarks: throughput, latency, cpu, serving (asyncllm bench --help)",
+        add_help=False,
     )
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
@@ -297,38 +295,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return run_bench(list(ns.args))
 
 
-def _source_checkout() -> str | None:
-    """The repository root when asyncllm runs from a source checkout (e.g. `pip install -e .`).
-
-    The `asyncllm` console script's sys.path holds its bin/ directory, not the working
-    directory, and an editable install maps only the `asyncllm` package: `ops.bench` beside it
-    is not importable until its root is on sys.path.
-    """
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    return str(root) if (root / "ops" / "bench" / "__main__.py").is_file() else None
-
-
 def run_bench(argv: list[str]) -> int:
-    root = _source_checkout()
-    if root is not None and root not in sys.path:
-        sys.path.append(root)
-    for spec in BENCH_ENTRY_POINTS:
-        mod_name, _, fn = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name and mod_name.startswith(e.name):
-                continue  # not installed here; try the next
-            raise
-        return int(getattr(mod, fn)(argv) or 0)
-    print(
-        "asyncllm bench: the benchmark suite is not importable here "
-        f"(tried {', '.join(BENCH_ENTRY_POINTS)}); run it from a source checkout",
-        file=sys.stderr,
-    )
-    return 2
+    from asyncllm.bench.__main__ import main as bench_main
+
+    return int(bench_main(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

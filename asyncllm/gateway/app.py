@@ -21,7 +21,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from asyncllm.engine.engine_client import EngineClient
 from asyncllm.gateway.auth import authorized, origin_allowed
@@ -120,7 +121,7 @@ def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> 
             return FileResponse(f, media_type="text/html")
         raise GatewayError(NOT_FOUND, "no chat page here (started with --no-ui, or not installed)")
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", _guarded(settings, metrics, metrics_route), methods=["GET"]),
         Route("/v1/models", _guarded(settings, metrics, oa.models), methods=["GET"]),
@@ -139,6 +140,10 @@ def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> 
         # on the socket), so it is served without auth, like /health.
         Route("/", _unguarded_errors(index), methods=["GET"]),
     ]
+    vendor = Path(settings.ui_file).parent / "vendor" if settings.ui_file else None
+    if settings.ui and vendor is not None and vendor.is_dir():
+        # the page's JavaScript (Markdown, sanitizer, highlighting), shipped with it: no CDN
+        routes.append(Mount("/vendor", StaticFiles(directory=vendor), name="vendor"))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -9,12 +9,9 @@ from asyncllm import envs
 
 
 def _default_ui_file() -> str | None:
-    """The chat page: packaged next to the gateway, or examples/chat.html in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for p in (here / "static" / "chat.html", here.parent.parent / "examples" / "chat.html"):
-        if p.is_file():
-            return str(p)
-    return None
+    """The chat page, shipped in the package (asyncllm/gateway/static, with its vendored JS)."""
+    p = Path(__file__).resolve().parent / "static" / "chat.html"
+    return str(p) if p.is_file() else None
 
 
 def api_keys_from_env() -> tuple[str, ...]:
