@@ -18,7 +18,7 @@ import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
 from asyncllm.engine.engine_client import EngineClient
-from asyncllm.gateway import GatewaySettings, build_app, uvicorn_config
+from asyncllm.gateway import GatewayServer, GatewaySettings, build_app, uvicorn_config
 from asyncllm.outputs import CompletionOutput, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -51,7 +51,7 @@ def run_server(
     settings.port = port
     app = build_app(engine, settings)
     config = uvicorn_config(app, settings, log_level="warning")
-    server = uvicorn.Server(config)
+    server = GatewayServer(config, app.state.drain)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from asyncllm.cli import build_parser, engine_args_from, settings_from
 from asyncllm.config import EngineArgs
@@ -109,17 +110,40 @@ def test_serve_process_and_ctrl_c(tiny_model_dir):
         ws.send({"type": "complete", "id": 1, "prompt": "Hello", "params": {"max_tokens": 4}})
         ws.until_done([1])
         assert ws.done(1)["usage"]["completion_tokens"] >= 1
-        ws.close()
+        # Ctrl-C in the middle of streams (more than the KV cache holds at once: some wait)
+        long = {"max_tokens": 100, "ignore_eos": True}
+        for i in range(2, 10):
+            ws.send({"type": "complete", "id": i, "prompt": f"Story {i}", "params": long})
+        ws.until(lambda f: f["type"] == "delta" and f["id"] >= 2)
     finally:
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+    elapsed = time.monotonic() - t0
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
+    assert "nanobind" not in err, err  # nothing leaked at exit (triton's extension is quiet)
     assert "engine shut down" in err  # the lifespan ran to its end
+    assert elapsed < 10, elapsed  # --shutdown-timeout's default, not a stall
+    # every stream ended with its done, those cut short after a shutting_down error; then 1001
+    try:
+        while True:
+            ws.recv(timeout=10)
+    except ConnectionClosed as e:
+        assert e.rcvd is not None and e.rcvd.code == 1001, e
+    cut = 0
+    for i in range(2, 10):
+        done = ws.done(i)
+        if done["finish_reason"] == "error":
+            assert [f["code"] for f in ws.of(i, "error")] == ["shutting_down"], ws.of(i)
+            cut += 1
+        else:
+            assert done["finish_reason"] == "length" and not ws.of(i, "error"), ws.of(i)
+    assert cut >= 1  # the signal came while streams were running
 
 
 def test_chat_process(tiny_model_dir):
