@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -364,10 +366,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
         settings = settings_from(ns)
+        # the port first: a busy one is known in milliseconds, not after the model has loaded
+        sock = _listen_socket(settings.host, settings.port)
+    except (ValueError, OSError) as e:
+        print(f"asyncllm serve: {e}", file=sys.stderr)
+        return 2
+    try:
         args = serve_engine_args(ns)
-        _check_model(args)
+        _check_engine_args(args)
         engine = AsyncLLMEngine.from_engine_args(args)
     except ValueError as e:
+        sock.close()
         print(f"asyncllm serve: {e}", file=sys.stderr)
         return 2
     if not settings.api_keys:
@@ -383,10 +392,32 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     # lifespan shuts the engine down; uvicorn then raises the signal again for the default
     # behaviour: that is not an error here.
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    finally:
+        sock.close()
     return 0 if server.started else 1
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (uvicorn listens on it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise OSError(
+            f"cannot listen on {host}:{port}: {why} (choose another with --port)"
+        ) from None
+    return sock
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
@@ -394,7 +425,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
     try:
         args = engine_args_from(ns)
-        _check_model(args)
+        _check_engine_args(args)
         anyio.run(_chat, args, ns)
     except ValueError as e:
         print(f"asyncllm chat: {e}", file=sys.stderr)
@@ -404,11 +435,12 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model(args: EngineArgs) -> None:
-    """Fail fast, with the loader's own message, on a model that cannot be found."""
-    from asyncllm.engine.loader import resolve_model
+def _check_engine_args(args: EngineArgs) -> None:
+    """Fail fast, with the engine's own message (ValueError), on a model that cannot be found,
+    --device cuda without CUDA or a --max-model-len over the model's."""
+    from asyncllm.engine.engine_builder import check_engine_args
 
-    resolve_model(args.model, args.revision)
+    check_engine_args(args)
 
 
 async def _chat(args: EngineArgs, ns: argparse.Namespace) -> None:

@@ -244,3 +244,47 @@ def test_serve_puts_the_engine_in_its_own_process_on_a_gpu(monkeypatch):
     assert args("--no-engine-process").engine_process is False  # what the user said wins
     assert args("--device", "cpu").engine_process is False
     assert engine_args_from(build_parser().parse_args(["serve"])).engine_process is False
+
+
+def _serve_fails(*args: str) -> str:
+    """`asyncllm serve ARGS` must stop with exit code 2 and one line on stderr, no traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "asyncllm.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncllm serve: "), r.stderr
+    return lines[0]
+
+
+def test_a_busy_port_is_found_before_the_model_loads(tiny_model_dir, monkeypatch):
+    from asyncllm import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _serve_fails(tiny_model_dir, "--port", str(port))
+        assert f"127.0.0.1:{port}" in line and "in use" in line, line
+        # in-process: it fails before anything of the engine is built
+        built = []
+        monkeypatch.setattr(cli, "_check_engine_args", lambda args: built.append(args))
+        assert cli.main(["serve", tiny_model_dir, "--port", str(port)]) == 2
+        assert built == []
+
+
+def test_device_cuda_without_cuda_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    line = _serve_fails("--device", "cuda", "--port", str(_free_port()))
+    assert "CUDA is not available" in line and "--device cpu" in line, line
+
+
+def test_max_model_len_over_the_models_is_one_line(tiny_model_dir):
+    line = _serve_fails(tiny_model_dir, "--max-model-len", "1000000", "--port", str(_free_port()))
+    assert "max_model_len 1000000" in line and "max_position_embeddings" in line, line
