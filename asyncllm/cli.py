@@ -307,11 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("chat", help="interactive terminal chat on the engine")
-    c.add_argument("model", nargs="?", default=None)
-    c.add_argument("--max-tokens", type=int, default=512)
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--system", default=None, help="a system prompt")
+    c = sub.add_parser(
+        "chat",
+        help="interactive terminal chat on the engine",
+        description="A terminal chat on the engine, no server. Ctrl-C stops an answer; at the "
+        "prompt it quits. /system TEXT, /reset, /exit.",
+        formatter_class=_HelpFormatter,
+    )
+    c.add_argument(
+        "model", nargs="?", default=None, help="as for serve (default: the default model)"
+    )
+    c.add_argument(
+        "--max-tokens", type=int, default=512, metavar="TOKENS", help="longest answer, in tokens"
+    )
+    c.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)"
+    )
+    c.add_argument("--system", default=None, help="a system prompt (default: none)")
     add_engine_args(c)
     c.set_defaults(func=cmd_chat)
 
@@ -421,12 +433,12 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    import anyio
+    from asyncllm.terminal_chat import run_chat
 
     try:
         args = engine_args_from(ns)
         _check_engine_args(args)
-        anyio.run(_chat, args, ns)
+        run_chat(args, ns.max_tokens, ns.temperature, ns.system)
     except ValueError as e:
         print(f"asyncllm chat: {e}", file=sys.stderr)
         return 2
@@ -441,51 +453,6 @@ def _check_engine_args(args: EngineArgs) -> None:
     from asyncllm.engine.engine_builder import check_engine_args
 
     check_engine_args(args)
-
-
-async def _chat(args: EngineArgs, ns: argparse.Namespace) -> None:
-    import anyio
-
-    from asyncllm.engine.async_engine import AsyncLLMEngine
-    from asyncllm.sampling_params import RequestOutputKind, SamplingParams
-
-    system = [{"role": "system", "content": ns.system}] if ns.system else []
-    history: list[dict[str, str]] = []
-    print("loading the model...", file=sys.stderr)
-    async with AsyncLLMEngine.from_engine_args(args) as engine:
-        print("type a message; /reset clears the chat, /exit (or Ctrl-D) quits", file=sys.stderr)
-        while True:
-            try:
-                line = await anyio.to_thread.run_sync(input, "> ")
-            except EOFError:
-                print()
-                return
-            line = line.strip()
-            if not line:
-                continue
-            if line in ("/exit", "/quit"):
-                return
-            if line == "/reset":
-                history.clear()
-                continue
-            history.append({"role": "user", "content": line})
-            params = SamplingParams(
-                max_tokens=ns.max_tokens,
-                temperature=ns.temperature,
-                output_kind=RequestOutputKind.DELTA,
-            )
-            reply = []
-            try:
-                async for out in engine.chat(system + history, params):
-                    for c in out.outputs:
-                        reply.append(c.text)
-                        print(c.text, end="", flush=True)
-            except ValueError as e:  # e.g. the conversation outgrew the model
-                print(f"\n[error: {e}]", file=sys.stderr)
-                history.pop()
-                continue
-            print()
-            history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
