@@ -288,3 +288,24 @@ def test_device_cuda_without_cuda_is_one_line():
 def test_max_model_len_over_the_models_is_one_line(tiny_model_dir):
     line = _serve_fails(tiny_model_dir, "--max-model-len", "1000000", "--port", str(_free_port()))
     assert "max_model_len 1000000" in line and "max_position_embeddings" in line, line
+
+
+UNITS = ("seconds", "bytes", "tokens", "a count", "fraction", "port", "blocks", "seed")
+
+
+def test_every_serve_flag_says_what_it_is_its_default_and_unit():
+    parser = build_parser()
+    serve = next(
+        a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "serve"
+    )[1]
+    for action in serve._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[-1] if action.option_strings else action.dest
+        text = serve.formatter_class(prog="x")._get_help_string(action) or ""
+        assert len(text) > 20, (flag, text)  # a description
+        assert "default" in text, (flag, text)
+        if action.type in (int, float):
+            assert any(u in text for u in UNITS), (flag, text)
+    helptext = serve.format_help()
+    assert "--shutdown-timeout SECONDS" in helptext and "--metrics-public" in helptext

@@ -74,6 +74,7 @@ class EngineIO:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        metrics.model_name = lambda: self.model_name  # the vLLM-named metrics' label
         # The prompt limit needs the model's length, known once the engine has loaded (bind()).
         self.limits = Limits(
             settings.max_connections,
@@ -83,6 +84,7 @@ class EngineIO:
         )
         self._ids = itertools.count()
         self._tool_parser: ToolCallParser | None = None
+        self.model_created = int(time.time())
         # Graceful shutdown: once stopping, nothing new is admitted; the requests running then
         # (by request id) are aborted and end with a shutting_down error.
         self.stopping = False
@@ -93,6 +95,7 @@ class EngineIO:
 
     def bind(self) -> None:
         """Read what the loaded model decides: its name and length (the prompt limit)."""
+        self.model_created = int(time.time())  # /v1/models' "created": when it was loaded
         max_prompt = self.max_model_len - 1
         if self.settings.max_prompt_tokens is not None:
             max_prompt = min(max_prompt, self.settings.max_prompt_tokens)
@@ -327,6 +330,7 @@ class EngineIO:
                 raise self.shutting_down_error(id)
             if conv.finished:
                 outcome = _summary_outcome(conv.reasons)
+                m.e2e.observe(time.monotonic() - conv.start)
         except GeneratorExit:
             outcome = "cancelled"
             raise
