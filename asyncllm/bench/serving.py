@@ -722,7 +722,7 @@ def _ints(s: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asyncllm.cli import add_engine_args
+    from asyncllm.cli_flags import add_engine_args
 
     p = argparse.ArgumentParser(
         prog="asyncllm bench serving",
