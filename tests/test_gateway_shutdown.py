@@ -40,7 +40,8 @@ def test_shutdown_ends_ws_and_sse_streams_with_shutting_down():
             ws.send(
                 {"type": "complete", "id": i, "prompt": "x" * i, "params": {"max_tokens": 5000}}
             )
-        ws.until(lambda f: f["type"] == "delta" and f["id"] == 2)
+        while not (ws.of(1, "delta") and ws.of(2, "delta")):  # both streaming
+            ws.recv()
         # a second socket that dropped mid-stream: its detached stream ends as well
         gone = WS(srv.ws_url())
         gone.send({"type": "complete", "id": "d", "prompt": "y", "params": {"max_tokens": 5000}})
@@ -55,8 +56,7 @@ def test_shutdown_ends_ws_and_sse_streams_with_shutting_down():
 
         t0 = time.monotonic()
         srv.server.should_exit = True  # what uvicorn's SIGINT/SIGTERM handler does
-        for i in (1, 2):
-            ws.until(lambda f, i=i: f["type"] == "done" and f["id"] == i, timeout=10)
+        ws.until_done([1, 2], timeout=10)  # in either order
         with pytest.raises(ConnectionClosed) as closed:
             while True:
                 ws.recv(timeout=10)
@@ -80,7 +80,7 @@ def test_shutdown_ends_ws_and_sse_streams_with_shutting_down():
     assert all("choices" in orjson.loads(e) for e in sse[1:-2])
     assert not engine.active  # every request let go
     assert engine.stopped  # the lifespan shut the engine down after the drain
-    assert elapsed < 3.0, elapsed
+    assert elapsed < settings.shutdown_timeout, elapsed  # (it takes tens of ms when idle)
 
 
 def test_nothing_is_admitted_while_shutting_down():
@@ -105,3 +105,48 @@ def test_nothing_is_admitted_while_shutting_down():
 def test_shutdown_timeout_is_validated():
     with pytest.raises(ValueError, match="shutdown_timeout"):
         GatewaySettings(shutdown_timeout=-1)
+
+
+QUIET_EXIT = """
+import anyio, sys
+from asyncllm.config import EngineArgs
+from asyncllm.engine.async_engine import AsyncLLMEngine
+from asyncllm.sampling_params import SamplingParams
+
+async def main():
+    args = EngineArgs(model=sys.argv[1], device="cpu", num_kv_blocks=32, max_model_len=128,
+                      engine_process=sys.argv[2] == "process")
+    async with AsyncLLMEngine.from_engine_args(args) as engine:
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=3)):
+            pass
+
+if __name__ == "__main__":
+    import gc
+    anyio.run(main)
+    if sys.argv[2] == "frozen":  # what asyncllm serve does with its own heap
+        from asyncllm.gateway import GatewaySettings, build_app
+        from starlette.testclient import TestClient
+        from tests.gateway_helpers import FakeEngine
+        with TestClient(build_app(FakeEngine(), GatewaySettings(freeze_gc=True))):
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["process", "frozen"])
+def test_exit_prints_no_nanobind_leaks(tiny_model_dir, mode):
+    """triton (imported by the engine, on the CPU too) is a nanobind extension that reports
+    objects still alive at exit; gc.freeze() (the engine process, and asyncllm serve's gateway)
+    kept cycles alive to the end. Both unfreeze on the way out."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", QUIET_EXIT, tiny_model_dir, mode],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    assert "nanobind" not in r.stderr, r.stderr
