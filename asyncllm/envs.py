@@ -112,7 +112,7 @@ def commit() -> str | None:
 
 
 def peer_path() -> str | None:
-    """ASYNCLLM_PEER_PATH: the peer engine's checkout for `python -m asyncllm.bench peer`."""
+    """ASYNCLLM_PEER_PATH: the peer engine's checkout for `asyncllm bench peer`."""
     return _str("ASYNCLLM_PEER_PATH")
 
 
