@@ -68,7 +68,8 @@ class FastHistogram:
         self.sum += value * count
 
     def _cumulative(self) -> list[tuple[str, float]]:
-        cum, acc = [], 0
+        cum: list[tuple[str, float]] = []
+        acc = 0
         for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
             acc += n
             cum.append((bound, acc))

@@ -40,9 +40,8 @@ def make_drain(io: EngineIO, manager: SessionManager) -> Drain:
         while manager.open_streams() or io.live_requests:
             await anyio.sleep(0.01)
         for sess in list(manager.sessions.values()):
-            close = getattr(sess.writer, "close_when_flushed", None)
-            if close is not None:
-                close()
+            if sess.writer is not None:
+                sess.writer.close_when_flushed()
         while io.limits.connections:
             await anyio.sleep(0.01)
 
