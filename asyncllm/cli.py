@@ -3,68 +3,29 @@
 serve: the gateway (WebSocket /v1/ws, OpenAI HTTP, /metrics, /health, the chat page at /) on
 uvicorn; the engine loads in the app's lifespan and shuts down with it (Ctrl-C is clean).
 chat: an interactive terminal chat on the engine, no server.
-bench: forwarded to the benchmark suite (ops/bench) when it is importable.
+bench: the benchmark suite (asyncllm.bench: throughput, latency, cpu, serving).
 Every EngineArgs field is a flag of serve and chat (generated from the dataclass).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from asyncllm.cli_flags import (
+    HelpFormatter,
+    add_engine_args,
+    add_serve_parser,
+)
 from asyncllm.config import EngineArgs
 
 logger = logging.getLogger("asyncllm")
-
-# `asyncllm bench ARGS...` calls the first of these that imports, as main(argv) -> int.
-BENCH_ENTRY_POINTS = ("asyncllm.bench:main", "ops.bench.__main__:main")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
-    """(base type, optional) of an EngineArgs field; annotations are strings (PEP 563)."""
-    ann = str(f.type).replace(" ", "")
-    optional = "None" in ann.split("|")
-    base = next(t for t in ann.split("|") if t != "None")
-    return {"str": str, "int": int, "float": float, "bool": bool}[base], optional
-
-
-def add_engine_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("model",)) -> None:
-    """One flag per EngineArgs field; flags not given keep EngineArgs' own defaults."""
-    group = parser.add_argument_group("engine (EngineArgs)")
-    defaults = EngineArgs()
-    for f in dataclasses.fields(EngineArgs):
-        if f.name in skip or f.name.startswith("_"):
-            continue
-        typ, optional = _field_type(f)
-        default = getattr(defaults, f.name)
-        help_ = f"default: {default!r}"
-        if typ is bool:
-            group.add_argument(
-                _flag(f.name),
-                dest=f"engine_{f.name}",
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_,
-            )
-        else:
-            group.add_argument(
-                _flag(f.name),
-                dest=f"engine_{f.name}",
-                type=typ,
-                default=argparse.SUPPRESS,
-                metavar=typ.__name__.upper(),
-                help=help_,
-            )
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -101,69 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"asyncllm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gateway (WebSocket + OpenAI HTTP)")
-    s.add_argument("model", nargs="?", default=None, help="HF dir, hub id, .gguf (default model)")
-    s.add_argument("--host", default=gs.host)
-    s.add_argument("--port", type=int, default=gs.port)
-    s.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        help="accepted API key (repeatable; also ASYNCLLM_API_KEYS=k1,k2). None: no auth",
-    )
-    s.add_argument(
-        "--allowed-origin",
-        action="append",
-        default=[],
-        help="browser origin allowed besides the server's own (repeatable; * = any)",
-    )
-    s.add_argument("--resume-ttl", type=float, default=gs.resume_ttl, help="seconds")
-    s.add_argument("--max-frame-bytes", type=int, default=gs.max_frame_bytes)
-    s.add_argument("--max-streams-per-connection", type=int, default=gs.max_streams_per_connection)
-    s.add_argument("--max-connections", type=int, default=gs.max_connections)
-    s.add_argument("--max-prompt-tokens", type=int, default=None, help="default: max_model_len-1")
-    s.add_argument("--max-queue", type=int, default=gs.max_queue)
-    s.add_argument("--replay-buffer-bytes", type=int, default=gs.replay_buffer_bytes)
-    s.add_argument("--finished-streams-kept", type=int, default=gs.finished_streams_kept)
-    s.add_argument("--retry-after", type=int, default=gs.retry_after, help="seconds, on 429/503")
-    s.add_argument("--ws-ping-interval", type=float, default=gs.ws_ping_interval)
-    s.add_argument("--ws-ping-timeout", type=float, default=gs.ws_ping_timeout)
-    s.add_argument(
-        "--tool-call-parser",
-        default=None,
-        choices=["hermes", "llama3_json", "mistral"],
-        help="how the model writes tool calls (tool_choice auto); default: chosen per model",
-    )
-    s.add_argument(
-        "--max-tokens-default",
-        type=int,
-        default=None,
-        help="max_tokens of requests that name none (default: the model's generation_config)",
-    )
-    s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
-    s.add_argument("--ui-file", default=None, help="the chat page to serve at /")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    s.add_argument(
-        "--data-parallel-size",
-        type=int,
-        default=1,
-        metavar="N",
-        help="N engine processes behind this one gateway (one per GPU, or per NUMA node on a "
-        "CPU host), each request to the least-loaded one (default 1)",
-    )
-    add_engine_args(s)
-    s.set_defaults(func=cmd_serve)
+    add_serve_parser(sub, gs, cmd_serve)
 
-    c = sub.add_parser("chat", help="interactive terminal chat on the engine")
-    c.add_argument("model", nargs="?", default=None)
-    c.add_argument("--max-tokens", type=int, default=512)
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--system", default=None, help="a system prompt")
+    c = sub.add_parser(
+        "chat",
+        help="interactive terminal chat on the engine",
+        description="A terminal chat on the engine, no server. Ctrl-C stops an answer; at the "
+        "prompt it quits. /system TEXT, /reset, /exit.",
+        formatter_class=HelpFormatter,
+    )
+    c.add_argument(
+        "model", nargs="?", default=None, help="as for serve (default: the default model)"
+    )
+    c.add_argument(
+        "--max-tokens", type=int, default=512, metavar="TOKENS", help="longest answer, in tokens"
+    )
+    c.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)"
+    )
+    c.add_argument("--system", default=None, help="a system prompt (default: none)")
     add_engine_args(c)
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser(
-        "bench", help="benchmarks (ops/bench); arguments are passed on", add_help=False
+        "bench",
+        help="benchmarks: throughput, latency, cpu, serving (asyncllm bench --help)",
+        add_help=False,
     )
     b.add_argument("args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
@@ -191,28 +115,36 @@ def settings_from(ns: argparse.Namespace) -> Any:
         replay_buffer_bytes=ns.replay_buffer_bytes,
         finished_streams_kept=ns.finished_streams_kept,
         retry_after=ns.retry_after,
+        shutdown_timeout=ns.shutdown_timeout,
         ws_ping_interval=ns.ws_ping_interval,
         ws_ping_timeout=ns.ws_ping_timeout,
         ui=not ns.no_ui,
         tool_call_parser=ns.tool_call_parser,
         max_tokens_default=ns.max_tokens_default,
+        metrics_public=ns.metrics_public,
         freeze_gc=True,  # `asyncllm serve` owns its process
         **kw,
     )
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
 
-    from asyncllm.gateway import build_app, uvicorn_config
+    from asyncllm.gateway import GatewayServer, build_app, uvicorn_config
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
         settings = settings_from(ns)
+        # the port first: a busy one is known in milliseconds, not after the model has loaded
+        sock = _listen_socket(settings.host, settings.port)
+    except (ValueError, OSError) as e:
+        print(f"asyncllm serve: {e}", file=sys.stderr)
+        return 2
+    try:
         args = serve_engine_args(ns)
-        _check_model(args)
+        _check_engine_args(args)
         engine, engine_states = _serve_engine(args, ns)
     except ValueError as e:
+        sock.close()
         print(f"asyncllm serve: {e}", file=sys.stderr)
         return 2
     if not settings.api_keys:
@@ -223,13 +155,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             settings.port,
         )
     app = build_app(engine, settings, engine_states=engine_states)
-    server = uvicorn.Server(uvicorn_config(app, settings, log_level=ns.log_level))
-    # uvicorn turns Ctrl-C / SIGTERM into a graceful exit (the lifespan shuts the engine down),
-    # then raises the signal again for the default behaviour: that is not an error here.
+    server = GatewayServer(uvicorn_config(app, settings, log_level=ns.log_level), app.state.drain)
+    # Ctrl-C / SIGTERM: open streams end with a shutting_down error, sockets close (1001), the
+    # lifespan shuts the engine down; uvicorn then raises the signal again for the default
+    # behaviour: that is not an error here.
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    finally:
+        sock.close()
     return 0 if server.started else 1
 
 
@@ -253,13 +188,33 @@ def _serve_engine(args: EngineArgs, ns: argparse.Namespace) -> tuple[Any, Any]:
     return dp, dp.engine_states
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (uvicorn listens on it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
+        raise OSError(
+            f"cannot listen on {host}:{port}: {why} (choose another with --port)"
+        ) from None
+    return sock
+
+
 def cmd_chat(ns: argparse.Namespace) -> int:
-    import anyio
+    from asyncllm.terminal_chat import run_chat
 
     try:
         args = engine_args_from(ns)
-        _check_model(args)
-        anyio.run(_chat, args, ns)
+        _check_engine_args(args)
+        run_chat(args, ns.max_tokens, ns.temperature, ns.system)
     except ValueError as e:
         print(f"asyncllm chat: {e}", file=sys.stderr)
         return 2
@@ -268,94 +223,22 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model(args: EngineArgs) -> None:
-    """Fail fast, with the loader's own message, on a model that cannot be found."""
-    from asyncllm.engine.loader import resolve_model
+def _check_engine_args(args: EngineArgs) -> None:
+    """Fail fast, with the engine's own message (ValueError), on a model that cannot be found,
+    --device cuda without CUDA or a --max-model-len over the model's."""
+    from asyncllm.engine.engine_builder import check_engine_args
 
-    resolve_model(args.model, args.revision)
-
-
-async def _chat(args: EngineArgs, ns: argparse.Namespace) -> None:
-    import anyio
-
-    from asyncllm.engine.async_engine import AsyncLLMEngine
-    from asyncllm.sampling_params import RequestOutputKind, SamplingParams
-
-    system = [{"role": "system", "content": ns.system}] if ns.system else []
-    history: list[dict[str, str]] = []
-    print("loading the model...", file=sys.stderr)
-    async with AsyncLLMEngine.from_engine_args(args) as engine:
-        print("type a message; /reset clears the chat, /exit (or Ctrl-D) quits", file=sys.stderr)
-        while True:
-            try:
-                line = await anyio.to_thread.run_sync(input, "> ")
-            except EOFError:
-                print()
-                return
-            line = line.strip()
-            if not line:
-                continue
-            if line in ("/exit", "/quit"):
-                return
-            if line == "/reset":
-                history.clear()
-                continue
-            history.append({"role": "user", "content": line})
-            params = SamplingParams(
-                max_tokens=ns.max_tokens,
-                temperature=ns.temperature,
-                output_kind=RequestOutputKind.DELTA,
-            )
-            reply = []
-            try:
-                async for out in engine.chat(system + history, params):
-                    for c in out.outputs:
-                        reply.append(c.text)
-                        print(c.text, end="", flush=True)
-            except ValueError as e:  # e.g. the conversation outgrew the model
-                print(f"\n[error: {e}]", file=sys.stderr)
-                history.pop()
-                continue
-            print()
-            history.append({"role": "assistant", "content": "".join(reply)})
+    check_engine_args(args)
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
     return run_bench(list(ns.args))
 
 
-def _source_checkout() -> str | None:
-    """The repository root when asyncllm runs from a source checkout (e.g. `pip install -e .`).
-
-    The `asyncllm` console script's sys.path holds its bin/ directory, not the working
-    directory, and an editable install maps only the `asyncllm` package: `ops.bench` beside it
-    is not importable until its root is on sys.path.
-    """
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    return str(root) if (root / "ops" / "bench" / "__main__.py").is_file() else None
-
-
 def run_bench(argv: list[str]) -> int:
-    root = _source_checkout()
-    if root is not None and root not in sys.path:
-        sys.path.append(root)
-    for spec in BENCH_ENTRY_POINTS:
-        mod_name, _, fn = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name and mod_name.startswith(e.name):
-                continue  # not installed here; try the next
-            raise
-        return int(getattr(mod, fn)(argv) or 0)
-    print(
-        "asyncllm bench: the benchmark suite is not importable here "
-        f"(tried {', '.join(BENCH_ENTRY_POINTS)}); run it from a source checkout",
-        file=sys.stderr,
-    )
-    return 2
+    from asyncllm.bench.__main__ import main as bench_main
+
+    return int(bench_main(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

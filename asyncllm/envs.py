@@ -47,7 +47,7 @@ def cpu_attention() -> str:
 
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
-    `python -m ops.bench.moe_tune` writes) used instead of the tuned or default tables."""
+    `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""
     return _str("ASYNCLLM_MOE_CONFIG")
 
 
@@ -112,7 +112,7 @@ def commit() -> str | None:
 
 
 def peer_path() -> str | None:
-    """ASYNCLLM_PEER_PATH: the peer engine's checkout for `python -m ops.bench peer`."""
+    """ASYNCLLM_PEER_PATH: the peer engine's checkout for `asyncllm bench peer`."""
     return _str("ASYNCLLM_PEER_PATH")
 
 

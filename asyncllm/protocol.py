@@ -61,7 +61,16 @@ NOT_FOUND = "not_found"
 TOO_LARGE = "too_large"
 OVERLOADED = "overloaded"
 INTERNAL = "internal"
-ERROR_CODES = (INVALID_REQUEST, UNAUTHORIZED, NOT_FOUND, TOO_LARGE, OVERLOADED, INTERNAL)
+SHUTTING_DOWN = "shutting_down"  # the server is stopping: the stream ended early, retry elsewhere
+ERROR_CODES = (
+    INVALID_REQUEST,
+    UNAUTHORIZED,
+    NOT_FOUND,
+    TOO_LARGE,
+    OVERLOADED,
+    INTERNAL,
+    SHUTTING_DOWN,
+)
 
 # finish reasons on `done`
 FINISH_REASONS = ("stop", "length", "cancelled", "error", "tool_calls")

@@ -18,7 +18,7 @@ import uvicorn
 from websockets.sync.client import ClientConnection, connect
 
 from asyncllm.engine.engine_client import EngineClient
-from asyncllm.gateway import GatewaySettings, build_app, uvicorn_config
+from asyncllm.gateway import GatewayServer, GatewaySettings, build_app, uvicorn_config
 from asyncllm.outputs import CompletionOutput, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -51,7 +51,7 @@ def run_server(
     settings.port = port
     app = build_app(engine, settings)
     config = uvicorn_config(app, settings, log_level="warning")
-    server = uvicorn.Server(config)
+    server = GatewayServer(config, app.state.drain)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
@@ -178,6 +178,7 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     started: bool = False
     stopped: bool = False
+    reply: str | None = None  # set: every sequence is this text (else fake_text), cut at max_tokens
 
     def __post_init__(self) -> None:
         self.tokenizer = CharTokenizer()
@@ -214,7 +215,11 @@ class FakeEngine:
         ids = prompt["prompt_token_ids"]
         assert params.output_kind is RequestOutputKind.DELTA
         max_tokens = params.max_tokens or (self.max_model_len - len(ids))
-        texts = [fake_text(ids, k, max_tokens) for k in range(params.n)]
+        if self.reply is not None:
+            max_tokens = min(max_tokens, len(self.reply))
+            texts = [self.reply] * params.n
+        else:
+            texts = [fake_text(ids, k, max_tokens) for k in range(params.n)]
         rid = request_id or "r"
         self.active.add(rid)
         try:

@@ -1,4 +1,4 @@
-"""examples/chat.html in a real headless Chromium (Debian's chromium + chromedriver, driven by
+"""The chat page (asyncllm/gateway/static/chat.html) in a real headless Chromium (Debian's chromium + chromedriver, driven by
 selenium; `ops/ci/install_test_tools.sh` installs them) against a real gateway and engine.
 
 The engine runs the tiny random llama model on the CPU; its steps are slowed to ~25 ms (as a
@@ -26,7 +26,7 @@ from asyncllm.gateway import GatewaySettings
 from tests.gateway_helpers import FakeEngine, run_server
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "examples" / "chat.html"
+PAGE = ROOT / "asyncllm" / "gateway" / "static" / "chat.html"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 STEP_DELAY_S = 0.025
@@ -50,9 +50,15 @@ def _browser_missing() -> str | None:
 def test_page_is_self_contained():
     html = PAGE.read_text()
     # no external scripts, styles, fonts or images: the page must work on a closed network
-    for needle in ("http://", "https://", "<script src", "<link", "@import", "url("):
+    for needle in ("http://", "https://", "@import", "url("):
         assert needle not in html, needle
     assert "/v1/ws" in html and "?session=" in html
+    # what it loads is vendored beside it, and shipped in the package
+    refs = re.findall(r'<(?:script|link)\b[^>]*?(?:src|href)="([^"]+)"', html)
+    assert len(refs) == 4, refs  # marked, DOMPurify, highlight.js and its style
+    for ref in refs:
+        assert ref.startswith("vendor/") and (PAGE.parent / ref).is_file(), ref
+    assert html.count("<script src=") == 3 and html.count("<link") == 1
 
 
 def test_gateway_serves_the_page_at_root_unless_no_ui():
@@ -223,11 +229,16 @@ class Page:
         box.send_keys(Keys.ENTER)
 
     def replies(self) -> list[dict[str, str]]:
-        """The assistant messages of the open conversation."""
+        """The assistant messages of the open conversation: text is the reply as received (the
+        Markdown source), shown what its rendering reads as."""
         return self.js(
-            "return [...document.querySelectorAll('.msg.assistant')].map(e => ({"
-            "text: e.querySelector('.content').textContent, status: e.dataset.status,"
-            "meta: e.querySelector('.meta').textContent, stream: e.dataset.stream}));"
+            "const st = window.asyncllmChat.state;"
+            "const c = st.conversations.find(c => c.id === st.current);"
+            "const src = c ? c.messages.filter(m => m.role === 'assistant') : [];"
+            "return [...document.querySelectorAll('.msg.assistant')].map((e, i) => ({"
+            "text: src[i].content, shown: e.querySelector('.content').textContent,"
+            "status: e.dataset.status, meta: e.querySelector('.meta').textContent,"
+            "stream: e.dataset.stream}));"
         )
 
     def last_reply(self) -> dict[str, str]:
@@ -423,3 +434,102 @@ def test_default_model_out_of_the_box(browser):
     wait_for(lambda: page.status()[0] == "reconnecting", 20, "the reconnecting state")
     assert page.status()[1] == "reconnecting…"
     _screenshot(browser, "chat-reconnecting")
+
+
+# A reply with Markdown, a fenced code block and the shapes an injection would take: raw HTML
+# must stay text, a javascript: link must lose its href, an image must not be fetched.
+MARKDOWN_REPLY = (
+    "Here is **bold** and `inline`.\n\n"
+    "```python\ndef add(a, b):\n    return a + b\n```\n\n"
+    "<script>window.pwned = 1</script>\n\n"
+    'Inline <img src="x" onerror="window.pwned = 2"> and [a link](javascript:window.pwned=3) '
+    "and ![pic](http://192.0.2.1/pixel.png).\n"
+)
+
+
+def test_markdown_reply_is_rendered_safely_with_highlighted_code(browser):
+    engine = FakeEngine(step_s=0.001, reply=MARKDOWN_REPLY)
+    with run_server(engine, GatewaySettings(ui_file=str(PAGE))) as srv:
+        page = Page(browser, srv.http + "/")
+        page.set_number("max-tokens", 1000)
+        page.send("show me markdown")
+        done = page.wait_reply(lambda r: r["status"] == "done", "the reply")
+        assert done["text"] == MARKDOWN_REPLY
+        content = ".msg.assistant:last-child .content"
+        got = page.js(
+            f"const c = document.querySelector('{content}');"
+            "const code = c.querySelector('pre > code');"
+            "return {strong: c.querySelector('strong')?.textContent,"
+            " inline: c.querySelector(':not(pre) > code')?.textContent,"
+            " code: code && code.textContent, hl: code && code.classList.contains('hljs'),"
+            " spans: code ? code.querySelectorAll('span[class^=hljs-]').length : 0,"
+            " scripts: c.querySelectorAll('script, img, [onerror]').length,"
+            " hrefs: [...c.querySelectorAll('a')].map(a => a.getAttribute('href')),"
+            " shown: c.textContent, pwned: window.pwned ?? null,"
+            " copy: c.querySelectorAll('pre > button.copy').length};"
+        )
+        assert got["strong"] == "bold" and got["inline"] == "inline"
+        assert got["code"] == "def add(a, b):\n    return a + b\n"
+        assert got["hl"] and got["spans"] >= 2, got  # highlight.js marked up the keywords
+        # the injection attempts are shown as text and run nothing
+        assert got["scripts"] == 0 and got["pwned"] is None, got
+        assert "<script>window.pwned = 1</script>" in got["shown"]
+        assert '<img src="x" onerror="window.pwned = 2">' in got["shown"]
+        assert not any(h and h.startswith("javascript:") for h in got["hrefs"]), got["hrefs"]
+        assert "http://192.0.2.1/pixel.png" in got["hrefs"]  # an image became a plain link
+        _screenshot(browser, "chat-markdown")
+        # the copy button copies the code block's text
+        assert got["copy"] == 1
+        browser.execute_script(f"document.querySelector('{content} pre > button.copy').click()")
+        wait_for(
+            lambda: page.js("return window.asyncllmChat.lastCopied") == got["code"],
+            5,
+            "the code to be copied",
+        )
+        assert (
+            page.js(f"return document.querySelector('{content} pre > button.copy').textContent")
+            == "Copied"
+        )
+        # nothing was fetched for the image (the page talks to its own server only)
+        assert not [e for e in browser.get_log("performance") if "192.0.2.1" in e["message"]]
+
+
+def test_narrow_layout_has_a_menu_for_new_chat_settings_and_key(browser):
+    from selenium.webdriver.common.by import By
+
+    size = browser.get_window_size()
+    try:
+        with run_server(FakeEngine(step_s=0.001), GatewaySettings(ui_file=str(PAGE))) as srv:
+            browser.set_window_size(420, 760)
+            page = Page(browser, srv.http + "/")
+            assert page.js("return window.innerWidth") <= 420
+            shown = lambda id: browser.find_element(By.ID, id).is_displayed()  # noqa: E731
+            assert shown("menu") and not shown("new-chat") and not shown("api-key")
+            page.click("menu")
+            assert shown("new-chat") and shown("settings") and shown("api-key")
+            assert (
+                page.js("return document.getElementById('menu').getAttribute('aria-expanded')")
+                == "true"
+            )
+            page.set_number("max-tokens", 5)
+            page.send("first")
+            page.wait_reply(lambda r: r["status"] == "done", "the first reply")
+            page.click("new-chat")  # from the drawer, which then closes
+            assert not shown("new-chat") and shown("messages")
+            page.send("second")
+            page.wait_reply(lambda r: r["status"] == "done", "the second reply")
+            page.click("menu")
+            titles = browser.find_elements(By.CSS_SELECTOR, "#conv-list li .title")
+            assert [t.text for t in titles] == ["second", "first"]
+            titles[1].click()  # open the first conversation: the drawer closes on it
+            assert not shown("new-chat")
+            assert (
+                page.js("return document.querySelector('.msg.user .content').textContent")
+                == "first"
+            )
+            # the chat column is not squeezed by a hidden sidebar
+            width = page.js("return document.querySelector('main').getBoundingClientRect().width")
+            assert width >= page.js("return window.innerWidth") - 1
+            _screenshot(browser, "chat-narrow")
+    finally:
+        browser.set_window_size(size["width"], size["height"])

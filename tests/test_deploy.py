@@ -28,7 +28,7 @@ PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 PROM_RULES = DEPLOY / "prometheus" / "asyncllm-rules.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 
-_METRIC = re.compile(r"\basyncllm_[a-zA-Z0-9_]+")
+_METRIC = re.compile(r"\b(?:asyncllm_|vllm:)[a-zA-Z0-9_:]+")
 
 
 def _k8s_objects() -> list[tuple[str, dict[str, Any]]]:

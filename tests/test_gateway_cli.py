@@ -11,6 +11,8 @@ import sys
 import time
 
 import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
 
 from asyncllm.cli import build_parser, engine_args_from, settings_from
 from asyncllm.config import EngineArgs
@@ -52,17 +54,22 @@ def test_gateway_flags(monkeypatch):
     assert s.freeze_gc is True  # the server owns its process (embedding apps default to off)
 
 
-def test_bench_hook_forwards_or_explains(capsys, monkeypatch):
+def test_bench_forwards_its_arguments_and_help_lists_every_benchmark(capsys, monkeypatch):
     from asyncllm import cli
+    from asyncllm.bench import __main__ as bench
 
     got = []
-    monkeypatch.setattr(cli, "BENCH_ENTRY_POINTS", ("asyncllm_no_such_module:main", "json:loads"))
-    monkeypatch.setattr("json.loads", lambda argv: got.append(argv) or 0)
+    monkeypatch.setattr(bench, "main", lambda argv: got.append(argv) or 0)
     assert cli.main(["bench", "--whatever", "x"]) == 0
     assert got == [["--whatever", "x"]]
-    monkeypatch.setattr(cli, "BENCH_ENTRY_POINTS", ("asyncllm_no_such_module:main",))
-    assert cli.main(["bench"]) == 2
-    assert "not importable" in capsys.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("throughput", "latency", "cpu", "serving"):
+        assert name in out, out
+    assert "asyncllm bench serving --help" in out
 
 
 def _free_port() -> int:
@@ -103,17 +110,40 @@ def test_serve_process_and_ctrl_c(tiny_model_dir):
         ws.send({"type": "complete", "id": 1, "prompt": "Hello", "params": {"max_tokens": 4}})
         ws.until_done([1])
         assert ws.done(1)["usage"]["completion_tokens"] >= 1
-        ws.close()
+        # Ctrl-C in the middle of streams (more than the KV cache holds at once: some wait)
+        long = {"max_tokens": 100, "ignore_eos": True}
+        for i in range(2, 10):
+            ws.send({"type": "complete", "id": i, "prompt": f"Story {i}", "params": long})
+        ws.until(lambda f: f["type"] == "delta" and f["id"] >= 2)
     finally:
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+    elapsed = time.monotonic() - t0
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
+    assert "nanobind" not in err, err  # nothing leaked at exit (triton's extension is quiet)
     assert "engine shut down" in err  # the lifespan ran to its end
+    assert elapsed < 10, elapsed  # --shutdown-timeout's default, not a stall
+    # every stream ended with its done, those cut short after a shutting_down error; then 1001
+    try:
+        while True:
+            ws.recv(timeout=10)
+    except ConnectionClosed as e:
+        assert e.rcvd is not None and e.rcvd.code == 1001, e
+    cut = 0
+    for i in range(2, 10):
+        done = ws.done(i)
+        if done["finish_reason"] == "error":
+            assert [f["code"] for f in ws.of(i, "error")] == ["shutting_down"], ws.of(i)
+            cut += 1
+        else:
+            assert done["finish_reason"] == "length" and not ws.of(i, "error"), ws.of(i)
+    assert cut >= 1  # the signal came while streams were running
 
 
 def test_chat_process(tiny_model_dir):
@@ -137,8 +167,7 @@ def test_chat_process(tiny_model_dir):
 
 
 def test_bench_is_found_from_any_working_directory(tmp_path):
-    """`asyncllm bench` from an editable install: the console script's sys.path has neither the
-    working directory nor the checkout, so ops.bench is found next to the asyncllm package."""
+    """`asyncllm bench` runs asyncllm.bench, part of the package: found from any directory."""
     code = (
         "import sys; from asyncllm.cli import main; sys.exit(main(['bench', 'serving', '--help']))"
     )
@@ -215,3 +244,68 @@ def test_serve_puts_the_engine_in_its_own_process_on_a_gpu(monkeypatch):
     assert args("--no-engine-process").engine_process is False  # what the user said wins
     assert args("--device", "cpu").engine_process is False
     assert engine_args_from(build_parser().parse_args(["serve"])).engine_process is False
+
+
+def _serve_fails(*args: str) -> str:
+    """`asyncllm serve ARGS` must stop with exit code 2 and one line on stderr, no traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "asyncllm.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncllm serve: "), r.stderr
+    return lines[0]
+
+
+def test_a_busy_port_is_found_before_the_model_loads(tiny_model_dir, monkeypatch):
+    from asyncllm import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _serve_fails(tiny_model_dir, "--port", str(port))
+        assert f"127.0.0.1:{port}" in line and "in use" in line, line
+        # in-process: it fails before anything of the engine is built
+        built = []
+        monkeypatch.setattr(cli, "_check_engine_args", lambda args: built.append(args))
+        assert cli.main(["serve", tiny_model_dir, "--port", str(port)]) == 2
+        assert built == []
+
+
+def test_device_cuda_without_cuda_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    line = _serve_fails("--device", "cuda", "--port", str(_free_port()))
+    assert "CUDA is not available" in line and "--device cpu" in line, line
+
+
+def test_max_model_len_over_the_models_is_one_line(tiny_model_dir):
+    line = _serve_fails(tiny_model_dir, "--max-model-len", "1000000", "--port", str(_free_port()))
+    assert "max_model_len 1000000" in line and "max_position_embeddings" in line, line
+
+
+UNITS = ("seconds", "bytes", "tokens", "a count", "fraction", "port", "blocks", "seed")
+
+
+def test_every_serve_flag_says_what_it_is_its_default_and_unit():
+    parser = build_parser()
+    serve = next(
+        a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "serve"
+    )[1]
+    for action in serve._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[-1] if action.option_strings else action.dest
+        text = serve.formatter_class(prog="x")._get_help_string(action) or ""
+        assert len(text) > 20, (flag, text)  # a description
+        assert "default" in text, (flag, text)
+        if action.type in (int, float):
+            assert any(u in text for u in UNITS), (flag, text)
+    helptext = serve.format_help()
+    assert "--shutdown-timeout SECONDS" in helptext and "--metrics-public" in helptext

@@ -29,6 +29,9 @@ class FakeWriter:
     def take_over(self):
         self.taken = True
 
+    def close_when_flushed(self):
+        pass
+
 
 def test_numbered_when_taken_and_coalesced_per_index():
     s = Stream("a", "r", n=2, prompt_tokens=3)

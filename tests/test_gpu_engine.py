@@ -94,7 +94,7 @@ def test_gpu_bf16_teacher_forced_logprobs_match_transformers():
     from transformers import AutoModelForCausalLM
 
     from asyncllm import LLM, SamplingParams
-    from ops.bench.model import build_model_dir
+    from asyncllm.bench.model import build_model_dir
 
     path = build_model_dir()  # written once per machine, shared with the benchmarks
     g = torch.Generator().manual_seed(5)

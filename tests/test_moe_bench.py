@@ -1,4 +1,4 @@
-"""ops/bench/moe.py: the roofline arithmetic, and the whole benchmark in its CPU smoke mode."""
+"""asyncllm/bench/moe.py: the roofline arithmetic, and the whole benchmark in its CPU smoke mode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ops.bench import moe, workloads
+from asyncllm.bench import moe, workloads
 
 
 def test_expected_experts_hit():
@@ -32,7 +32,7 @@ def test_roofline_counts_experts_actually_hit():
 
 
 def test_smoke_run_writes_both_records(tmp_path):
-    from ops.bench.__main__ import main
+    from asyncllm.bench.__main__ import main
 
     assert main(["moe", "--smoke", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("moe-*.json")

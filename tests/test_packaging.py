@@ -6,6 +6,7 @@ that only happen to be installed next to the dev extras."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -146,12 +147,25 @@ def test_the_engine_extra_covers_the_engine():
     assert not undeclared, f"imported by asyncllm.engine but not in asyncllm[engine]: {undeclared}"
 
 
+BENCH = PKG / "bench"
+
+
 def test_the_serve_extra_covers_everything():
-    paths = sorted(PKG.rglob("*.py"))
+    paths = sorted(p for p in PKG.rglob("*.py") if BENCH not in p.parents)
     assert {"torch", "starlette", "uvicorn"} <= _third_party_imports(paths)
     undeclared = _undeclared(paths, _declared("serve"))
     assert not undeclared, f"imported by asyncllm/ but not in asyncllm[serve]: {undeclared}"
-    assert _declared("serve") <= _declared("dev")
+    assert _declared("serve") <= _declared("bench") <= _declared("dev")
+
+
+def test_the_bench_extra_covers_the_benchmarks():
+    # the peers' workers import the peer engine (vllm, nanovllm), which is installed where they
+    # are measured (ops/bench/setup_vllm_cpu.sh, the device scripts), never by asyncllm
+    peers = {"vllm_cpu_worker.py", "peer_run.py"}
+    paths = sorted(p for p in BENCH.rglob("*.py") if p.name not in peers)
+    assert {"httpx", "matplotlib"} <= _third_party_imports(paths)
+    undeclared = _undeclared(paths, _declared("bench"))
+    assert not undeclared, f"imported by asyncllm.bench but not in asyncllm[bench]: {undeclared}"
 
 
 WITHOUT_TORCH = """
@@ -226,3 +240,105 @@ def test_the_server_installs_install_the_serve_extra():
     assert 'pip install -e ".[serve]"' in serve_command and "asyncllm serve" in serve_command
     assert 'pip install "./[serve]"' in (ROOT / "ops" / "deploy" / "Dockerfile").read_text()
     assert 'pip install -e ".[dev]"' in _readme_commands()[1]  # dev includes serve
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_the_chat_page_and_the_benchmarks(tmp_path):
+    """`pip install ".[serve]"` (not -e) from a fresh venv: the wheel holds the chat page with its
+    vendored JavaScript (served at / and /vendor/) and `asyncllm bench`. The venv sees this
+    machine's packages for the dependencies (--system-site-packages; the wheel goes in with
+    --no-deps), but asyncllm itself must come from the wheel, run away from the checkout."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "asyncllm", src / "asyncllm", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(dist), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("asyncllm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in (
+        "chat.html",
+        "vendor/marked.umd.js",
+        "vendor/purify.min.js",
+        "vendor/highlight.min.js",
+    ):
+        assert f"asyncllm/gateway/static/{f}" in names, f
+    assert {"asyncllm/bench/__main__.py", "asyncllm/bench/serving.py"} <= names
+
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120
+    )
+    py, exe = venv / "bin" / "python", venv / "bin" / "asyncllm"
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    check = textwrap.dedent(
+        """
+        import asyncllm
+        from starlette.testclient import TestClient
+        from asyncllm.gateway import GatewaySettings, build_app
+        from tests_stub import StubEngine
+        assert "/venv/" in asyncllm.__file__, asyncllm.__file__
+        settings = GatewaySettings(manage_engine=False)
+        with TestClient(build_app(StubEngine(), settings)) as c:
+            page = c.get("/")
+            assert page.status_code == 200 and "vendor/marked.umd.js" in page.text, page.text[:200]
+            js = c.get("/vendor/purify.min.js")
+            assert js.status_code == 200 and "DOMPurify" in js.text
+        print("ok")
+        """
+    )
+    (run / "tests_stub.py").write_text(STUB_ENGINE)
+    r = subprocess.run(
+        [str(py), "-c", check], cwd=run, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+    r = subprocess.run(
+        [str(exe), "bench", "--help"], cwd=run, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "serving" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(
+        [str(exe), "bench", "serving", "--help"],
+        cwd=run,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "--url" in r.stdout, r.stdout + r.stderr
+
+
+# The least an app needs from an engine to serve the page (the gateway reads these at start).
+STUB_ENGINE = """
+from types import SimpleNamespace
+
+
+class StubEngine:
+    model_config = SimpleNamespace(served_model_name="stub", max_model_len=64)
+    tokenizer = None
+
+    def stats(self):
+        return None
+
+    def health(self):
+        return True
+"""

@@ -1,4 +1,4 @@
-"""ops/bench/peer.py: the anchor's workload as nano-vllm's bench.py draws it, and the asyncllm
+"""asyncllm/bench/peer.py: the anchor's workload as nano-vllm's bench.py draws it, and the asyncllm
 side of a run on the CPU with a tiny model (the GPU run itself is on the lent H200)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 
-from ops.bench import peer
+from asyncllm.bench import peer
 from tests.tiny_models import build_model
 
 
@@ -35,7 +35,7 @@ def test_asyncllm_side_runs_and_detokenizes(tmp_path):
     wl_path = tmp_path / "wl.json"
     wl_path.write_text(json.dumps(wl))
     proc = subprocess.run(
-        [sys.executable, "-m", "ops.bench.peer_run", "asyncllm", str(mdir), str(wl_path)],
+        [sys.executable, "-m", "asyncllm.bench.peer_run", "asyncllm", str(mdir), str(wl_path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,11 +1,11 @@
-"""`python -m ops.bench quant --smoke`: the benchmark's plumbing on the CPU (tiny shape, random
+"""`python -m asyncllm.bench quant --smoke`: the benchmark's plumbing on the CPU (tiny shape, random
 weights drawn by the replaced checkpoint reader, one process per format) writes its records."""
 
 from __future__ import annotations
 
 import json
 
-from ops.bench import quant
+from asyncllm.bench import quant
 
 
 def test_decode_bytes_count_stored_widths():

@@ -1,4 +1,4 @@
-"""ops/bench/serving.py: the load generator's pieces, and one small end-to-end run (tiny model on
+"""asyncllm/bench/serving.py: the load generator's pieces, and one small end-to-end run (tiny model on
 the CPU: engine-direct, then `asyncllm serve` in a subprocess over WebSocket and OpenAI HTTP)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from ops.bench import serving
+from asyncllm.bench import serving
 
 
 def test_poisson_arrivals_have_the_asked_rate():

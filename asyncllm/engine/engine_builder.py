@@ -20,7 +20,10 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available; use 'cpu'")
+        raise ValueError(
+            "device 'cuda' was asked for but CUDA is not available here "
+            f"(torch {torch.__version__}); use --device cpu (or auto)"
+        )
     return torch.device(name)
 
 
@@ -28,6 +31,29 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _max_model_len(args: EngineArgs, hf_config: Any) -> int:
+    model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+    if args.max_model_len is None:
+        return min(model_max, _DEFAULT_MAX_MODEL_LEN_CAP)
+    if args.max_model_len > model_max:
+        raise ValueError(
+            f"max_model_len {args.max_model_len} is longer than the model's "
+            f"max_position_embeddings ({model_max})"
+        )
+    return args.max_model_len
+
+
+def check_engine_args(args: EngineArgs) -> None:
+    """What build_model_config would refuse (no model there, no CUDA, a max_model_len over the
+    model's), found from the model's config alone: `asyncllm serve` asks before it loads
+    anything, so a mistake is one line at once instead of a failed start-up later."""
+    from asyncllm.engine.loader import load_hf_config, resolve_model
+
+    resolved = resolve_model(args.model, args.revision)
+    pick_device(args.device)
+    _max_model_len(args, load_hf_config(resolved))
 
 
 def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
@@ -45,16 +71,7 @@ def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
     tokenizer = load_tokenizer(tok_src, args.trust_remote_code)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
-    if args.max_model_len is not None:
-        if args.max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len {args.max_model_len} is longer than the model's "
-                f"max_position_embeddings ({model_max})"
-            )
-        max_len = args.max_model_len
-    else:
-        max_len = min(model_max, _DEFAULT_MAX_MODEL_LEN_CAP)
+    max_len = _max_model_len(args, hf_config)
     name = args.served_model_name or (args.model if args.model else "SmolLM2-135M-Instruct")
     gen = load_generation_config(resolved.path, args.generation_config)
     mc = ModelConfig(

@@ -184,6 +184,9 @@ def child_main(
     else:
         outbox.close(("bye", None))
     sender.join()
+    # Back to the collector before exit: cycles left frozen are never freed, and extensions
+    # notice (triton's nanobind module prints ~30 lines of "nanobind: leaked ..." otherwise).
+    gc.unfreeze()
 
 
 class _Outbox:

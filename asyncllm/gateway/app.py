@@ -21,7 +21,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from asyncllm.engine.engine_client import EngineClient
 from asyncllm.gateway.auth import authorized, origin_allowed
@@ -31,6 +32,7 @@ from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.openai import OpenAIRoutes, error_response, json_response
 from asyncllm.gateway.sessions import SessionManager
 from asyncllm.gateway.settings import GatewaySettings
+from asyncllm.gateway.shutdown import make_drain
 from asyncllm.gateway.utility_routes import UtilityRoutes
 from asyncllm.gateway.ws import WebSocketGateway
 from asyncllm.profiling import ThreadProfile
@@ -107,6 +109,11 @@ def build_app(
         finally:
             prof.stop()
             wsg.task_group = None
+            if settings.freeze_gc:
+                # Give the frozen start-up heap back to the collector: objects frozen in cycles
+                # are never freed at exit otherwise, and extensions notice (triton's nanobind
+                # module printed ~30 lines of "nanobind: leaked ..." at every exit).
+                gc.unfreeze()
             if settings.manage_engine:
                 await engine.shutdown()
                 logger.info("engine shut down")
@@ -126,9 +133,16 @@ def build_app(
             return FileResponse(f, media_type="text/html")
         raise GatewayError(NOT_FOUND, "no chat page here (started with --no-ui, or not installed)")
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", _guarded(settings, metrics, metrics_route), methods=["GET"]),
+        Route(
+            "/metrics",
+            # --metrics-public: a scraper without the key (it sees counts, no prompts or keys)
+            metrics_route
+            if settings.metrics_public
+            else _guarded(settings, metrics, metrics_route),
+            methods=["GET"],
+        ),
         Route("/v1/models", _guarded(settings, metrics, oa.models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", _guarded(settings, metrics, ut.model), methods=["GET"]),
         Route("/version", _guarded(settings, metrics, ut.version), methods=["GET"]),
@@ -145,6 +159,10 @@ def build_app(
         # on the socket), so it is served without auth, like /health.
         Route("/", _unguarded_errors(index), methods=["GET"]),
     ]
+    vendor = Path(settings.ui_file).parent / "vendor" if settings.ui_file else None
+    if settings.ui and vendor is not None and vendor.is_dir():
+        # the page's JavaScript (Markdown, sanitizer, highlighting), shipped with it: no CDN
+        routes.append(Mount("/vendor", StaticFiles(directory=vendor), name="vendor"))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -173,6 +191,7 @@ def build_app(
     app.state.io = io
     app.state.sessions = manager
     app.state.metrics = metrics
+    app.state.drain = make_drain(io, manager)  # GatewayServer runs it on Ctrl-C / SIGTERM
     return app
 
 
@@ -204,8 +223,8 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
     # (1009) only for frames far beyond it, which the gateway could not even parse cheaply.
     ws_max = max(settings.max_frame_bytes * 4, 1 << 16)
     kw.setdefault("log_level", "info")
-    # At shutdown, requests still streaming get this long to finish before they are cancelled.
-    kw.setdefault("timeout_graceful_shutdown", 10)
+    # At shutdown (GatewayServer), open streams are ended and sockets closed within this.
+    kw.setdefault("timeout_graceful_shutdown", settings.shutdown_timeout)
     return uvicorn.Config(
         app,
         host=settings.host,

@@ -23,6 +23,7 @@ from asyncllm.protocol import (
     INTERNAL,
     INVALID_REQUEST,
     NOT_FOUND,
+    SHUTTING_DOWN,
     GenParams,
     ProtocolError,
     StreamId,
@@ -73,6 +74,7 @@ class EngineIO:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        metrics.model_name = lambda: self.model_name  # the vLLM-named metrics' label
         # The prompt limit needs the model's length, known once the engine has loaded (bind()).
         self.limits = Limits(
             settings.max_connections,
@@ -82,11 +84,18 @@ class EngineIO:
         )
         self._ids = itertools.count()
         self._tool_parser: ToolCallParser | None = None
+        self.model_created = int(time.time())
+        # Graceful shutdown: once stopping, nothing new is admitted; the requests running then
+        # (by request id) are aborted and end with a shutting_down error.
+        self.stopping = False
+        self._live: set[str] = set()
+        self._stopped: set[str] = set()
         if engine.model_config is not None:
             self.bind()
 
     def bind(self) -> None:
         """Read what the loaded model decides: its name and length (the prompt limit)."""
+        self.model_created = int(time.time())  # /v1/models' "created": when it was loaded
         max_prompt = self.max_model_len - 1
         if self.settings.max_prompt_tokens is not None:
             max_prompt = min(max_prompt, self.settings.max_prompt_tokens)
@@ -233,8 +242,39 @@ class EngineIO:
             )
 
     def admit(self, id: StreamId | None = None) -> None:
+        if self.stopping:
+            raise self.shutting_down_error(id)
         self.check_alive(id)
         self.limits.check_queue(id)
+
+    def shutting_down_error(self, id: StreamId | None = None) -> GatewayError:
+        return GatewayError(
+            SHUTTING_DOWN,
+            "the server is shutting down; send the request again (to another replica)",
+            id,
+            status=503,
+            retry_after=self.settings.retry_after,
+        )
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._live)
+
+    async def stop_generations(self) -> None:
+        """Admit nothing more and abort every running request; returns once the engine has let
+        them all go. Each one's generate() then raises the shutting_down error."""
+        self.stopping = True
+
+        async def abort(rid: str) -> None:
+            try:
+                await self.engine.abort(rid)
+            except Exception:  # a dead engine has nothing left to abort
+                pass
+
+        async with anyio.create_task_group() as tg:
+            for rid in list(self._live):
+                self._stopped.add(rid)
+                tg.start_soon(abort, rid)
 
     # ---- generation ---------------------------------------------------------------------------
     def new_request_id(self, prefix: str) -> str:
@@ -260,12 +300,17 @@ class EngineIO:
         m.prompt_tokens.inc(len(prompt_ids))
         conv = _Converter(self.limits, m, params, time.monotonic())
         outcome = "error"
+        stopped = self._stopped
+        self._live.add(request_id)
         try:
+            if self.stopping:
+                raise self.shutting_down_error(id)
             sink: Callable[[RequestOutput], None] | None = None
             if on_pieces is not None:
 
                 def sink(out: RequestOutput) -> None:
-                    on_pieces(conv(out))
+                    if request_id not in stopped:  # not the abort's own last output
+                        on_pieces(conv(out))
 
             gen = self.engine.generate(
                 {"prompt_token_ids": prompt_ids},
@@ -276,28 +321,36 @@ class EngineIO:
             )
             async with aclosing(gen):
                 async for out in gen:
+                    if request_id in stopped:
+                        break
                     pieces = conv(out)
                     if on_pieces is not None:
                         on_pieces(pieces)
                     else:
                         yield pieces
+            if request_id in stopped:
+                outcome = "cancelled"
+                raise self.shutting_down_error(id)
             if conv.finished:
                 outcome = _summary_outcome(conv.reasons)
+                m.e2e.observe(time.monotonic() - conv.start)
         except GeneratorExit:
             outcome = "cancelled"
             raise
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
             raise
+        except ProtocolError:  # (a ValueError too) ours, e.g. shutting_down: as it is
+            raise
         except ValueError as e:  # the engine refused the request (add_request's checks)
             raise GatewayError(INVALID_REQUEST, str(e), id) from None
-        except ProtocolError:
-            raise
         except Exception as e:
             if not self.alive:
                 raise engine_dead_error(id, self.settings.retry_after) from None
             raise GatewayError(INTERNAL, f"generation failed: {type(e).__name__}: {e}", id) from e
         finally:
+            self._live.discard(request_id)
+            stopped.discard(request_id)
             conv.release_queue_slot()
             if not conv.finished:
                 # The generator's own cleanup should abort; make sure, even when cancelled.

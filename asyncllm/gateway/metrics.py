@@ -4,7 +4,10 @@ can build many apps in one process without "duplicated timeseries" errors.
 The per-token metrics (generated tokens, inter-token latency) are plain counters updated on the
 event loop and read by a collector at scrape time: prometheus_client's own metrics take a lock and
 check their state on every update, several microseconds each, and on a GPU every microsecond the
-loop spends per token is taken from the engine thread (they share the GIL)."""
+loop spends per token is taken from the engine thread (they share the GIL).
+
+The metrics vLLM users chart are exported a second time under vLLM's names (`vllm:...`, with a
+`model_name` label, from the same counts), so dashboards built for vLLM work unchanged."""
 
 from __future__ import annotations
 
@@ -43,6 +46,11 @@ class FastCounter:
             self.name, self.documentation, value=self.value, created=self.created
         )
 
+    def labelled(self, name: str, documentation: str, labels: dict[str, str]) -> Any:
+        fam = CounterMetricFamily(name, documentation, labels=list(labels))
+        fam.add_metric(list(labels.values()), self.value, created=self.created)
+        return fam
+
 
 class FastHistogram:
     """A histogram updated from one thread (the event loop): bucket counts in a list, no lock."""
@@ -59,13 +67,23 @@ class FastHistogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += count  # le: bound >= value
         self.sum += value * count
 
-    def family(self) -> HistogramMetricFamily:
-        cum, acc = [], 0
+    def _cumulative(self) -> list[tuple[str, float]]:
+        cum: list[tuple[str, float]] = []
+        acc = 0
         for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
             acc += n
             cum.append((bound, acc))
+        return cum
+
+    def family(self) -> HistogramMetricFamily:
+        cum = self._cumulative()
         fam = HistogramMetricFamily(self.name, self.documentation, buckets=cum, sum_value=self.sum)
         fam.add_sample(self.name + "_created", {}, self.created)  # as prometheus_client's own
+        return fam
+
+    def labelled(self, name: str, documentation: str, labels: dict[str, str]) -> Any:
+        fam = HistogramMetricFamily(name, documentation, labels=list(labels))
+        fam.add_metric(list(labels.values()), self._cumulative(), sum_value=self.sum)
         return fam
 
 
@@ -122,18 +140,63 @@ class _EngineCollector(Collector):
         yield from (alive, flight, running, waiting, used, total, routed, prefix)
 
 
+class _VllmCollector(Collector):
+    """The same counts under vLLM's metric names (vllm/v1/metrics/loggers.py), per model_name.
+    vLLM's `*_perc` gauges are fractions (0-1); time_per_output_token_seconds is the older name
+    of inter_token_latency_seconds, both exported."""
+
+    def __init__(self, m: Metrics):
+        self.m = m
+
+    def collect(self) -> Iterator[Any]:
+        m = self.m
+        try:
+            labels = {"model_name": m.model_name()}
+        except Exception:  # no model loaded yet
+            labels = {"model_name": ""}
+        names = list(labels)
+        values = list(labels.values())
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Requests running in the engine", m.running_now),
+            ("vllm:num_requests_waiting", "Requests waiting in the engine", m.waiting_now),
+            ("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", m.kv_usage_now),
+            ("vllm:gpu_cache_usage_perc", "KV cache usage (1 = full); older name", m.kv_usage_now),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(values, value)
+            yield g
+        yield m.prompt_tokens.labelled("vllm:prompt_tokens", "Prompt tokens", labels)
+        yield m.generation_tokens.labelled("vllm:generation_tokens", "Generation tokens", labels)
+        yield m.ttft.labelled(
+            "vllm:time_to_first_token_seconds", "Time to first token in seconds", labels
+        )
+        yield m.itl.labelled(
+            "vllm:inter_token_latency_seconds", "Inter-token latency in seconds", labels
+        )
+        yield m.itl.labelled(
+            "vllm:time_per_output_token_seconds", "Time per output token in seconds", labels
+        )
+        yield m.e2e.labelled(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds", labels
+        )
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(
         self,
         stats: Callable[[], Any] | None = None,
+        model_name: Callable[[], str] | None = None,
         engine_states: Callable[[], Sequence[Any]] | None = None,
     ):
         """`stats`: the engine's stats snapshot. `engine_states`: a data-parallel group's
         per-engine states (DataParallelEngine.engine_states), for the asyncllm_dp_* series."""
         self.registry = CollectorRegistry()
         self._stats = stats
+        self.model_name: Callable[[], str] = model_name or (lambda: "")
+        # the engine's stats at the last scrape (render), for both sets of names
+        self.running_now = self.waiting_now = self.kv_usage_now = 0.0
         r = self.registry
         r.register(_EngineCollector(engine_states))
         self.requests = Counter(
@@ -148,8 +211,8 @@ class Metrics:
             ["api", "code"],
             registry=r,
         )
-        self.prompt_tokens = Counter(
-            "asyncllm_prompt_tokens", "Prompt tokens of admitted requests", registry=r
+        self.prompt_tokens = FastCounter(
+            "asyncllm_prompt_tokens", "Prompt tokens of admitted requests"
         )
         self.generation_tokens = FastCounter(
             "asyncllm_generation_tokens", "Tokens generated and delivered"
@@ -164,7 +227,17 @@ class Metrics:
             "Time between generated tokens of one sequence",
             _ITL_BUCKETS,
         )
-        r.register(_FastCollector([self.generation_tokens, self.ttft, self.itl]))
+        self.e2e = FastHistogram(
+            "asyncllm_e2e_request_latency_seconds",
+            "From admission to the last token of finished requests",
+            _LATENCY_BUCKETS,
+        )
+        r.register(
+            _FastCollector(
+                [self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e]
+            )
+        )
+        r.register(_VllmCollector(self))
         self.open_sockets = Gauge("asyncllm_open_websockets", "Open WebSockets", registry=r)
         self.open_streams = Gauge(
             "asyncllm_open_streams", "Unfinished WebSocket streams (attached or not)", registry=r
@@ -187,8 +260,11 @@ class Metrics:
             except Exception:  # a dead engine must not break /metrics
                 s = None
             if s is not None:
+                used = s.kv_blocks_total - s.kv_blocks_free
                 self.running.set(s.num_running)
                 self.waiting.set(s.num_waiting)
                 self.kv_total.set(s.kv_blocks_total)
-                self.kv_used.set(s.kv_blocks_total - s.kv_blocks_free)
+                self.kv_used.set(used)
+                self.running_now, self.waiting_now = s.num_running, s.num_waiting
+                self.kv_usage_now = used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         return generate_latest(self.registry)

@@ -206,7 +206,7 @@ class OpenAIRoutes:
                     {
                         "id": io.model_name,
                         "object": "model",
-                        "created": 0,
+                        "created": io.model_created,
                         "owned_by": "asyncllm",
                         "max_model_len": io.max_model_len,
                     }

@@ -39,6 +39,7 @@ class Writer(Protocol):
 
     def wake(self, stream: Stream) -> None: ...
     def take_over(self) -> None: ...  # another socket has taken this session
+    def close_when_flushed(self) -> None: ...  # shutting down: close once what is due is sent
 
 
 @dataclass

@@ -9,12 +9,9 @@ from asyncllm import envs
 
 
 def _default_ui_file() -> str | None:
-    """The chat page: packaged next to the gateway, or examples/chat.html in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for p in (here / "static" / "chat.html", here.parent.parent / "examples" / "chat.html"):
-        if p.is_file():
-            return str(p)
-    return None
+    """The chat page, shipped in the package (asyncllm/gateway/static, with its vendored JS)."""
+    p = Path(__file__).resolve().parent / "static" / "chat.html"
+    return str(p) if p.is_file() else None
 
 
 def api_keys_from_env() -> tuple[str, ...]:
@@ -38,9 +35,11 @@ class GatewaySettings:
     replay_buffer_bytes: int = 4 << 20  # per stream: frames kept for a resume
     finished_streams_kept: int = 256  # per session: finished streams still resumable
     retry_after: int = 1  # seconds, on 429/503
+    shutdown_timeout: float = 10.0  # seconds to end open streams and close sockets at shutdown
     ws_ping_interval: float | None = 20.0  # protocol-level ping from the server
     ws_ping_timeout: float | None = 20.0
     ui: bool = True  # serve the chat page at / when the file exists
+    metrics_public: bool = False  # /metrics without an API key (for a Prometheus scraper)
     ui_file: str | None = field(default_factory=_default_ui_file)
     manage_engine: bool = True  # the app's lifespan starts and shuts down the engine
     # gc.freeze() once the engine has started: for a process the server owns (asyncllm serve),
@@ -91,6 +90,8 @@ class GatewaySettings:
             not isinstance(self.max_tokens_default, int) or self.max_tokens_default < 1
         ):
             raise ValueError(f"max_tokens_default must be >= 1, got {self.max_tokens_default!r}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.retry_after < 0:
             raise ValueError(f"retry_after must be >= 0, got {self.retry_after}")
 

@@ -66,6 +66,7 @@ class Connection:
         self._event_cls = type(self._wakeup)  # the backend's class: no lookup per wake-up
         self._drained: anyio.Event | None = None
         self.taken_over = False
+        self.closing = False  # the server is shutting down: close (1001) once all is sent
 
     # ---- Writer protocol (called by the session) ---------------------------------------------
     def wake(self, stream: Stream) -> None:
@@ -74,6 +75,11 @@ class Connection:
 
     def take_over(self) -> None:
         self.taken_over = True
+        self._wakeup.set()
+
+    def close_when_flushed(self) -> None:
+        """Graceful shutdown: send what is due, then end the socket (the endpoint closes 1001)."""
+        self.closing = True
         self._wakeup.set()
 
     # ---- queueing ------------------------------------------------------------------------------
@@ -111,6 +117,8 @@ class Connection:
                         sess.on_done_sent(stream)
             if self.taken_over:
                 await ws.close(CLOSE_SESSION_TAKEN, "session resumed on another socket")
+                return
+            if self.closing:
                 return
 
     def _take(self) -> tuple[list[str], list[Stream]]:
@@ -223,7 +231,8 @@ class WebSocketGateway:
             if ws.application_state == WebSocketState.CONNECTED and not conn.taken_over:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     try:
-                        await ws.close(CLOSE_GOING_AWAY)
+                        reason = "server shutting down" if conn.closing else ""
+                        await ws.close(CLOSE_GOING_AWAY, reason)
                     except Exception:
                         pass
 

@@ -18,10 +18,10 @@ for stage in $STAGES; do
   case $stage in
     kernels) timeout 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py --durations=3 2>&1 | tee "$OUT/kernels.log" | tail -6 ;;
     engine) timeout 500 python3 -m pytest -q -p no:cacheprovider -s tests/test_fused_kernels.py tests/test_gpu_engine.py tests/test_models.py --durations=5 2>&1 | tee "$OUT/engine.log" | grep -E "passed|failed|FAILED|Error|logprob" | tail -25 ;;
-    kbench) timeout 300 python3 -m ops.bench.kernel_bench --json "$OUT/kernels.json" ${KBENCH_ARGS:-} 2>&1 | tail -30 ;;
-    latency) timeout 400 python3 -m ops.bench latency --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/latency.log" | grep -v " INFO " | tail -12 ;;
-    throughput) timeout 500 python3 -m ops.bench throughput --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/throughput.log" | grep -v " INFO asyncllm.engine.llm" | tail -14 ;;
-    profile) timeout 200 python3 -m ops.bench.profile_engine --no-cprofile 2>&1 | grep -v " INFO " | tail -5 ;;
+    kbench) timeout 300 python3 -m asyncllm.bench.kernel_bench --json "$OUT/kernels.json" ${KBENCH_ARGS:-} 2>&1 | tail -30 ;;
+    latency) timeout 400 python3 -m asyncllm.bench latency --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/latency.log" | grep -v " INFO " | tail -12 ;;
+    throughput) timeout 500 python3 -m asyncllm.bench throughput --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/throughput.log" | grep -v " INFO asyncllm.engine.llm" | tail -14 ;;
+    profile) timeout 200 python3 -m asyncllm.bench.profile_engine --no-cprofile 2>&1 | grep -v " INFO " | tail -5 ;;
   esac
 done
 echo "=== done $(date +%T)"

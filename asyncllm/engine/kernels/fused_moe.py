@@ -12,7 +12,7 @@ captured in a CUDA graph.
 
 Block sizes come from `get_config(M, ...)`: a table for the H200 (decode- and prefill-sized M)
 derived from the rows each expert sees, overridable by `ASYNCLLM_MOE_CONFIG` (a JSON file that
-`ops/bench/moe_tune.py` writes: {"<M>": {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+`asyncllm/bench/moe_tune.py` writes: {"<M>": {BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
 num_stages}}; the nearest M is used).
 """
 
@@ -362,7 +362,7 @@ CONFIG_DIR = Path(__file__).parent / "moe_configs"
 def config_file_name(
     num_experts: int, inter: int, hidden: int, dtype: torch.dtype, device: str
 ) -> str:
-    """Where `ops/bench/moe_tune.py` writes a tuned table for a layer shape on a GPU."""
+    """Where `asyncllm/bench/moe_tune.py` writes a tuned table for a layer shape on a GPU."""
     return f"E={num_experts},N={inter},H={hidden},dtype={str(dtype).removeprefix('torch.')},device={device}.json"
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ops.bench.workloads import Request
+from asyncllm.bench.workloads import Request
 
 
 def load_hf(model_dir: Path, device: str, dtype: torch.dtype):

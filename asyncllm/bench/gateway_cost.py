@@ -14,7 +14,7 @@ how loaded the machine is (it reads thread CPU time, not wall time):
   with --engine-process the stub runs in the child process and the second figure is the
   server-side receiver thread (unpickling the child's output batches).
 
-  python -m ops.bench.gateway_cost --streams 256 --tokens 64 [--engine-process]
+  python -m asyncllm.bench.gateway_cost --streams 256 --tokens 64 [--engine-process]
 """
 
 from __future__ import annotations
@@ -173,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_thread = engine._thread
     assert engine_thread is not None and loop_thread.ident is not None
 
-    client = Path(__file__).with_name("serving.py")
     cmd = [
-        sys.executable, str(client), "--url", f"http://127.0.0.1:{port}", "--modes", "ws",
+        sys.executable, "-m", "asyncllm.bench.serving", "--url", f"http://127.0.0.1:{port}", "--modes", "ws",
         "--concurrency", str(args.streams), "--num-requests", str(args.streams),
         "--output-len", str(args.tokens), "--warmup", "0", "--no-plot",
         "--out", "/tmp/asyncllm-gateway-cost-client.json",

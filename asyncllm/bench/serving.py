@@ -18,7 +18,7 @@ Without --url the benchmark starts the server itself (`asyncllm serve` in a subp
 engine flags) after the engine-direct runs, so server and load generator do not share an event
 loop. With --url it measures a running server (ws/http only: no engine baseline).
 
-  python -m ops.bench.serving --model DIR --device cpu --concurrency 16,64,256 --rates inf
+  python -m asyncllm.bench.serving --model DIR --device cpu --concurrency 16,64,256 --rates inf
   asyncllm bench serving --url http://127.0.0.1:8000 --concurrency 256
 """
 
@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm import envs
+from asyncllm.bench.results import RESULTS_DIR
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "ops" / "bench" / "results"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages when installed
+RESULTS = RESULTS_DIR
 MODES = ("engine", "engine-sink", "ws", "http")
 ANCHORS = ("engine", "engine-sink")  # engine-direct modes the gateway's are compared against
 TARGET_TOK_S_RATIO = 0.95  # delivered tok/s through the gateway vs the engine, at 256 streams
@@ -614,7 +615,7 @@ def remote_model(base: str, api_key: str | None) -> str | None:
 
 def _commit() -> str:
     try:
-        from ops.bench.results import git_commit
+        from asyncllm.bench.results import git_commit
     except ImportError:  # run as a file from elsewhere: no package on the path
         return envs.commit() or "unknown"
     return git_commit()
@@ -721,7 +722,7 @@ def _ints(s: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asyncllm.cli import add_engine_args
+    from asyncllm.cli_flags import add_engine_args
 
     p = argparse.ArgumentParser(
         prog="asyncllm bench serving",
@@ -748,7 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=8, help="requests before each mode's runs")
     p.add_argument("--workload-seed", type=int, default=0, help="prompts and arrivals")
-    p.add_argument("--out", default=None, help="JSON path (default ops/bench/results/...)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: ops/bench/results/ in a checkout, else ./bench-results/)",
+    )
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--note", default="", help="free text stored in the JSON")

@@ -12,7 +12,10 @@ from typing import Any
 
 from asyncllm import envs
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# In a source checkout results are committed beside the notes (ops/bench/results); from an
+# installed package they go to the working directory.
+_CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "ops" / "bench" / "results"
+RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path.cwd() / "bench-results"
 # The H100 this project targets, as measured on the lent machine (see NOTES.md).
 H100_COPY_BW = 3.0e12  # bytes/s, device-to-device copy counting reads and writes
 H100_BF16_FLOPS = 780e12

@@ -1,4 +1,4 @@
-"""python -m ops.bench moe [--smoke]: the mixture-of-experts benchmark (issue 14).
+"""python -m asyncllm.bench moe [--smoke]: the mixture-of-experts benchmark (issue 14).
 
 Qwen3-30B-A3B's shape (48 layers, 128 experts, top-8, moe_intermediate 768, hidden 2048) with
 random bf16 weights drawn on the GPU (load_format="dummy": only config.json and a tokenizer are
@@ -158,7 +158,7 @@ def write_model_dir(out: Path, shape: dict) -> Path:
     needs (the weights are drawn on the device)."""
     from transformers import Qwen3MoeConfig
 
-    from ops.bench.model import _tokenizer
+    from asyncllm.bench.model import _tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = Qwen3MoeConfig(**shape)
@@ -184,7 +184,7 @@ def _engine_kw(args: argparse.Namespace, smoke: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from ops.bench import engine_runs, results, workloads
+    from asyncllm.bench import engine_runs, results, workloads
 
     smoke = bool(args.smoke)
     if not smoke and not torch.cuda.is_available():
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             workloads.latency_workload(lat_in, lat_out, vocab=vocab, seed=100 + i) for i in range(4)
         ]
     else:  # the very requests the peer benchmark gives nano-vllm (its bench.py's draw)
-        from ops.bench.peer import anchor_workload
+        from asyncllm.bench.peer import anchor_workload
 
         wl = anchor_workload(vocab, n=args.num_requests)
         n, lo, hi = len(wl["requests"]), 100, 1024

@@ -1,5 +1,5 @@
 """One engine of the peer benchmark in a process of its own (so each engine has the GPU to itself):
-`python -m ops.bench.peer_run asyncllm|nano-vllm MODEL_DIR WORKLOAD_JSON [--what throughput,latency]`.
+`python -m asyncllm.bench.peer_run asyncllm|nano-vllm MODEL_DIR WORKLOAD_JSON [--what throughput,latency]`.
 
 Both engines run the same steps on their own offline API: a warm-up on the workload's first 8
 prompts, then the 256 requests in one `generate` call (temperature 0.6, EOS ignored, text

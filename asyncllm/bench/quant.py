@@ -1,7 +1,7 @@
-"""`python -m ops.bench quant [--smoke]`: the Llama-3-8B shape (hidden 4096, intermediate 14336,
+"""`python -m asyncllm.bench quant [--smoke]`: the Llama-3-8B shape (hidden 4096, intermediate 14336,
 32 layers, 32 heads / 8 KV heads, vocabulary 128256, untied head) in bf16, fp8 (per-channel
 weights, W8A8 with per-token activation scales: `quantization="fp8"` at load) and GPTQ int4
-(group 128, symmetric: the Triton W4A16 kernel), on nano-vllm's workload (ops/bench/peer.py's
+(group 128, symmetric: the Triton W4A16 kernel), on nano-vllm's workload (asyncllm/bench/peer.py's
 `anchor_workload`, temperature 0.6, detokenized) and 1-stream latency (peer_run's measurement).
 
 Weights are random and drawn on the device as the loader asks for them (nothing written but
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm import envs
-from ops.bench import model, results
-from ops.bench.peer import anchor_workload
+from asyncllm.bench import model, results
+from asyncllm.bench.peer import anchor_workload
 
 LLAMA3_8B = dict(
     vocab_size=128256,
@@ -117,7 +117,7 @@ def smoke_workload(vocab: int) -> dict[str, Any]:
 
 
 def _run_format(fmt: str, mdir: Path, wl_path: Path, args: argparse.Namespace) -> list[dict]:
-    cmd = [sys.executable, "-m", "ops.bench.quant_run", fmt, str(mdir), str(wl_path),
+    cmd = [sys.executable, "-m", "asyncllm.bench.quant_run", fmt, str(mdir), str(wl_path),
            "--what", args.what]  # fmt: skip
     print(f"--- {fmt}: {' '.join(cmd)}", flush=True)
     env = dict(
@@ -137,14 +137,14 @@ def _run_format(fmt: str, mdir: Path, wl_path: Path, args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ops.bench quant")
+    p = argparse.ArgumentParser(prog="python -m asyncllm.bench quant")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (float32)")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--what", default="throughput,latency")
     p.add_argument("--num-requests", type=int, default=256)
     # 3 x 150 s plus the bandwidth probe stays inside the benchmark's 8 minutes on one GPU
     p.add_argument("--timeout", type=int, default=150, help="seconds per format")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(results.RESULTS_DIR))
     args = p.parse_args(argv)
     cfg = SMOKE if args.smoke else LLAMA3_8B
     root = envs.bench_dir() / ("quant-smoke" if args.smoke else "quant-llama3-8b")

@@ -1,7 +1,7 @@
 """Kernel timings on the GPU: achieved bandwidth of paged decode attention (the term that
 dominates the throughput roofline), prefill attention TFLOP/s, cache-write bandwidth.
 
-python -m ops.bench.kernel_bench [--json PATH]
+python -m asyncllm.bench.kernel_bench [--json PATH]
 Each timing cycles through 28 layers' caches (as a model does) so repeated calls are not served
 from L2; the median of triton.testing.do_bench is reported per layer."""
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ops.bench.results import H100_BF16_FLOPS, H100_COPY_BW
+from asyncllm.bench.results import H100_BF16_FLOPS, H100_COPY_BW
 
 HQ, HKV, D, LAYERS = 16, 8, 128, 28
 

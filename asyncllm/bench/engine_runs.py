@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ops.bench.workloads import Request
+from asyncllm.bench.workloads import Request
 
 
 def _sync() -> None:

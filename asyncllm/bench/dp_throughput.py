@@ -3,7 +3,7 @@ output lengths uniform in [100, 1024], random ids, EOS ignored, Qwen3-0.6B shape
 weights) through DataParallelEngine with 1 engine, then with N (one per GPU), all requests
 submitted at once; output tok/s of each and the ratio.
 
-    python -m ops.bench.dp_throughput --sizes 1,2 [--num-requests 256]
+    python -m asyncllm.bench.dp_throughput --sizes 1,2 [--num-requests 256]
 
 Needs as many GPUs as the largest size. Writes ops/bench/results/dp_throughput-<gpu>-<date>.json.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from ops.bench import model, results, workloads
+from asyncllm.bench import model, results, workloads
 
 
 async def _run(size: int, mdir: Path, reqs: list[workloads.Request]) -> dict[str, Any]:
@@ -50,7 +50,7 @@ async def _run(size: int, mdir: Path, reqs: list[workloads.Request]) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ops.bench.dp_throughput")
+    p = argparse.ArgumentParser(prog="python -m asyncllm.bench.dp_throughput")
     p.add_argument("--sizes", default="1,2", help="engine counts to run, comma-separated")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--model-dir", default=None)

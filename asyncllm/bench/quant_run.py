@@ -1,5 +1,5 @@
 """One format of the quant benchmark in a process of its own:
-`python -m ops.bench.quant_run bf16|fp8|gptq-int4 MODEL_DIR WORKLOAD_JSON [--what ...]`.
+`python -m asyncllm.bench.quant_run bf16|fp8|gptq-int4 MODEL_DIR WORKLOAD_JSON [--what ...]`.
 
 The model directory holds only config.json and a tokenizer: the loader's checkpoint reader is
 replaced here by one drawing each tensor at random on the device, by the checkpoint's names
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ops.bench import peer_run
-from ops.bench.quant import GPTQ_GROUP, INIT_STD
+from asyncllm.bench import peer_run
+from asyncllm.bench.quant import GPTQ_GROUP, INIT_STD
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,20 +1,20 @@
 """CPU decode attention: the paged C kernel (asyncllm.engine.kernels.cpu_decode_attention) against
 the torch backend's gather + masked SDPA path; and end-to-end A/Bs of the other CPU fast paths.
 
-python -m ops.bench.cpu_attention micro [--json PATH]   one layer's decode attention, ms per call
-python -m ops.bench.cpu_attention e2e [--switch S] [--json PATH]   the CPU benchmark's asyncllm
+python -m asyncllm.bench.cpu_attention micro [--json PATH]   one layer's decode attention, ms per call
+python -m asyncllm.bench.cpu_attention e2e [--switch S] [--json PATH]   the CPU benchmark's asyncllm
     run, A/B of S (comma-separated, toggled together): `attention` (the C decode attention vs
     `ASYNCLLM_CPU_ATTENTION=torch`, the default), `fused` (the C fused elementwise kernels vs
     `ASYNCLLM_CPU_FUSED=0`), `linear` (oneDNN `_linear_pointwise` vs `mkldnn_linear` with
     to_mkldnn/to_dense copies, the same packed weights re-laid out in place)
-python -m ops.bench.cpu_attention profile [--old S] [--json PATH]   the same run once (after an
+python -m asyncllm.bench.cpu_attention profile [--old S] [--json PATH]   the same run once (after an
     untimed one), wall time per part (perf_counter around each layer kind, the attention, the
     vocabulary projection, the sampler; the rest is the host), with the paths in S old
 
 micro: SmolLM2-135M shapes (Hq 9, Hkv 3, D 64, block 16), batch 64, contexts drawn from the CPU
 benchmark's range (~40..170) and a few fixed ones; each timing cycles through 30 layers' caches
 (as the model does) so the cache is not served from L3.
-e2e: `LLM(device="cpu")` on ops.bench.cpu's 64 chat prompts x 128 greedy tokens (EOS ignored),
+e2e: `LLM(device="cpu")` on asyncllm.bench.cpu's 64 chat prompts x 128 greedy tokens (EOS ignored),
 in one process, the switched paths new and old in ABBA order after an untimed pass (so every
 timed pass sees the same prefix-cache state); identical tokens required.
 Run on a quiet machine: the 1-minute load goes into the record.
@@ -170,8 +170,8 @@ def _linear_switch(model: Any):
 
 def _benchmark_prompts(n: int) -> list[dict[str, list[int]]]:
     """The CPU benchmark's first `n` chat prompts as token ids (chat template applied)."""
+    from asyncllm.bench.cpu import chat_prompts
     from asyncllm.engine.loader import load_tokenizer, resolve_model
-    from ops.bench.cpu import chat_prompts
 
     tok = load_tokenizer(resolve_model(None))
 
@@ -186,8 +186,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from asyncllm import LLM, SamplingParams
+    from asyncllm.bench.cpu import MAX_TOKENS
     from asyncllm.engine.layers.attention import TorchAttentionBackend
-    from ops.bench.cpu import MAX_TOKENS
 
     switches = [x for x in args.switch.split(",") if x]
     if not switches or any(x not in SWITCHES for x in switches):
@@ -309,7 +309,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from asyncllm import LLM, SamplingParams
-    from ops.bench.cpu import MAX_TOKENS
+    from asyncllm.bench.cpu import MAX_TOKENS
 
     old = [x for x in args.old.split(",") if x]
     if any(x not in SWITCHES for x in old):
@@ -349,7 +349,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ops.bench.cpu_attention")
+    p = argparse.ArgumentParser(prog="python -m asyncllm.bench.cpu_attention")
     p.add_argument("mode", choices=["micro", "e2e", "profile"])
     p.add_argument("--threads", type=int, default=envs.bench_threads())
     p.add_argument("--batch", type=int, default=64)

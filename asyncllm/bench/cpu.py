@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm import envs
-from ops.bench import results
+from asyncllm.bench import results
 
 TOPICS = [
     "the ocean", "a lighthouse keeper", "black holes", "baking bread", "the history of Rome",
@@ -138,7 +138,7 @@ def run_asyncllm(prompt_ids: list[list[int]], warmup_ids: list[int]) -> dict[str
 def run_transformers(model_dir: Path, prompt_ids: list[list[int]]) -> dict[str, Any]:
     import torch
 
-    from ops.bench.hf_baseline import _generate, load_hf
+    from asyncllm.bench.hf_baseline import _generate, load_hf
 
     model = load_hf(model_dir, "cpu", torch.float32)
     pad = model.config.pad_token_id or 0

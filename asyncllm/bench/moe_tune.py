@@ -1,4 +1,4 @@
-"""python -m ops.bench.moe_tune [--quick] [--out DIR]: block sizes for the fused-MoE kernel on
+"""python -m asyncllm.bench.moe_tune [--quick] [--out DIR]: block sizes for the fused-MoE kernel on
 this GPU, per token count M, for one layer shape (default Qwen3-30B-A3B's: 128 experts, top-8,
 hidden 2048, moe_intermediate 768, bf16).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ops.bench.moe import expected_experts_hit
+from asyncllm.bench.moe import expected_experts_hit
 
 M_LIST = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -64,7 +64,7 @@ def time_config(fn, reps: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ops.bench.moe_tune", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m asyncllm.bench.moe_tune", description=__doc__)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)

@@ -1,6 +1,6 @@
 """Overhead of constrained decoding: the same 64 streams with and without a grammar.
 
-    python -m ops.bench.grammar [--device cpu|cuda] [--streams 64] [--max-tokens 64] [--rounds 2]
+    python -m asyncllm.bench.grammar [--device cpu|cuda] [--streams 64] [--max-tokens 64] [--rounds 2]
 
 Both runs sample at temperature 1.0 with per-request seeds and ignore EOS, so every stream runs
 to max_tokens and the two tok/s figures count the same work. Two constraints, each too long for max_tokens
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.bench import results
+from asyncllm.bench import results
 
 SCHEMA = {
     "type": "object",

