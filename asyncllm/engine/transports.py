@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import anyio
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_loop import Command, Item, Shutdown, run_engine_loop
+from asyncllm.engine.engine_loop import Command, Item, Shutdown, run_engine_loop, watch_engine
 from asyncllm.profiling import profiled
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class ThreadTransport:
         if engine is None and args is None:
             raise ValueError("pass an LLMEngine or EngineArgs")
         self.engine = engine  # the LLMEngine; owned by the thread once started
+        self._owns_engine = engine is None  # built here from args: shut down here
         self.args = args
         self.thread: threading.Thread | None = None
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -107,12 +108,18 @@ class ThreadTransport:
         if self.thread is not None and self.thread.is_alive():
             self._inbox.put(Shutdown())
             await anyio.to_thread.run_sync(self.thread.join)
+        shutdown = getattr(self.engine, "shutdown", None)
+        if self._owns_engine and shutdown is not None:
+            # Its tensor-parallel ranks stop with it (a few 100 ms). An adopted engine's owner
+            # (e.g. an LLM) stops its own.
+            await anyio.to_thread.run_sync(shutdown)
 
     def release(self) -> None:
         self.engine = None
 
     def _run(self, post: Post, die: Die) -> None:
         inbox = self._inbox
+        watch_engine(self.engine, inbox.put)  # a dead rank wakes the loop, even when idle
 
         def get_commands(block: bool) -> list[Command]:
             cmds = [inbox.get()] if block else []  # idle: sleep until there is work
