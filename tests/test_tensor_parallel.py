@@ -1,6 +1,6 @@
 """Issue 18's proofs on the CPU (gloo, float32): tensor_parallel_size 2 and 4 give transformers'
 greedy tokens for Llama with GQA (KV heads split at 2 ranks, replicated at 4, tied and untied
-heads) and Qwen3, through chunked prefill, prefix caching and preemption, with both step orders;
+heads), Qwen3 and MoE models (Qwen2-MoE, Qwen3-MoE: experts split inside), through chunked prefill, prefix caching and preemption, with both step orders;
 logprobs within tolerance; a dead rank ends every stream with EngineDeadError (engine thread and
 engine process) and leaves no process behind; `asyncllm serve --tensor-parallel-size 2` streams
 over WebSocket and /health turns 503 when a rank is killed.
@@ -80,7 +80,7 @@ def references(tiny_model_dirs) -> dict[str, list[list[int]]]:
     from transformers import AutoTokenizer
 
     refs = {}
-    for arch in ("llama", "llama3_scaled_untied", "qwen3"):
+    for arch in ("llama", "llama3_scaled_untied", "qwen3", "qwen2_moe", "qwen3_moe"):
         path = tiny_model_dirs[arch]
         tok = AutoTokenizer.from_pretrained(path)
         refs[arch] = [hf_greedy(path, tok.encode(p), MAX_NEW) for p in PROMPTS]
@@ -118,6 +118,10 @@ def _check_no_worker_left(pids: list[int]) -> None:
         ("llama", 2, True),  # KV heads split; the in-flight step's ids broadcast to the ranks
         ("qwen3", 2, False),
         ("qwen3", 4, True),  # 2 KV heads on 4 ranks: each replicated on two
+        # MoE, every expert split across the ranks (tensor parallel inside the experts): a
+        # shared expert behind a gate, top-k not renormalised; dense and sparse layers mixed
+        ("qwen2_moe", 2, False),
+        ("qwen3_moe", 2, False),
     ],
 )
 def test_greedy_matches_transformers(tiny_model_dirs, references, arch, tp, async_scheduling):
