@@ -1,9 +1,10 @@
 """Issue 18's proofs on the CPU (gloo, float32): tensor_parallel_size 2 and 4 give transformers'
 greedy tokens for Llama with GQA (KV heads split at 2 ranks, replicated at 4, tied and untied
-heads), Qwen3 and MoE models (Qwen2-MoE, Qwen3-MoE: experts split inside), through chunked prefill, prefix caching and preemption, with both step orders;
-logprobs within tolerance; a dead rank ends every stream with EngineDeadError (engine thread and
-engine process) and leaves no process behind; `asyncllm serve --tensor-parallel-size 2` streams
-over WebSocket and /health turns 503 when a rank is killed.
+heads), Qwen3 and MoE models (Qwen2-MoE, Qwen3-MoE: every expert split inside), through chunked
+prefill, prefix caching and preemption, with both step orders; logprobs within tolerance; a dead
+rank ends every stream with EngineDeadError and leaves no process behind; `asyncllm serve
+--tensor-parallel-size 2` (the engine in its own process) streams over WebSocket and /health turns
+503 when a rank is killed while idle. GPU-marked twins run NCCL inside CUDA graphs.
 
 Each rank is a process: the machine has 2 cores, so every rank runs one torch thread
 (ASYNCLLM_TP_CPU_THREADS=1) and each engine is started once per test."""
@@ -36,6 +37,7 @@ MAX_NEW = 12
 # Every prompt split across steps (5 tokens a step), and 40 tokens of KV for 5 sequences of ~20:
 # chunked prefill and preemption in every run; the second pass hits the prefix cache.
 TIGHT = {"max_num_batched_tokens": 5, "num_kv_blocks": 10, "block_size": 4}
+CPU = {"device": "cpu"}  # gloo, also on a machine with GPUs
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +127,7 @@ def _check_no_worker_left(pids: list[int]) -> None:
     ],
 )
 def test_greedy_matches_transformers(tiny_model_dirs, references, arch, tp, async_scheduling):
-    kw = {"tensor_parallel_size": tp, "async_scheduling": async_scheduling, **TIGHT}
+    kw = {"tensor_parallel_size": tp, "async_scheduling": async_scheduling, **TIGHT, **CPU}
     with LLM(tiny_model_dirs[arch], **kw) as llm:
         pids = _check_greedy(llm, references[arch], tp)
     _check_no_worker_left(pids)
@@ -139,7 +141,7 @@ def test_untied_head_greedy_logprobs_and_prompt_logprobs(tiny_model_dirs, refere
 
     path = tiny_model_dirs["llama3_scaled_untied"]
     prompt = [5, 17, 42, 99, 7, 3, 11, 12]
-    with LLM(path, tensor_parallel_size=2, **TIGHT) as llm:
+    with LLM(path, tensor_parallel_size=2, **TIGHT, **CPU) as llm:
         pids = _check_greedy(llm, references["llama3_scaled_untied"], 2)
         params = _greedy(6, logprobs=3, prompt_logprobs=2)
         out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
@@ -167,7 +169,7 @@ def test_bad_tensor_parallel_sizes_fail_before_any_process_starts(tiny_model_dir
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineArgs(tensor_parallel_size="2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="4 attention heads"):
-        LLM(tiny_model_dir, tensor_parallel_size=3)
+        LLM(tiny_model_dir, tensor_parallel_size=3, **CPU)
     assert _worker_pids(os.getpid()) == []
 
 
@@ -183,7 +185,7 @@ def test_kv_cache_shape_per_rank(tiny_model_dirs):
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_dead_rank_ends_every_stream(tiny_model_dir):
-    args = EngineArgs(model=tiny_model_dir, tensor_parallel_size=2, num_kv_blocks=64)
+    args = EngineArgs(model=tiny_model_dir, tensor_parallel_size=2, num_kv_blocks=64, **CPU)
     eng = AsyncLLMEngine.from_engine_args(args)
     async with eng:
         (pid,) = _worker_pids(os.getpid())
@@ -303,18 +305,18 @@ def _gpus() -> int:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tp", [2, 4])
-def test_gpu_greedy_with_cuda_graphs_matches_transformers(tiny_model_dirs, references, tp):
-    """NCCL all-reduces inside the decode graphs; float32 so tokens compare exactly."""
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
+def test_gpu_greedy_with_cuda_graphs_matches_transformers(tiny_model_dirs, references, arch, tp):
+    """NCCL all-reduces inside the decode graphs; float32 so tokens compare exactly; the same
+    chunked prefill, preemption and prefix hits as on the CPU."""
     if _gpus() < tp:
         pytest.skip(f"needs {tp} GPUs")
-    for arch in ("llama", "qwen3"):
-        with LLM(
-            tiny_model_dirs[arch], tensor_parallel_size=tp, device="cuda", dtype="float32"
-        ) as llm:
-            assert llm.llm_engine.runner.graph_runner is not None
-            outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-            assert [o.outputs[0].token_ids for o in outs] == references[arch]
-        assert _worker_pids(os.getpid()) == []
+    kw = {"tensor_parallel_size": tp, "device": "cuda", "dtype": "float32", **TIGHT}
+    with LLM(tiny_model_dirs[arch], **kw) as llm:
+        assert llm.llm_engine.runner.graph_runner is not None
+        assert llm.llm_engine.async_scheduling  # CUDA's default: ids broadcast on the device
+        pids = _check_greedy(llm, references[arch], tp)
+    _check_no_worker_left(pids)
 
 
 @pytest.mark.gpu
@@ -324,7 +326,7 @@ async def test_gpu_a_dead_rank_ends_every_stream(tiny_model_dir):
     """NCCL: the monitor aborts the communicators, so rank 0 does not wait in a collective."""
     if _gpus() < 2:
         pytest.skip("needs 2 GPUs")
-    args = EngineArgs(model=tiny_model_dir, tensor_parallel_size=2, device="cuda")
+    args = EngineArgs(model=tiny_model_dir, tensor_parallel_size=2, device="cuda", num_kv_blocks=64)
     async with AsyncLLMEngine.from_engine_args(args) as eng:
         (pid,) = _worker_pids(os.getpid())
         errors: list[BaseException] = []
