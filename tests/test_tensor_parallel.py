@@ -94,6 +94,12 @@ def _check_greedy(llm: LLM, expected: list[list[int]], tp: int) -> list[int]:
     chunked prefill and preemption; the ranks hold their share of the heads. The worker pids."""
     pids = llm.llm_engine.executor.workers.pids
     assert len(pids) == tp - 1 and sorted(_worker_pids(os.getpid())) == sorted(pids)
+    for pid in pids:  # NVLink multicast off in every rank's environment, on the CPU too
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        assert env[b"NCCL_NVLS_ENABLE"] == b"0" and env[b"NVSHMEM_DISABLE_NVLS"] == b"1"
+        assert env[b"TORCH_SYMM_MEM_DISABLE_MULTICAST"] == b"1"
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # and in rank 0's, this process
     runner = llm.llm_engine.runner
     assert runner.model.model.layers[0].self_attn.num_heads == 4 // tp
     assert runner.kv_caches[0].shape[3] == max(1, 2 // tp)  # this rank's KV heads

@@ -30,8 +30,13 @@ NVLS_OFF_ENV = {
 
 def disable_nvlink_multicast(env: MutableMapping[str, str] | None = None) -> None:
     """Set the NVLS-off variables (in this process's environment unless `env` is given); done
-    before NCCL starts, in the engine process and in every rank it spawns."""
-    (os.environ if env is None else env).update(NVLS_OFF_ENV)
+    before NCCL starts, in the engine process and in every rank it spawns. Also, unless the user
+    chose otherwise, NCCL errors are not handled by tearing the process down
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=0): rank 0 is the server's engine, which must outlive a dead
+    rank to report it (the monitor aborts the communicators itself, which that mode expects)."""
+    env = os.environ if env is None else env
+    env.update(NVLS_OFF_ENV)
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
 
 @dataclass
@@ -98,12 +103,18 @@ def init_tensor_parallel(
 
 
 def destroy_tensor_parallel() -> None:
-    """Leave the group (every rank, at shutdown); this process is rank 0 of 1 again."""
+    """Leave the group (rank 0, at shutdown, once the other ranks are gone); this process is rank
+    0 of 1 again. NCCL's communicators are aborted rather than destroyed: destroying them after
+    a CUDA graph captured their collectives can hang (pytorch/pytorch#115388), and the peers are
+    gone anyway."""
     import torch.distributed as dist
 
     try:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            if _group.backend == "nccl":
+                abort_tensor_parallel()
+            else:
+                dist.destroy_process_group()
     finally:
         _group.rank, _group.size, _group.backend, _group.device = 0, 1, None, None
 

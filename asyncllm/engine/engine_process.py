@@ -162,13 +162,20 @@ def child_main(
     # made every step, scans only what came after instead of stalling a step for a long time.
     gc.collect()
     gc.freeze()
-    outbox = _Outbox(conn)
     kinds: dict[str, RequestOutputKind] = {}  # the loop's own, for merging waiting outputs
 
     # A dead tensor-parallel rank wakes the loop through a pipe of its own (the command pipe's
     # write end is the parent's).
     fail_r, fail_w = multiprocessing.Pipe(duplex=False)
-    watch_engine(engine, fail_w.send)
+    outbox = _Outbox(conn)
+
+    def rank_died(fail: Any) -> None:
+        fail_w.send(fail)
+        # The parent hears of it now (after the outputs already made), even if the loop is
+        # blocked in the step that waits for the dead rank.
+        outbox.close(("dead", fail.message))
+
+    watch_engine(engine, rank_died)
 
     def get_commands(block: bool) -> list[Command]:
         if block:

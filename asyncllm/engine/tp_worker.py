@@ -5,7 +5,7 @@ It reads its WorkerSpec from MSG, says hello on REPORT once its imports are done
 group, builds its own runner (its shard of every weight, its KV cache, its CUDA graphs) with the
 same code as rank 0, then runs every step message that comes down MSG through that runner. It
 holds no scheduler or request state and samples nothing; the logits it computes (the all-gather
-needs every rank) are dropped. An empty message stops it. If anything fails it reports the error
+needs every rank) are dropped. An empty message stops it (exit 0). If anything fails it reports the error
 and exits; if rank 0's process dies (LIFELINE reaches EOF) it exits at once.
 """
 
@@ -76,11 +76,11 @@ def main(argv: list[str]) -> None:
         _report_failure(reports, e)
         sys.stderr.flush()
         os._exit(1)  # not a clean exit: NCCL teardown with a broken group can hang
-    distributed.destroy_tensor_parallel()
     sys.stdout.flush()
     sys.stderr.flush()
-    # Skip the interpreter's teardown (seconds for torch's modules, on a loaded machine): the
-    # process holds nothing else to release.
+    # No process-group teardown and no interpreter teardown: the first can hang on NCCL after
+    # graph capture (pytorch/pytorch#115388), the second takes seconds of torch's modules on a
+    # loaded machine; the process holds nothing the OS does not release.
     os._exit(0)
 
 
