@@ -30,6 +30,16 @@ class LLM:
         stopped when this object is collected or the interpreter exits."""
         self.llm_engine.shutdown()
 
+    def __del__(self) -> None:
+        # Dropped without shutdown(): the ranks' monitor thread keeps their group alive, so
+        # stop them here rather than at interpreter exit.
+        engine = self.__dict__.get("llm_engine")
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - interpreter teardown
+                pass
+
     def __enter__(self) -> LLM:
         return self
 
