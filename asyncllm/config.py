@@ -55,6 +55,9 @@ class EngineArgs:
     # sampling values (a request's own values win), "vllm" ignores them, or a folder holding one.
     # Its EOS ids are used either way.
     generation_config: str = "auto"
+    # Split the model across this many ranks (one process each, one device each: cuda:0..N-1, or
+    # the CPU); the engine's own process is rank 0 (vLLM's name).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -93,6 +96,14 @@ class EngineArgs:
             raise ValueError(
                 "generation_config must be 'auto', 'vllm' or a folder holding "
                 f"generation_config.json, got {self.generation_config!r}"
+            )
+        if (
+            not isinstance(self.tensor_parallel_size, int)
+            or isinstance(self.tensor_parallel_size, bool)
+            or self.tensor_parallel_size < 1
+        ):
+            raise ValueError(
+                f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

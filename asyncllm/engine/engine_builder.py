@@ -95,7 +95,7 @@ def _num_blocks(args: EngineArgs, mc: ModelConfig, runner: Any, max_batched: int
 
     if args.num_kv_blocks is not None:
         return args.num_kv_blocks
-    per_block = kv_bytes_per_block(mc.hf_config, args.block_size, mc.dtype)
+    per_block = kv_bytes_per_block(mc.hf_config, args.block_size, mc.dtype, runner.tp_size)
     if mc.device.type != "cuda":
         return max(1, (args.kv_cache_memory or _CPU_DEFAULT_KV_BYTES) // per_block)
     if args.kv_cache_memory is not None:
@@ -153,12 +153,31 @@ def profile_free_gpu_memory(runner: Any, mc: ModelConfig, num_tokens: int, util:
 
 
 def build_engine_parts(args: EngineArgs):
+    """(model config, cache config, scheduler config, tokenizer, runner, executor). With
+    tensor_parallel_size > 1 the other ranks start here (tp_executor) and the executor
+    broadcasts every step to them; this process is rank 0."""
+    from asyncllm.engine.executor import UniProcExecutor
+
+    torch.manual_seed(args.seed)
+    mc, tokenizer = build_model_config(args)
+    if args.tensor_parallel_size > 1:
+        from asyncllm.engine.tp_executor import build_tensor_parallel
+
+        mc, cc, sc, runner, executor = build_tensor_parallel(args, mc)
+        return mc, cc, sc, tokenizer, runner, executor
+    cc, sc, runner = build_runner(args, mc)
+    return mc, cc, sc, tokenizer, runner, UniProcExecutor(runner)
+
+
+def build_runner(args: EngineArgs, mc: ModelConfig):
+    """One rank's model runner: kernel paths, its shard of the model, its KV cache (as many
+    blocks as every rank can hold, so that block tables mean the same on each), CUDA graphs.
+    Every rank runs this, in the same order: its collectives must meet the others'."""
+    from asyncllm.engine import distributed
     from asyncllm.engine.kernel_paths import log_kernel_paths, select_kernel_paths
     from asyncllm.engine.loader import load_model
     from asyncllm.engine.model_runner import ModelRunner
 
-    torch.manual_seed(args.seed)
-    mc, tokenizer = build_model_config(args)
     # Every kernel path is chosen here, once, for this device and dtype.
     kernels = select_kernel_paths(
         mc.device,
@@ -179,15 +198,17 @@ def build_engine_parts(args: EngineArgs):
     )
     cc = CacheConfig(args.block_size, 0, args.enable_prefix_caching)
     runner = ModelRunner(mc, cc, sc, model, attn)
-    cc.num_blocks = _num_blocks(args, mc, runner, max_batched)
+    cc.num_blocks = distributed.all_reduce_min(_num_blocks(args, mc, runner, max_batched))
     runner.allocate_kv_cache(cc.num_blocks)
-    logger.info(
-        "KV cache: %d blocks of %d tokens (%d tokens) on %s",
-        cc.num_blocks,
-        cc.block_size,
-        cc.num_blocks * cc.block_size,
-        mc.device,
-    )
+    if distributed.get_tp_rank() == 0:
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens) on %s%s",
+            cc.num_blocks,
+            cc.block_size,
+            cc.num_blocks * cc.block_size,
+            mc.device,
+            f", on each of {runner.tp_size} ranks" if runner.tp_size > 1 else "",
+        )
     if kernels.cuda_graphs:
         try:
             from asyncllm.engine.cuda_graphs import enable_cuda_graphs
@@ -196,5 +217,6 @@ def build_engine_parts(args: EngineArgs):
             kernels.cuda_graphs = False
         else:
             enable_cuda_graphs(runner)
-    log_kernel_paths(kernels, model)
-    return mc, cc, sc, tokenizer, runner
+    if distributed.get_tp_rank() == 0:
+        log_kernel_paths(kernels, model)
+    return cc, sc, runner

@@ -35,7 +35,20 @@ class Shutdown:
     pass
 
 
-Command = Add | Abort | Shutdown
+@dataclass
+class Fail:
+    """Put in the loop's inbox by the engine itself, never by a caller: a part of the engine
+    outside the loop's thread died (a tensor-parallel rank), so the loop must die even while it
+    sleeps waiting for work."""
+
+    message: str
+
+
+class EngineFailure(RuntimeError):
+    """What the loop raises on a Fail command."""
+
+
+Command = Add | Abort | Shutdown | Fail
 Item = RequestOutput | BaseException  # what the loop hands over per request
 
 
@@ -59,6 +72,8 @@ def run_engine_loop(
         items: dict[str, Item] = {}
         stop = False
         for cmd in cmds:
+            if isinstance(cmd, Fail):
+                raise EngineFailure(cmd.message)
             if isinstance(cmd, Add):
                 _add(engine, cmd, items, kinds)
             elif isinstance(cmd, Abort):
@@ -77,6 +92,14 @@ def run_engine_loop(
                 kinds.pop(rid, None)
         if not posted or stop:
             return
+
+
+def watch_engine(engine: Any, wake: Callable[[Fail], None]) -> None:
+    """Have `wake(Fail(message))` called (from another thread) if the engine's executor loses a
+    part of itself; the caller puts it where the loop reads its commands."""
+    add = getattr(getattr(engine, "executor", None), "add_failure_callback", None)
+    if add is not None:
+        add(lambda message: wake(Fail(message)))
 
 
 def _add(

@@ -23,10 +23,11 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import Any
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_loop import Command, Item, merge_items, run_engine_loop
+from asyncllm.engine.engine_loop import Command, Item, merge_items, run_engine_loop, watch_engine
 from asyncllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from asyncllm.profiling import profiled
 from asyncllm.sampling_params import RequestOutputKind
@@ -161,11 +162,25 @@ def child_main(
     # made every step, scans only what came after instead of stalling a step for a long time.
     gc.collect()
     gc.freeze()
-    outbox = _Outbox(conn)
     kinds: dict[str, RequestOutputKind] = {}  # the loop's own, for merging waiting outputs
 
+    # A dead tensor-parallel rank wakes the loop through a pipe of its own (the command pipe's
+    # write end is the parent's).
+    fail_r, fail_w = multiprocessing.Pipe(duplex=False)
+    outbox = _Outbox(conn)
+
+    def rank_died(fail: Any) -> None:
+        fail_w.send(fail)
+        # The parent hears of it now (after the outputs already made), even if the loop is
+        # blocked in the step that waits for the dead rank.
+        outbox.close(("dead", fail.message))
+
+    watch_engine(engine, rank_died)
+
     def get_commands(block: bool) -> list[Command]:
-        cmds = [conn.recv()] if block else []
+        if block:
+            wait([conn, fail_r])
+        cmds: list[Command] = [fail_r.recv()] if fail_r.poll() else []
         while conn.poll():
             cmds.append(conn.recv())
         return cmds
@@ -180,9 +195,13 @@ def child_main(
         profiled("engine-process", run_engine_loop, engine, get_commands, post, kinds)
     except BaseException as e:  # noqa: BLE001
         logger.exception("asyncllm: the engine process died")
-        outbox.close(("dead", f"{type(e).__name__}: {e}"))
+        last: tuple[str, Any] = ("dead", f"{type(e).__name__}: {e}")
     else:
-        outbox.close(("bye", None))
+        last = ("bye", None)
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        shutdown()  # its tensor-parallel ranks, before the parent hears the end
+    outbox.close(last)
     sender.join()
     # Back to the collector before exit: cycles left frozen are never freed, and extensions
     # notice (triton's nanobind module prints ~30 lines of "nanobind: leaked ..." otherwise).

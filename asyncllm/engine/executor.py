@@ -1,14 +1,16 @@
 """Hands each step's message to the model runner(s) and returns what the driver samples from.
 
-World size 1 today: the runner lives in this process and a step is a direct call. A
-tensor-parallel executor will send the same `StepMessage` (plain, picklable data) to every rank
-process and take the logits from rank 0; the driver (scheduler, sampler, detokenizer) does not
-change. `prev_tokens` (async scheduling: the in-flight step's sampled ids, a device tensor) is
-passed beside the message, not in it: ranks will hold it on their own devices.
+At world size 1 the runner lives in this process and a step is a direct call. The
+tensor-parallel executor (tp_executor.MultiprocExecutor) sends the same `StepMessage` (plain,
+picklable data) to every rank process and takes the logits from rank 0; the driver (scheduler,
+sampler, detokenizer) does not change. `prev_tokens` (async scheduling: the in-flight step's
+sampled ids, a device tensor) is passed beside the message, not in it: each rank gets it on its
+own device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -20,6 +22,12 @@ from asyncllm.engine.step_message import StepMessage
 class Executor(Protocol):
     def execute(self, step: StepMessage, prev_tokens: torch.Tensor | None) -> StepLogits: ...
 
+    def add_failure_callback(self, cb: Callable[[str], None]) -> None:
+        """`cb(message)` once if a part of the executor outside this thread dies (a rank)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
 
 class UniProcExecutor:
     """One runner, in this process."""
@@ -30,3 +38,9 @@ class UniProcExecutor:
     def execute(self, step: StepMessage, prev_tokens: torch.Tensor | None) -> StepLogits:
         # Looked up per call, so a test may wrap the runner's execute.
         return self.runner.execute(step, prev_tokens)
+
+    def add_failure_callback(self, cb: Callable[[str], None]) -> None:
+        pass  # nothing here dies on its own
+
+    def shutdown(self) -> None:
+        pass

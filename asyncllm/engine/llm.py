@@ -25,6 +25,27 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (tensor_parallel_size > 1); idempotent. They are also
+        stopped when this object is collected or the interpreter exits."""
+        self.llm_engine.shutdown()
+
+    def __del__(self) -> None:
+        # Dropped without shutdown(): the ranks' monitor thread keeps their group alive, so
+        # stop them here rather than at interpreter exit.
+        engine = self.__dict__.get("llm_engine")
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - interpreter teardown
+                pass
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 

@@ -27,7 +27,7 @@ import torch
 from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
-from asyncllm.engine.executor import UniProcExecutor
+from asyncllm.engine.executor import Executor, UniProcExecutor
 from asyncllm.engine.grammar import GrammarBackend, StepBitmask
 from asyncllm.engine.model_runner import ModelRunner
 from asyncllm.engine.models import kv_cache_window
@@ -95,13 +95,15 @@ class LLMEngine:
         scheduler_config: SchedulerConfig,
         tokenizer: Any,
         runner: ModelRunner,
+        executor: Executor | None = None,
     ):
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.tokenizer = tokenizer
         self.runner = runner
-        self.executor = UniProcExecutor(runner)
+        # World size 1: the runner here; tensor parallel: every rank (tp_executor).
+        self.executor: Executor = executor if executor is not None else UniProcExecutor(runner)
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.eos_token_ids = _eos_ids(model_config.hf_config, tokenizer)
         self.eos_token_ids.update(model_config.generation_eos_token_ids)
@@ -134,6 +136,10 @@ class LLMEngine:
         if self._grammar is None:
             self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self._grammar
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (idempotent; nothing to do at world size 1)."""
+        self.executor.shutdown()
 
     # ---- requests ---------------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncllm.config import CacheConfig, ModelConfig, SchedulerConfig
+from asyncllm.engine import distributed
 from asyncllm.engine.layers.attention import AttentionMetadata
 from asyncllm.engine.step_message import StepMessage
 
@@ -38,10 +39,11 @@ class SeqState:
     num_prompt_tokens: int
 
 
-def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of one KV block on one rank."""
     from asyncllm.engine.models import kv_cache_shape
 
-    layers, kv_heads, head_dim = kv_cache_shape(hf_config)
+    layers, kv_heads, head_dim = kv_cache_shape(hf_config, tp_size)
     return (
         2 * layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
     )
@@ -68,12 +70,13 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graph_runner = None  # set by enable_cuda_graphs on CUDA
         self.states: dict[int, SeqState] = {}  # seq_id -> state, from the step messages
+        self.tp_size = distributed.get_tp_size()  # this rank's share of the KV heads
 
     # ---- KV cache ---------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
         from asyncllm.engine.models import kv_cache_shape
 
-        layers, kv_heads, head_dim = kv_cache_shape(self.model_config.hf_config)
+        layers, kv_heads, head_dim = kv_cache_shape(self.model_config.hf_config, self.tp_size)
         shape = (2, num_blocks, self.block_size, kv_heads, head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)

@@ -4,8 +4,9 @@ The runner never sees a live `Sequence`. It keeps its own state per sequence (to
 table), built from these messages: a sequence it has not seen (new, forked, or resumed after
 preemption) arrives whole as `NewSeqData`; one it has seen arrives in `CachedSeqData` with only
 what changed since it last appeared (the tokens the host learned, blocks added or replaced, the
-number of computed tokens). This is what a tensor-parallel rank process will receive later, so it
-holds only ints and lists of ints (in the spirit of vLLM v1's SchedulerOutput, not its code).
+number of computed tokens). This is what every tensor-parallel rank process receives
+(tp_executor), so it holds only ints and lists of ints (in the spirit of vLLM v1's
+SchedulerOutput, not its code).
 
 Sampling stays on the driver, so the runner never knows a sampled token's id until a message
 brings it. With async scheduling an input token may still be on the device: `pending_rows` names

@@ -23,10 +23,19 @@ from typing import Any, Protocol
 import anyio
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_loop import Command, Item, Shutdown, run_engine_loop
+from asyncllm.engine.engine_loop import (
+    Command,
+    Fail,
+    Item,
+    Shutdown,
+    run_engine_loop,
+    watch_engine,
+)
 from asyncllm.profiling import profiled
 
 logger = logging.getLogger(__name__)
+
+DEAD_THREAD_JOIN_S = 30.0
 
 Post = Callable[[dict[str, Item], Any], bool]
 Die = Callable[[str, "BaseException | None"], None]
@@ -80,9 +89,11 @@ class ThreadTransport:
         if engine is None and args is None:
             raise ValueError("pass an LLMEngine or EngineArgs")
         self.engine = engine  # the LLMEngine; owned by the thread once started
+        self._owns_engine = engine is None  # built here from args: shut down here
         self.args = args
         self.thread: threading.Thread | None = None
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._died = False
 
     def info(self) -> EngineInfo | None:
         return None if self.engine is None else _info_of(self.engine)
@@ -106,13 +117,38 @@ class ThreadTransport:
     async def stop(self) -> None:
         if self.thread is not None and self.thread.is_alive():
             self._inbox.put(Shutdown())
-            await anyio.to_thread.run_sync(self.thread.join)
+            # A dead engine's thread may be stuck in a device wait for a dead rank: give up on
+            # it (a daemon) rather than hang the shutdown.
+            timeout = DEAD_THREAD_JOIN_S if self._died else None
+            await anyio.to_thread.run_sync(self.thread.join, timeout)
+        shutdown = getattr(self.engine, "shutdown", None)
+        if self._owns_engine and shutdown is not None:
+            # Its tensor-parallel ranks stop with it (a few 100 ms). An adopted engine's owner
+            # (e.g. an LLM) stops its own.
+            await anyio.to_thread.run_sync(shutdown)
 
     def release(self) -> None:
         self.engine = None
 
     def _run(self, post: Post, die: Die) -> None:
         inbox = self._inbox
+        lock = threading.Lock()
+
+        def die_once(message: str, cause: BaseException | None) -> None:
+            with lock:
+                if self._died:
+                    return
+                self._died = True
+            die(message, cause)
+
+        def rank_died(fail: Fail) -> None:
+            # Now, from the monitor thread: the engine thread may be blocked in the step that
+            # waits for the dead rank. The Fail command ends the loop when it gets there (or
+            # at once, when it sleeps waiting for work).
+            inbox.put(fail)
+            die_once(f"the engine died: {fail.message}", None)
+
+        watch_engine(self.engine, rank_died)
 
         def get_commands(block: bool) -> list[Command]:
             cmds = [inbox.get()] if block else []  # idle: sleep until there is work
@@ -126,7 +162,7 @@ class ThreadTransport:
             profiled("engine-thread", run_engine_loop, self.engine, get_commands, post)
         except BaseException as e:
             logger.exception("asyncllm: the engine thread died")
-            die(f"the engine thread died: {type(e).__name__}: {e}", e)
+            die_once(f"the engine thread died: {type(e).__name__}: {e}", e)
 
 
 class ProcessTransport:

@@ -15,11 +15,14 @@ __all__ = [
 ]
 
 
-def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of the paged KV cache."""
+def kv_cache_shape(hf_config: Any, tp_size: int = 1) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of one rank's paged KV cache: the KV heads are split
+    across `tp_size` ranks, one (replicated) per rank when there are fewer heads than ranks."""
     from asyncllm.engine.models.llama import head_dim_of, num_kv_heads_of
 
-    return int(hf_config.num_hidden_layers), num_kv_heads_of(hf_config), head_dim_of(hf_config)
+    kv_heads = num_kv_heads_of(hf_config)
+    kv_heads = kv_heads // tp_size if kv_heads >= tp_size else 1
+    return int(hf_config.num_hidden_layers), kv_heads, head_dim_of(hf_config)
 
 
 def sliding_windows(hf_config: Any) -> list[int | None]:
