@@ -26,14 +26,21 @@ from starlette.routing import Route, WebSocketRoute
 from asyncllm.engine.engine_client import EngineClient
 from asyncllm.gateway.auth import authorized, origin_allowed
 from asyncllm.gateway.engine_io import EngineIO
-from asyncllm.gateway.limits import GatewayError
+from asyncllm.gateway.limits import GatewayError, as_gateway_error
 from asyncllm.gateway.metrics import Metrics
-from asyncllm.gateway.openai import OpenAIRoutes, error_response, json_response
+from asyncllm.gateway.openai import ClientGone, OpenAIRoutes, error_response, json_response
 from asyncllm.gateway.sessions import SessionManager
 from asyncllm.gateway.settings import GatewaySettings
 from asyncllm.gateway.ws import WebSocketGateway
 from asyncllm.profiling import ThreadProfile
-from asyncllm.protocol import INVALID_REQUEST, NOT_FOUND, UNAUTHORIZED, WS_PATH, ProtocolError
+from asyncllm.protocol import (
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    WS_PATH,
+    ProtocolError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +63,26 @@ def _guarded(settings: GatewaySettings, metrics: Metrics, handler: Handler) -> H
                     GatewayError(UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)")
                 )
             return await handler(request)
-        except GatewayError as e:
-            return fail(e)
-        except ProtocolError as e:
-            return fail(GatewayError(e.code, e.message))
+        except ClientGone:
+            return Response(status_code=499)  # nobody is listening: no body, no traceback
+        except Exception as e:
+            err = _as_protocol_error(e)
+            if err is None:
+                logger.exception("%s %s failed", request.method, request.url.path)
+                err = GatewayError(INTERNAL, f"internal error: {type(e).__name__}")
+            return fail(as_gateway_error(err))
 
     return endpoint
+
+
+def _as_protocol_error(e: BaseException) -> ProtocolError | None:
+    """`e` itself, or the one protocol error inside (nested) exception groups: a task group
+    wraps what its body raises, and the wrapper must still answer with the error's status."""
+    inner = getattr(e, "exceptions", None)  # BaseExceptionGroup (a builtin from Python 3.11)
+    while isinstance(inner, tuple) and len(inner) == 1:
+        e = inner[0]
+        inner = getattr(e, "exceptions", None)
+    return e if isinstance(e, ProtocolError) else None
 
 
 def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> Starlette:
@@ -140,6 +161,10 @@ def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> 
         e = GatewayError(code, str(exc.detail), status=exc.status_code)
         return error_response(e)
 
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Anything no route caught: still OpenAI's JSON shape (Starlette logs the traceback).
+        return error_response(GatewayError(INTERNAL, f"internal error: {type(exc).__name__}"))
+
     middleware = []
     if settings.allowed_origins:
         middleware.append(
@@ -154,7 +179,7 @@ def build_app(engine: EngineClient, settings: GatewaySettings | None = None) -> 
         routes=routes,
         lifespan=lifespan,
         middleware=middleware,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
     )
     app.state.engine = engine
     app.state.settings = settings
