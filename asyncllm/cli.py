@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="browser origin allowed besides the server's own (repeatable; * = any)",
     )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        help="Host header name served (repeatable; .example.com = domain and subdomains; * = any)."
+        " Default: the loopback names when bound to loopback (DNS rebinding), any name otherwise",
+    )
     s.add_argument("--resume-ttl", type=float, default=gs.resume_ttl, help="seconds")
     s.add_argument("--max-frame-bytes", type=int, default=gs.max_frame_bytes)
     s.add_argument("--max-streams-per-connection", type=int, default=gs.max_streams_per_connection)
@@ -162,6 +169,7 @@ def settings_from(ns: argparse.Namespace) -> Any:
         port=ns.port,
         api_keys=keys,
         allowed_origins=tuple(ns.allowed_origin),
+        allowed_hosts=tuple(ns.allowed_host) if ns.allowed_host else None,
         resume_ttl=ns.resume_ttl,
         max_frame_bytes=ns.max_frame_bytes,
         max_streams_per_connection=ns.max_streams_per_connection,

@@ -24,7 +24,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from asyncllm.engine.engine_client import EngineClient
-from asyncllm.gateway.auth import authorized, origin_allowed
+from asyncllm.gateway.auth import authorized, browser_refusal
 from asyncllm.gateway.engine_io import EngineIO
 from asyncllm.gateway.limits import GatewayError, as_gateway_error
 from asyncllm.gateway.metrics import Metrics
@@ -56,8 +56,9 @@ def _guarded(settings: GatewaySettings, metrics: Metrics, handler: Handler) -> H
 
     async def endpoint(request: Request) -> Response:
         try:
-            if not origin_allowed(request, settings.allowed_origins):
-                return fail(GatewayError(UNAUTHORIZED, "origin not allowed", status=403))
+            refusal = browser_refusal(request, settings.allowed_origins, settings.served_hosts)
+            if refusal is not None:
+                return fail(GatewayError(UNAUTHORIZED, refusal, status=403))
             if not authorized(request, settings.api_keys):
                 return fail(
                     GatewayError(UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)")

@@ -39,20 +39,65 @@ def authorized(conn: HTTPConnection, api_keys: Sequence[str]) -> bool:
     return key_ok(presented_key(conn), api_keys)
 
 
+# Names a loopback-bound server answers to by default (DNS rebinding: a page on any site whose
+# name the attacker re-points at 127.0.0.1 reaches us with its own name in the Host header).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_WS_SCHEMES = {"ws": "http", "wss": "https"}
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip("[]").lower()
+    return h in LOOPBACK_HOSTS or h.startswith("127.") or h.endswith(".localhost")
+
+
+def _hostname(netloc: str) -> str:
+    """`host[:port]` -> host, lower case; IPv6 `[::1]:8000` -> `::1`."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def host_allowed(host_header: str | None, allowed_hosts: Sequence[str]) -> bool:
+    """`allowed_hosts`: exact names, `.example.com` for a domain and its subdomains, `*` = any.
+    A request without Host (HTTP/1.0 tools) comes from no browser and passes."""
+    if "*" in allowed_hosts or not host_header:
+        return True
+    name = _hostname(host_header)
+    for a in allowed_hosts:
+        if name == a or (a.startswith(".") and (name == a[1:] or name.endswith(a))):
+            return True
+    return False
+
+
 def _origin_of(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
 
 
-def origin_allowed(conn: HTTPConnection, allowed: Sequence[str]) -> bool:
-    """Non-browser clients send no Origin and pass. A browser page may connect from its own origin
-    (the chat page at /) or from one listed in `allowed` ("*" = any)."""
+def browser_refusal(
+    conn: HTTPConnection, allowed_origins: Sequence[str], allowed_hosts: Sequence[str]
+) -> str | None:
+    """The one rule for HTTP requests and WebSocket upgrades alike: why a request is refused
+    (answered 403 on both), or None.
+
+    The Host header must be one this server answers to; that is what stops DNS rebinding, where
+    the page's origin and the Host header agree because both are the attacker's name. Then a
+    request without Origin (not a browser) passes; a browser page passes when its origin is
+    listed (`*` = any) or is this server itself: same scheme (ws/wss count as http/https) and
+    the same host and port as the Host header."""
+    host = conn.headers.get("host")
+    if not host_allowed(host, allowed_hosts):
+        return f"host {_hostname(host or '')!r} is not served here (see --allowed-host)"
     origin = conn.headers.get("origin")
     if origin is None:
-        return True
+        return None
     origin = origin.rstrip("/")
-    if "*" in allowed or origin in allowed:
-        return True
-    host = conn.headers.get("host", "").lower()
-    _, netloc = _origin_of(origin)
-    return bool(host) and netloc == host
+    if "*" in allowed_origins or origin in allowed_origins:
+        return None
+    scheme, netloc = _origin_of(origin)
+    own = conn.url.scheme.lower()
+    own = _WS_SCHEMES.get(own, own)
+    if host and scheme == own and netloc == host.lower():
+        return None
+    return "origin not allowed"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncllm import envs
+from asyncllm.gateway.auth import LOOPBACK_HOSTS, is_loopback
 
 
 def _default_ui_file() -> str | None:
@@ -29,6 +30,9 @@ class GatewaySettings:
     # Browsers' Origin header. Same-origin requests and requests without an Origin (non-browser
     # clients) are always allowed; "*" allows every origin.
     allowed_origins: tuple[str, ...] = ()
+    # Host header names served (exact, ".domain" for it and its subdomains, "*" = any). None:
+    # the loopback names when bound to a loopback address (DNS rebinding), any name otherwise.
+    allowed_hosts: tuple[str, ...] | None = None
     resume_ttl: float = 30.0  # seconds a dropped socket's streams wait for a resume
     max_frame_bytes: int = 1 << 20  # one WebSocket frame / one HTTP body
     max_streams_per_connection: int = 64  # unfinished streams of one session
@@ -52,6 +56,10 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         self.api_keys = tuple(self.api_keys)
         self.allowed_origins = tuple(o.rstrip("/") for o in self.allowed_origins)
+        if self.allowed_hosts is not None:
+            self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts)
+            if any(not h or "/" in h for h in self.allowed_hosts):
+                raise ValueError(f"allowed_hosts must be host names, got {self.allowed_hosts}")
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ValueError("api keys must be non-empty strings")
         if not 0 < self.port < 65536 and self.port != 0:
@@ -76,6 +84,13 @@ class GatewaySettings:
             )
         if self.retry_after < 0:
             raise ValueError(f"retry_after must be >= 0, got {self.retry_after}")
+
+    @property
+    def served_hosts(self) -> tuple[str, ...]:
+        """The Host allow-list in force (see allowed_hosts)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        return LOOPBACK_HOSTS if is_loopback(self.host) else ("*",)
 
     @property
     def auth_enabled(self) -> bool:

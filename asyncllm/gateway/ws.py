@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from asyncllm.gateway.auth import authorized, origin_allowed, presented_key
+from asyncllm.gateway.auth import authorized, browser_refusal, presented_key
 from asyncllm.gateway.engine_io import EngineIO
 from asyncllm.gateway.sessions import Session, SessionManager, Stream
 from asyncllm.protocol import (
@@ -167,8 +167,8 @@ class WebSocketGateway:
 
     async def endpoint(self, ws: WebSocket) -> None:
         s = self.settings
-        if not origin_allowed(ws, s.allowed_origins):
-            await ws.close(code=1008)  # before accept: the upgrade gets HTTP 403
+        if browser_refusal(ws, s.allowed_origins, s.served_hosts) is not None:
+            await ws.close(code=1008)  # before accept: the upgrade gets HTTP 403, as over HTTP
             return
         await ws.accept()
         # Browsers cannot read an HTTP status from a failed upgrade, so refusals after the
