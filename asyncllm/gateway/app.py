@@ -31,6 +31,12 @@ from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.openai import ClientGone, OpenAIRoutes, error_response, json_response
 from asyncllm.gateway.sessions import SessionManager
 from asyncllm.gateway.settings import GatewaySettings
+from asyncllm.gateway.transport import (
+    ConnectionLimits,
+    default_max_tcp_connections,
+    install_log_redaction,
+    protocol_class,
+)
 from asyncllm.gateway.ws import WebSocketGateway
 from asyncllm.profiling import ThreadProfile
 from asyncllm.protocol import (
@@ -220,7 +226,16 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
     kw.setdefault("log_level", "info")
     # At shutdown, requests still streaming get this long to finish before they are cancelled.
     kw.setdefault("timeout_graceful_shutdown", 10)
-    return uvicorn.Config(
+    limits = ConnectionLimits(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=settings.max_tcp_connections or default_max_tcp_connections(),
+        max_per_ip=settings.max_connections_per_client,
+        retry_after=settings.retry_after,
+    )
+    kw.setdefault("http", protocol_class(limits))
+    kw.setdefault("timeout_keep_alive", settings.keep_alive_timeout)
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -233,3 +248,5 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
         lifespan="on",
         **kw,
     )
+    install_log_redaction()  # after Config: it configures uvicorn's loggers
+    return config

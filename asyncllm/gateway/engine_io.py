@@ -77,6 +77,8 @@ class EngineIO:
             settings.max_queue,
             settings.max_prompt_tokens or 1 << 62,
             settings.retry_after,
+            settings.max_streams_per_client,
+            settings.max_connections_per_client,
         )
         self._ids = itertools.count()
         if engine.model_config is not None:
@@ -190,9 +192,10 @@ class EngineIO:
         self.limits.check_prompt(len(ids), id)
         return ids
 
-    def admit(self, id: StreamId | None = None) -> None:
+    def admit(self, id: StreamId | None = None, client: tuple[str, ...] = ()) -> None:
         self.check_alive(id)
         self.limits.check_queue(id)
+        self.limits.client_streams.check(client, id)
 
     # ---- generation ---------------------------------------------------------------------------
     def new_request_id(self, prefix: str) -> str:
@@ -207,6 +210,7 @@ class EngineIO:
         request_id: str,
         id: StreamId | None = None,
         on_pieces: Callable[[list[Piece]], None] | None = None,
+        client: tuple[str, ...] = (),
     ) -> AsyncIterator[list[Piece]]:
         """Yield the pieces of each engine output. Leaving early (break, cancel, disconnect)
         aborts the request. Engine failures come out as GatewayError(internal).
@@ -214,6 +218,7 @@ class EngineIO:
         With `on_pieces`, each output's pieces go to `on_pieces(pieces)` instead, called on the
         loop as the engine delivers them (the engine's sink: no task switch per output), and the
         generator yields nothing: iterate it to the end to run the request."""
+        self.limits.client_streams.acquire(client, id)  # `client`: see client_identity()
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
         conv = _Converter(self.limits, m, params, time.monotonic())
@@ -256,6 +261,7 @@ class EngineIO:
                 raise engine_dead_error(id, self.settings.retry_after) from None
             raise GatewayError(INTERNAL, f"generation failed: {type(e).__name__}: {e}", id) from e
         finally:
+            self.limits.client_streams.release(client)
             conv.release_queue_slot()
             if not conv.finished:
                 # The generator's own cleanup should abort; make sure, even when cancelled.

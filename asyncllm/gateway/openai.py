@@ -19,6 +19,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from asyncllm.gateway.auth import client_identity
 from asyncllm.gateway.engine_io import EngineIO, Piece
 from asyncllm.gateway.limits import GatewayError
 from asyncllm.protocol import (
@@ -256,13 +257,14 @@ class OpenAIRoutes:
             elif isinstance(raw, list) and raw and isinstance(raw[0], (str, list)):
                 raise GatewayError(INVALID_REQUEST, "send one prompt per request")
             messages, prompt = None, parse_prompt(raw)
-        io.admit()
+        client = client_identity(request, io.settings.api_keys)
+        io.admit(client=client)
         params = io.sampling_params(gp, default_max_tokens=None if chat else 16)
         ids = await io.encode(messages, prompt, None)
-        io.admit()
+        io.admit(client=client)
         rid = io.new_request_id("chatcmpl" if chat else "cmpl")
         api = "chat" if chat else "completions"
-        gen = io.generate(ids, params, gp.priority, api, rid)
+        gen = io.generate(ids, params, gp.priority, api, rid, client=client)
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
