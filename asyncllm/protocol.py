@@ -42,6 +42,14 @@ SERVER_TYPES = (SESSION, DELTA, DONE, ERROR)
 BATCH = "batch"  # only to a client that asked with ?batch=1
 BATCH_QUERY = "batch"
 MAX_BATCH_BYTES = 1 << 16  # a batch message holds frames up to this many bytes (or one bigger)
+# Secrets off the URL (URLs end up in access logs): a browser cannot set headers on a WebSocket,
+# but it can offer subprotocols. It offers SUBPROTOCOL (which the server selects) and carries
+# the API key as KEY_SUBPROTOCOL + base64url(key) and a session as SESSION_SUBPROTOCOL + key.
+# Other clients send `Authorization: Bearer K` and the SESSION_HEADER.
+SUBPROTOCOL = "asyncllm.v1"
+KEY_SUBPROTOCOL = "asyncllm.key."
+SESSION_SUBPROTOCOL = "asyncllm.session."
+SESSION_HEADER = "x-asyncllm-session"
 
 # error codes
 INVALID_REQUEST = "invalid_request"
@@ -64,6 +72,7 @@ CLOSE_GOING_AWAY = 1001
 
 MAX_ID_LENGTH = 256
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # per stop string: each token is matched against this much held text
 MAX_N = 128
 
 StreamId = str | int
@@ -222,6 +231,12 @@ def parse_params(
             raise ProtocolError(
                 INVALID_REQUEST,
                 f"params.stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS}",
+                id,
+            )
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ProtocolError(
+                INVALID_REQUEST,
+                f"params.stop strings must be at most {MAX_STOP_CHARS} characters",
                 id,
             )
         kw["stop"] = stop

@@ -52,7 +52,9 @@ def test_page_is_self_contained():
     # no external scripts, styles, fonts or images: the page must work on a closed network
     for needle in ("http://", "https://", "<script src", "<link", "@import", "url("):
         assert needle not in html, needle
-    assert "/v1/ws" in html and "?session=" in html
+    assert "/v1/ws" in html and "asyncllm.session." in html and "asyncllm.key." in html
+    # secrets never go into the socket's URL (access logs, proxies)
+    assert 'searchParams.set("api_key"' not in html and 'searchParams.set("session"' not in html
 
 
 def test_gateway_serves_the_page_at_root_unless_no_ui():

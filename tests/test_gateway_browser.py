@@ -4,14 +4,16 @@ the same-origin comparison with schemes, and secrets kept out of the access log.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import socket
+import time
 
 import httpx
 import pytest
 
 from asyncllm.gateway import GatewaySettings
-from tests.gateway_helpers import FakeEngine, run_server
+from tests.gateway_helpers import WS, FakeEngine, run_server
 
 BODY = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 
@@ -117,3 +119,85 @@ def test_served_hosts_defaults():
 def test_health_and_page_need_no_host_check(srv):
     r = httpx.get(srv.http + "/health", headers={"Host": "evil.example"})
     assert r.status_code == 200
+
+
+# ---- secrets --------------------------------------------------------------------------------
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_access_log_redacts_api_key_and_session():
+    s = GatewaySettings(api_keys=("sk-secret-1",))
+    with run_server(FakeEngine(), s) as srv:
+        loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error")]
+        cap = _Lines()
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.INFO)
+            lg.addHandler(cap)
+        try:
+            r = httpx.get(srv.http + "/v1/models?api_key=sk-secret-1&session=sess-secret-2")
+            assert r.status_code == 200
+            WS(srv.ws_url("api_key=sk-secret-1&session=sess-secret-2&batch=1")).close()
+            time.sleep(0.2)
+        finally:
+            for lg, lv in zip(loggers, levels, strict=True):
+                lg.removeHandler(cap)
+                lg.setLevel(lv)
+    text = "\n".join(cap.lines)
+    assert "/v1/models?" in text and "WebSocket /v1/ws?" in text, text  # the lines are there
+    assert "sk-secret-1" not in text and "sess-secret-2" not in text, text
+    assert "api_key=[redacted]" in text and "batch=1" in text
+
+
+def _b64(s: str) -> str:
+    return base64.urlsafe_b64encode(s.encode()).decode().rstrip("=")
+
+
+def test_key_and_session_in_subprotocols():
+    """What the chat page does: no secret in the URL; the server selects asyncllm.v1."""
+    with run_server(FakeEngine(), GatewaySettings(api_keys=("k/ü+1",), resume_ttl=5)) as srv:
+        ws = WS(srv.ws_url(), subprotocols=["asyncllm.v1", "asyncllm.key." + _b64("k/ü+1")])
+        assert ws.conn.subprotocol == "asyncllm.v1"
+        key = ws.session["session"]
+        ws.send({"type": "complete", "id": 1, "prompt": "ab", "params": {"max_tokens": 300}})
+        ws.until(lambda f: f["type"] == "delta")
+        ws.close()
+        protos = ["asyncllm.v1", "asyncllm.key." + _b64("k/ü+1"), "asyncllm.session." + key]
+        ws2 = WS(srv.ws_url(), subprotocols=protos)
+        assert ws2.session["session"] == key  # resumed by the subprotocol alone
+        ws2.close()
+        with pytest.raises(AssertionError, match="unauthorized"):  # an error frame, not a session
+            WS(srv.ws_url(), subprotocols=["asyncllm.v1", "asyncllm.key." + _b64("nope")])
+
+
+def test_session_header_and_no_takeover_by_session_key_alone():
+    s = GatewaySettings(api_keys=("alice", "bob"), resume_ttl=5)
+    with run_server(FakeEngine(), s) as srv:
+        a = WS(srv.ws_url(), additional_headers={"Authorization": "Bearer alice"})
+        key = a.session["session"]
+        a.send({"type": "complete", "id": 1, "prompt": "ab", "params": {"max_tokens": 300}})
+        a.until(lambda f: f["type"] == "delta")
+        # bob knows alice's session key (say from an old log line): he gets a session of his own
+        b = WS(
+            srv.ws_url(),
+            additional_headers={"Authorization": "Bearer bob", "X-Asyncllm-Session": key},
+        )
+        assert b.session["session"] != key
+        assert a.until(lambda f: f["type"] == "delta")  # alice's socket was not taken over
+        b.close()
+        a.close()
+        # alice herself resumes with the header
+        a2 = WS(
+            srv.ws_url(),
+            additional_headers={"Authorization": "Bearer alice", "X-Asyncllm-Session": key},
+        )
+        assert a2.session["session"] == key
+        a2.close()

@@ -3,23 +3,73 @@ covers both HTTP requests and WebSocket upgrades)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
+from asyncllm.protocol import KEY_SUBPROTOCOL, SESSION_HEADER, SESSION_SUBPROTOCOL
+
+
+def offered_subprotocols(conn: HTTPConnection) -> list[str]:
+    raw = conn.headers.get("sec-websocket-protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _from_subprotocol(conn: HTTPConnection, prefix: str) -> str | None:
+    for p in offered_subprotocols(conn):
+        if p.startswith(prefix):
+            return p[len(prefix) :]
+    return None
+
 
 def presented_key(conn: HTTPConnection) -> str | None:
-    """The key the client sent: `Authorization: Bearer K`, else `?api_key=K` (browsers cannot set
-    headers on a WebSocket upgrade)."""
+    """The key the client sent: `Authorization: Bearer K`; from a browser's WebSocket (which
+    cannot set headers) the `asyncllm.key.<base64url K>` subprotocol; last `?api_key=K`, kept
+    for old pages (the access log redacts it)."""
     auth = conn.headers.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
+    enc = _from_subprotocol(conn, KEY_SUBPROTOCOL)
+    if enc:
+        try:
+            return base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return "\x00"  # malformed: a key that matches nothing
     key = conn.query_params.get("api_key")
     return key or None
+
+
+def presented_session(conn: HTTPConnection) -> str | None:
+    """The session a reconnecting client asks for: subprotocol, header, or `?session=`."""
+    return (
+        _from_subprotocol(conn, SESSION_SUBPROTOCOL)
+        or conn.headers.get(SESSION_HEADER)
+        or conn.query_params.get("session")
+        or None
+    )
+
+
+def key_id(key: str) -> str:
+    """A key's stand-in for bookkeeping (session owners, per-key counts): never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def client_identity(conn: HTTPConnection, api_keys: Sequence[str]) -> tuple[str, ...]:
+    """Who per-client limits count against: the client address, and the API key when the
+    server has keys (several users behind one address, or one key used from many)."""
+    out = []
+    if conn.client is not None:
+        out.append(f"ip:{conn.client.host}")
+    key = presented_key(conn)
+    if key and api_keys:
+        out.append(f"key:{key_id(key)}")
+    return tuple(out)
 
 
 def key_ok(key: str | None, api_keys: Sequence[str]) -> bool:
