@@ -71,6 +71,9 @@ CLOSE_OVERLOADED = 1013
 CLOSE_GOING_AWAY = 1001
 
 MAX_ID_LENGTH = 256
+MAX_MESSAGES = 1024  # per chat: each costs a template pass (30,000 empty ones stalled the loop)
+# The roles chat templates know; any other string went into the prompt as a turn of its own.
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string: each token is matched against this much held text
 MAX_N = 128
@@ -298,13 +301,17 @@ def parse_messages(obj: Any, id: StreamId | None = None) -> list[dict[str, str]]
     Text parts are joined; other part types are refused."""
     if not isinstance(obj, list) or not obj:
         raise ProtocolError(INVALID_REQUEST, "messages must be a non-empty list", id)
+    if len(obj) > MAX_MESSAGES:
+        raise ProtocolError(TOO_LARGE, f"at most {MAX_MESSAGES} messages per chat", id)
     out = []
     for i, m in enumerate(obj):
         if not isinstance(m, dict):
             raise ProtocolError(INVALID_REQUEST, f"messages[{i}] must be an object", id)
         role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise ProtocolError(INVALID_REQUEST, f"messages[{i}].role must be a string", id)
+        if role not in ROLES:
+            raise ProtocolError(
+                INVALID_REQUEST, f"messages[{i}].role must be one of {', '.join(ROLES)}", id
+            )
         if isinstance(content, list):
             parts = []
             for p in content:

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from asyncllm.engine.engine_client import EngineClient, ServedModel
+from asyncllm.gateway.chat_encode import encode_chat
 from asyncllm.gateway.limits import GatewayError, Limits, engine_dead_error
 from asyncllm.gateway.metrics import Metrics
 from asyncllm.gateway.settings import GatewaySettings
@@ -29,8 +30,10 @@ from asyncllm.protocol import (
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 # Prompts up to this many characters are tokenized on the event loop (tens of microseconds),
-# longer ones in a worker thread.
+# longer ones in a worker thread. A chat counts its rendered size: each message adds about
+# this much template text (and a template pass), so many tiny messages go to the thread too.
 INLINE_ENCODE_CHARS = 2048
+TEMPLATE_CHARS_PER_MESSAGE = 32
 
 # engine finish reasons -> protocol/OpenAI ones
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
@@ -145,9 +148,7 @@ class EngineIO:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template already holds any BOS token.
-        return list(tok.encode(text, add_special_tokens=False))
+        return encode_chat(tok, messages)  # special-token text in content stays text
 
     def _encode_text_sync(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
@@ -172,7 +173,7 @@ class EngineIO:
         tokenizer does, and at a burst of hundreds of new streams it was most of their TTFT."""
         try:
             if messages is not None:
-                size = sum(len(m["content"]) for m in messages)  # parse_messages: strings
+                size = sum(len(m["content"] or "") + TEMPLATE_CHARS_PER_MESSAGE for m in messages)
                 fn: Callable[[Any], list[int]] = self._encode_chat_sync
                 arg: Any = messages
             else:
