@@ -93,6 +93,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # Prompt chunks share a smaller budget, so a long prompt cannot stall running decodes.
+        prefill = self.config.max_prefill_tokens or budget
         bm = self.block_manager
         scheduled_ids: set[int] = set()
 
@@ -100,7 +102,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            is_prefill = seq.num_uncomputed_tokens > 1
+            num_new = min(seq.num_uncomputed_tokens, budget, prefill if is_prefill else budget)
             if num_new == 0 or (seq.num_pending and seq.ends_by_length(self.config.max_model_len)):
                 i += 1
                 continue
@@ -117,13 +120,15 @@ class Scheduler:
                 self._allocate(seq, num_new, out)
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
+                if is_prefill:
+                    prefill -= num_new
                 i += 1
                 continue
             # `seq` itself was preempted: whatever follows it has lower priority and is gone too.
             break
 
         # 2. Waiting sequences, only if nothing had to be preempted (memory is tight otherwise).
-        while self.waiting and budget > 0 and not out.preempted:
+        while self.waiting and min(budget, prefill) > 0 and not out.preempted:
             seq = self.waiting[0]
             if seq.num_pending:
                 # Preempted while its last token was in flight: that token is unknown until the
@@ -139,7 +144,7 @@ class Scheduler:
                     cached = match.num_tokens
                     if seq.request.num_cached_tokens == 0 and seq.num_output_tokens == 0:
                         seq.request.num_cached_tokens = cached
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, budget, prefill)
             if not bm.can_allocate(seq, num_new):
                 # A waiting sequence must not sit on the cached blocks it matched: with several
                 # such sequences (preempted ones re-match their own blocks) nothing is left to
@@ -156,6 +161,7 @@ class Scheduler:
             self.add_running(seq)
             self._allocate(seq, num_new, out)
             budget -= num_new
+            prefill -= num_new
         out.step = self.writer.write(out.scheduled, out.block_copies)
         return out
 
