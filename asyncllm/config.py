@@ -33,7 +33,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
     # Of each step's budget, at most this many prompt tokens (chunks of waiting or partly
-    # prefilled prompts), so running decodes keep flowing beside a long prompt. None: 128 on
+    # prefilled prompts), so running decodes keep flowing beside a long prompt. None: 64 on
     # the CPU (a step there costs ~per token), the whole budget on CUDA.
     max_prefill_tokens: int | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU

@@ -35,10 +35,20 @@ def test_prompt_chunks_are_capped_and_decodes_run_every_step():
 
 def test_the_cap_is_shared_by_all_prompts_of_a_step():
     s = make(budget=64, prefill=10)
+    s.add(make_seq(3, t=0, rid="d"))
+    run_step(s)  # d decodes from now on
     for k, n in enumerate((7, 7, 7)):
-        s.add(make_seq(n, t=k, rid=f"p{k}"))
-    assert _ids(run_step(s)) == [("p0", 7), ("p1", 3)]
-    assert _ids(run_step(s)) == [("p0", 1), ("p1", 4), ("p2", 6)]
+        s.add(make_seq(n, t=k + 1, rid=f"p{k}"))
+    assert _ids(run_step(s)) == [("d", 1), ("p0", 7), ("p1", 3)]
+    assert _ids(run_step(s)) == [("d", 1), ("p0", 1), ("p1", 4), ("p2", 6)]
+
+
+def test_without_running_decodes_prompts_get_the_whole_budget():
+    """The cap protects decodes; a batch of prompts arriving together is not slowed by it."""
+    s = make(budget=64, prefill=10)
+    for k in range(3):
+        s.add(make_seq(20, t=k, rid=f"p{k}"))
+    assert _ids(run_step(s)) == [("p0", 20), ("p1", 20), ("p2", 20)]
 
 
 def test_no_cap_is_the_old_schedule():
@@ -60,11 +70,11 @@ def test_engine_canary_gets_a_token_every_step_beside_a_long_prompt(tiny_model_d
     from asyncllm import LLM, SamplingParams
 
     kw = dict(model=tiny_model_dir, num_kv_blocks=128, block_size=16, max_model_len=512)
-    long_prompt = list(range(3, 303)) + list(range(3, 103))  # 400 tokens: 4 chunks (128 max)
+    long_prompt = list(range(3, 303)) + list(range(3, 103))  # 400 tokens: 7 chunks (64 max)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     llm = LLM(**kw)
     eng = llm.llm_engine
-    assert eng.scheduler.config.max_prefill_tokens == 128  # the CPU default
+    assert eng.scheduler.config.max_prefill_tokens == 64  # the CPU default
     eng.add_request("canary", {"prompt_token_ids": [5, 6, 7, 8]}, sp)
     while not eng.step():
         pass
@@ -79,7 +89,7 @@ def test_engine_canary_gets_a_token_every_step_beside_a_long_prompt(tiny_model_d
         assert "canary" in by_id, f"step {steps}: the canary got nothing"
         canary_tokens.append(len(by_id["canary"].outputs[0].token_ids))
         got_long = "long" in by_id and len(by_id["long"].outputs[0].token_ids) > 0
-    assert steps == 4  # ceil(400 / 128)
+    assert steps == 7  # ceil(400 / 64)
     while eng.has_unfinished_requests():
         eng.step()
     # the same tokens as without the cap

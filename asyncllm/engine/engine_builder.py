@@ -16,7 +16,7 @@ _CPU_DEFAULT_KV_BYTES = 512 * 1024**2
 _DEFAULT_MAX_MODEL_LEN_CAP = 8192
 # Prompt tokens per step on the CPU, where a step costs about its token count: decodes beside a
 # long prompt then wait one chunk, not the whole prompt (ops/bench/canary_gap.py measures it).
-CPU_MAX_PREFILL_TOKENS = 128
+CPU_MAX_PREFILL_TOKENS = 64
 
 
 def pick_device(name: str) -> torch.device:

@@ -93,8 +93,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        # Prompt chunks share a smaller budget, so a long prompt cannot stall running decodes.
-        prefill = self.config.max_prefill_tokens or budget
+        # Prompt chunks share a smaller budget, so a long prompt cannot stall running decodes
+        # (with none running there is nobody to stall: prompts get the whole budget).
+        prefill = budget
+        cap = self.config.max_prefill_tokens
+        if cap is not None and any(s.num_uncomputed_tokens == 1 for s in self.running):
+            prefill = cap
         bm = self.block_manager
         scheduled_ids: set[int] = set()
 

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sockets", type=int, default=8)
     ap.add_argument("--streams", type=int, default=8, help="per socket")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument(
+        "--kv-cache-mib", type=int, default=None, help="KV cache size (default: the engine's)"
+    )
     ap.add_argument("--warmup", type=int, default=5, help="rounds before the baseline snapshot")
     ap.add_argument("--no-tracemalloc", action="store_true")
     ap.add_argument("--json", default=None, help="write the per-round numbers here")
@@ -59,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     from asyncllm.gateway import GatewaySettings
     from tests.gateway_helpers import run_server
 
-    eargs = EngineArgs(model=args.model, seed=0)
+    kv = args.kv_cache_mib << 20 if args.kv_cache_mib else None
+    eargs = EngineArgs(model=args.model, seed=0, kv_cache_memory=kv)
     engine = AsyncLLMEngine.from_engine_args(eargs)
     settings = GatewaySettings(resume_ttl=0.5, max_streams_per_connection=256)
     rows = []
     baseline = None
+    cfg = engine.engine.cache_config if hasattr(engine, "engine") else None
+    print(json.dumps({"kv_cache_mib": args.kv_cache_mib, "cache_config": str(cfg)}), flush=True)
     with run_server(engine, settings) as srv:
         if not args.no_tracemalloc:  # after start-up: only what the rounds allocate is traced
             tracemalloc.start(25)
@@ -97,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def idle() -> bool:
             s = engine.stats()
-            return s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total
+            return (
+                s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total
+            )
 
         for r in range(args.rounds):
             t0 = time.monotonic()
