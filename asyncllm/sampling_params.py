@@ -73,8 +73,10 @@ PARAM_RANGES: dict[str, ParamRange] = {
     "n": ParamRange(True, lo=1),
     "presence_penalty": ParamRange(False, -2.0, 2.0),
     "frequency_penalty": ParamRange(False, -2.0, 2.0),
-    "repetition_penalty": ParamRange(False, FACTOR_MIN, FACTOR_MAX),
-    "temperature": ParamRange(False, 0.0, FACTOR_MAX),
+    "repetition_penalty": ParamRange(
+        False, FACTOR_MIN, FACTOR_MAX, what="a number in [1e-30, 1e30]"
+    ),
+    "temperature": ParamRange(False, 0.0, FACTOR_MAX, what="a number in [0, 1e30]"),
     "top_p": ParamRange(
         False, FLOAT32_MIN_NORMAL, 1.0, what="a number in [1.175e-38, 1] (float32 holds no less)"
     ),
