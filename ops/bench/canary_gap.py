@@ -69,6 +69,46 @@ async def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def step_costs(args: argparse.Namespace) -> list[dict]:
+    """The same question one engine step at a time (LLMEngine, no event loop): the canary's
+    decode-only step against each step of a long prompt's prefill beside it."""
+    from asyncllm import LLM, SamplingParams
+
+    eng = LLM(model=args.model, max_prefill_tokens=args.max_prefill_tokens, seed=0).llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=args.canary_tokens, ignore_eos=True)
+    eng.add_request("canary", {"prompt_token_ids": [1, 2, 3, 4]}, sp)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        eng.step()
+        return time.perf_counter() - t0
+
+    for _ in range(5):
+        eng.step()
+    rows = []
+    rng = random.Random(0)
+    for n in args.prompt_tokens:
+        normal = statistics.median(timed() for _ in range(10))
+        ids = [rng.randrange(eng.vocab_size) for _ in range(n)]
+        eng.add_request(f"long-{n}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+        steps = []
+        while f"long-{n}" in eng.requests:
+            steps.append(timed())
+        row = {
+            "prompt_tokens": n,
+            "max_prefill_tokens": eng.scheduler.config.max_prefill_tokens,
+            "normal_step_ms": round(normal * 1e3, 1),
+            "worst_step_ms": round(max(steps) * 1e3, 1),
+            "first_chunk_ratio": round(steps[0] / normal, 2),
+            "ratio": round(max(steps) / normal, 2),
+            "prefill_s": round(sum(steps), 2),
+            "steps": len(steps),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def _gaps(ts: list[float]) -> list[float]:
     return [b - a for a, b in zip(ts, ts[1:], strict=False)] or [0.0]
 
@@ -80,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prefill-tokens", type=int, default=None, help="default: the engine's")
     ap.add_argument("--warm", type=float, default=3.0)
     ap.add_argument("--canary-tokens", type=int, default=4000)
+    ap.add_argument("--steps", action="store_true", help="time engine steps (no event loop)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    rows = asyncio.run(run(args))
+    rows = step_costs(args) if args.steps else asyncio.run(run(args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
