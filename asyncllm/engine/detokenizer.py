@@ -112,12 +112,13 @@ class IncrementalDetokenizer:
 
         Each stop string has a KMP matcher fed only the new text, so a token costs time in
         its own characters, not in the held-back text (trying every prefix length with
-        endswith was quadratic in it). The longest suffix that is a prefix of a stop string
-        never reaches into released text: that was released because no stop string could
-        start there."""
+        endswith was quadratic in it). The matched length can reach into released text (text
+        shown while min_tokens held stop strings off): then the matcher's own chain gives the
+        longest shorter candidate that fits in the unreleased text."""
         text = self._text
         new = text[self._fed :]
         self._fed = len(text)
+        pending = len(text) - len(self.output_text)
         hold = 0
         for i, s in enumerate(self.stop):
             k, fail, n = self._matched[i], self._fail[i], len(s)
@@ -127,8 +128,11 @@ class IncrementalDetokenizer:
                 if s[k] == ch:
                     k += 1
             self._matched[i] = k
-            hold = max(hold, min(k, n - 1))
-        return min(hold, len(text) - len(self.output_text))
+            h = fail[n - 1] if k == n else k  # a whole match does not count as a start
+            while h > pending:
+                h = fail[h - 1]
+            hold = max(hold, h)
+        return hold
 
     def finish(self) -> None:
         """Generation ended for another reason (EOS, length, abort): release what was held back,
