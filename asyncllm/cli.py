@@ -106,6 +106,7 @@ def settings_from(ns: argparse.Namespace) -> Any:
         port=ns.port,
         api_keys=keys,
         allowed_origins=tuple(ns.allowed_origin),
+        allowed_hosts=tuple(ns.allowed_host) if ns.allowed_host else None,
         resume_ttl=ns.resume_ttl,
         max_frame_bytes=ns.max_frame_bytes,
         max_streams_per_connection=ns.max_streams_per_connection,

@@ -151,6 +151,14 @@ def add_serve_parser(sub: Any, gs: Any, cmd_serve: Any) -> argparse.ArgumentPars
         "(default: none)",
     )
     s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        help="Host header name served (repeatable; .example.com = domain and subdomains; * = any)"
+        " (default: the loopback names when bound to loopback, against DNS rebinding; any name "
+        "otherwise)",
+    )
+    s.add_argument(
         "--metrics-public",
         action="store_true",
         help="serve /metrics without an API key, for a Prometheus scraper (default: off, "

@@ -33,6 +33,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
+    # Of each step's budget, at most this many prompt tokens (chunks of waiting or partly
+    # prefilled prompts), so running decodes keep flowing beside a long prompt. None: 64 on
+    # the CPU (a step there costs ~per token), the whole budget on CUDA.
+    max_prefill_tokens: int | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs
     # Schedule and launch step N+1 before step N's sampled tokens reach the host, so the host's
@@ -82,6 +86,8 @@ class EngineArgs:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -133,6 +139,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     async_scheduling: bool = False
+    max_prefill_tokens: int | None = None  # per step; None: max_num_batched_tokens
 
 
 @dataclass

@@ -54,6 +54,15 @@ MAX_BATCH_BYTES = 1 << 16  # a batch message holds frames up to this many bytes 
 # keys are 22 such characters (128 random bits); a shorter proposal could be guessed.
 SESSION_KEY_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")
 
+# Secrets off the URL (URLs end up in access logs): a browser cannot set headers on a WebSocket,
+# but it can offer subprotocols. It offers SUBPROTOCOL (which the server selects) and carries
+# the API key as KEY_SUBPROTOCOL + base64url(key) and a session as SESSION_SUBPROTOCOL + key.
+# Other clients send `Authorization: Bearer K` and the SESSION_HEADER.
+SUBPROTOCOL = "asyncllm.v1"
+KEY_SUBPROTOCOL = "asyncllm.key."
+SESSION_SUBPROTOCOL = "asyncllm.session."
+SESSION_HEADER = "x-asyncllm-session"
+
 # error codes
 INVALID_REQUEST = "invalid_request"
 UNAUTHORIZED = "unauthorized"
@@ -83,7 +92,11 @@ CLOSE_OVERLOADED = 1013
 CLOSE_GOING_AWAY = 1001
 
 MAX_ID_LENGTH = 256
+MAX_MESSAGES = 1024  # per chat: each costs a template pass (30,000 empty ones stalled the loop)
+# The roles chat templates know; any other string went into the prompt as a turn of its own.
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # per stop string: each token is matched against this much held text
 MAX_N = 128
 
 StreamId = str | int
@@ -256,6 +269,12 @@ def parse_params(
                 f"params.stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS}",
                 id,
             )
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ProtocolError(
+                INVALID_REQUEST,
+                f"params.stop strings must be at most {MAX_STOP_CHARS} characters",
+                id,
+            )
         kw["stop"] = stop
     sti = obj.get("stop_token_ids")
     if sti is not None:
@@ -320,13 +339,17 @@ def parse_messages(obj: Any, id: StreamId | None = None) -> list[dict[str, Any]]
     `tool_calls` (content null) and a `tool` message its `tool_call_id`; both are kept."""
     if not isinstance(obj, list) or not obj:
         raise ProtocolError(INVALID_REQUEST, "messages must be a non-empty list", id)
+    if len(obj) > MAX_MESSAGES:
+        raise ProtocolError(TOO_LARGE, f"at most {MAX_MESSAGES} messages per chat", id)
     out = []
     for i, m in enumerate(obj):
         if not isinstance(m, dict):
             raise ProtocolError(INVALID_REQUEST, f"messages[{i}] must be an object", id)
         role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise ProtocolError(INVALID_REQUEST, f"messages[{i}].role must be a string", id)
+        if role not in ROLES:
+            raise ProtocolError(
+                INVALID_REQUEST, f"messages[{i}].role must be one of {', '.join(ROLES)}", id
+            )
         if isinstance(content, list):
             parts = []
             for p in content:

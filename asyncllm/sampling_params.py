@@ -21,6 +21,13 @@ class RequestOutputKind(enum.Enum):
 
 _GREEDY_EPS = 1e-5
 
+# What float32 (the sampler's arithmetic) can hold. A top_p under the smallest normal float32
+# becomes 0 there and cuts every token; a repetition penalty or temperature divides or
+# multiplies logits, so it stays within FACTOR_MIN..FACTOR_MAX: a logit up to 1e8 in magnitude
+# then stays finite (1e-50 became 0 in float32: infinite logits, NaN picks).
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+FACTOR_MIN, FACTOR_MAX = 1e-30, 1e30
+
 
 @dataclass(frozen=True)
 class ParamRange:
@@ -66,9 +73,13 @@ PARAM_RANGES: dict[str, ParamRange] = {
     "n": ParamRange(True, lo=1),
     "presence_penalty": ParamRange(False, -2.0, 2.0),
     "frequency_penalty": ParamRange(False, -2.0, 2.0),
-    "repetition_penalty": ParamRange(False, lo=0.0, lo_open=True),
-    "temperature": ParamRange(False, lo=0.0),
-    "top_p": ParamRange(False, 0.0, 1.0, lo_open=True),
+    "repetition_penalty": ParamRange(
+        False, FACTOR_MIN, FACTOR_MAX, what="a number in [1e-30, 1e30]"
+    ),
+    "temperature": ParamRange(False, 0.0, FACTOR_MAX, what="a number in [0, 1e30]"),
+    "top_p": ParamRange(
+        False, FLOAT32_MIN_NORMAL, 1.0, what="a number in [1.175e-38, 1] (float32 holds no less)"
+    ),
     "top_k": ParamRange(True, lo=-1, what="0 or -1 (off) or a positive integer"),
     "min_p": ParamRange(False, 0.0, 1.0),
     "seed": ParamRange(True),

@@ -52,7 +52,9 @@ def test_page_is_self_contained():
     # no external scripts, styles, fonts or images: the page must work on a closed network
     for needle in ("http://", "https://", "@import", "url("):
         assert needle not in html, needle
-    assert "/v1/ws" in html and "?session=" in html
+    assert "/v1/ws" in html and "asyncllm.session." in html and "asyncllm.key." in html
+    # secrets never go into the socket's URL (access logs, proxies)
+    assert 'searchParams.set("api_key"' not in html and 'searchParams.set("session"' not in html
     # what it loads is vendored beside it, and shipped in the package
     refs = re.findall(r'<(?:script|link)\b[^>]*?(?:src|href)="([^"]+)"', html)
     assert len(refs) == 4, refs  # marked, DOMPurify, highlight.js and its style

@@ -157,7 +157,7 @@ class FakeGateway:
     async def _handler(self, ws: ServerConnection) -> None:
         self.connections += 1
         q = parse_qs(urlsplit(ws.request.path).query)
-        want = q.get("session", [None])[0]
+        want = ws.request.headers.get(P.SESSION_HEADER) or q.get("session", [None])[0]
         sess = self.sessions.get(want) if want else None
         if sess is not None and sess.detached_at is not None:
             if time.monotonic() - sess.detached_at > self.resume_ttl:

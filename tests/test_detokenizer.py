@@ -274,3 +274,62 @@ def test_min_tokens_holds_off_stop_strings(tok):
     _, d, matched = _stream(tok, ids, params)
     assert matched == "blue"
     assert d.output_text == "The sky is blue and the grass is green. The sky is "
+
+
+class _CharTokenizer:
+    """Token id = code point: the text is exactly the ids (no BPE in the way)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def _brute_hold(text: str, released: int, stops: list[str]) -> int:
+    pending = len(text) - released
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, pending), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.text(alphabet="ab c", min_size=1, max_size=60),
+    stops=st.lists(st.text(alphabet="ab c", min_size=1, max_size=8), min_size=1, max_size=3),
+    data=st.data(),
+)
+def test_held_back_text_matches_brute_force(text, stops, data):
+    """The KMP matchers hold back exactly what trying every prefix of every stop would."""
+    d = IncrementalDetokenizer(_CharTokenizer(), [], SamplingParams(stop=stops))
+    ids = [ord(c) for c in text]
+    i = 0
+    while i < len(ids):
+        n = data.draw(st.integers(1, 4))
+        before = d._text
+        if d.add_tokens(ids[i : i + n]) is not None:
+            first = min((p, s) for s in stops if (p := d._text.find(s)) != -1)
+            assert d.output_text == d._text[: first[0]]
+            return
+        assert d.output_text == d._text[: len(d._text) - _brute_hold(d._text, 0, stops)]
+        assert d._text.startswith(before)
+        i += n
+
+
+def test_long_stop_string_costs_linear_time():
+    """A long stop string whose prefix the text follows, then leaves: trying every prefix
+    length (each an O(n) slice) cost ~n^2/2 character copies for the one token that rules it
+    out (seconds at 200k); the matchers take one step per character."""
+    import time
+
+    n = 200_000
+    stop = "a" * n + "b"
+    d = IncrementalDetokenizer(_CharTokenizer(), [], SamplingParams(stop=[stop]))
+    d.add_tokens([ord("a")] * (n - 1))
+    assert d.output_text == ""  # all of it could be the stop string's start
+    t0 = time.perf_counter()
+    d.add_tokens([ord("c")])
+    took = time.perf_counter() - t0
+    assert d.output_text == "a" * (n - 1) + "c"
+    assert took < 0.5, f"{took:.2f} s for one token"

@@ -288,16 +288,13 @@ class Client:
 
     # ---- connecting ------------------------------------------------------------------------------
 
-    def _url_for(self, session: str | None) -> str:
-        if session is None and not self.batch:
+    def _url_for(self) -> str:
+        if not self.batch:
             return self.url
         parts = urlsplit(self.url)
         ours = ("session", P.BATCH_QUERY)
         q = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
-        if self.batch:
-            q.append((P.BATCH_QUERY, "1"))
-        if session is not None:
-            q.append(("session", session))
+        q.append((P.BATCH_QUERY, "1"))
         return urlunsplit(parts._replace(query=urlencode(q)))
 
     def _session_to_ask(self) -> str:
@@ -307,12 +304,19 @@ class Client:
             self._proposal = secrets.token_urlsafe(24)
         return self._proposal
 
+    def _headers_for(self, session: str | None) -> dict[str, str]:
+        # The session is a secret (it resumes our streams): a header, not the URL, which ends
+        # up in access logs and proxies.
+        if session is None:
+            return self._headers
+        return {**self._headers, P.SESSION_HEADER: session}
+
     async def _connect_once(self) -> _Connection:
         """One attempt: socket, upgrade, and the server's `session` frame."""
         try:
             ws = await WSConnection.open(
-                self._url_for(self._session_to_ask()),
-                self._headers,
+                self._url_for(),
+                self._headers_for(self._session_to_ask()),
                 timeout=self.connect_timeout,
                 max_size=self.max_frame_bytes,
                 ssl_context=self.ssl_context,

@@ -33,6 +33,10 @@ class IncrementalDetokenizer:
         self.stop: list[str] = list(params.stop or [])
         self.include_stop = params.include_stop_str_in_output
         self._max_stop = max((len(s) for s in self.stop), default=0)
+        # Per stop string: its KMP failure table and how much of it the text ends with.
+        self._fail = [_failure_table(s) for s in self.stop]
+        self._matched = [0] * len(self.stop)
+        self._fed = 0  # _text[:_fed] has been fed to the matchers
 
         ctx = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         if ctx and self._decode(ctx).endswith(_REPLACEMENT):
@@ -110,14 +114,30 @@ class IncrementalDetokenizer:
         return None
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of the unreleased text that starts some stop string."""
-        pending = len(self._text) - len(self.output_text)
+        """Length of the longest suffix of the unreleased text that starts some stop string.
+
+        Each stop string has a KMP matcher fed only the new text, so a token costs time in
+        its own characters, not in the held-back text (trying every prefix length with
+        endswith was quadratic in it). The matched length can reach into released text (text
+        shown while min_tokens held stop strings off): then the matcher's own chain gives the
+        longest shorter candidate that fits in the unreleased text."""
+        text = self._text
+        new = text[self._fed :]
+        self._fed = len(text)
+        pending = len(text) - len(self.output_text)
         hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, pending), hold, -1):
-                if self._text.endswith(s[:n]):
-                    hold = n
-                    break
+        for i, s in enumerate(self.stop):
+            k, fail, n = self._matched[i], self._fail[i], len(s)
+            for ch in new:
+                while k and (k == n or s[k] != ch):
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+            self._matched[i] = k
+            h = fail[n - 1] if k == n else k  # a whole match does not count as a start
+            while h > pending:
+                h = fail[h - 1]
+            hold = max(hold, h)
         return hold
 
     def finish(self) -> None:
@@ -132,6 +152,19 @@ class IncrementalDetokenizer:
             full = self._decode(self._ids[self._prefix :])
             self._text += full[len(self._prefix_text) :]
         self.output_text = self._text
+
+
+def _failure_table(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 _token_cache: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()

@@ -14,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 512 * 1024**2
 _DEFAULT_MAX_MODEL_LEN_CAP = 8192
+# Prompt tokens per step on the CPU, where a step costs about its token count: decodes beside a
+# long prompt then wait one chunk, not the whole prompt (ops/bench/canary_gap.py measures it).
+CPU_MAX_PREFILL_TOKENS = 64
 
 
 def pick_device(name: str) -> torch.device:
@@ -192,6 +195,8 @@ def build_runner(args: EngineArgs, mc: ModelConfig):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max_batched,
         max_model_len=mc.max_model_len,
+        max_prefill_tokens=args.max_prefill_tokens
+        or (None if mc.device.type == "cuda" else CPU_MAX_PREFILL_TOKENS),
         async_scheduling=(
             mc.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
         ),

@@ -93,6 +93,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # Prompt chunks share a smaller budget, so a long prompt cannot stall running decodes
+        # (with none running there is nobody to stall: prompts get the whole budget).
+        prefill = budget
+        cap = self.config.max_prefill_tokens
+        if cap is not None and any(s.num_uncomputed_tokens == 1 for s in self.running):
+            prefill = cap
         bm = self.block_manager
         scheduled_ids: set[int] = set()
 
@@ -100,7 +106,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            is_prefill = seq.num_uncomputed_tokens > 1
+            num_new = min(seq.num_uncomputed_tokens, budget, prefill if is_prefill else budget)
             if num_new == 0 or (seq.num_pending and seq.ends_by_length(self.config.max_model_len)):
                 i += 1
                 continue
@@ -119,13 +126,15 @@ class Scheduler:
                 self._allocate(seq, num_new, out)
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
+                if is_prefill:
+                    prefill -= num_new
                 i += 1
                 continue
             # `seq` itself was preempted: whatever follows it has lower priority and is gone too.
             break
 
         # 2. Waiting sequences, only if nothing had to be preempted (memory is tight otherwise).
-        while self.waiting and budget > 0 and not out.preempted:
+        while self.waiting and min(budget, prefill) > 0 and not out.preempted:
             seq = self.waiting[0]
             if seq.num_pending:
                 # Preempted while its last token was in flight: that token is unknown until the
@@ -141,7 +150,7 @@ class Scheduler:
                     cached = match.num_tokens
                     if seq.request.num_cached_tokens == 0 and seq.num_output_tokens == 0:
                         seq.request.num_cached_tokens = cached
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, budget, prefill)
             bm.release_outside_window(seq)  # a long cached prefix matched beyond the window
             if not bm.can_allocate(seq, num_new):
                 # A waiting sequence must not sit on the cached blocks it matched: with several
@@ -159,6 +168,7 @@ class Scheduler:
             self.add_running(seq)
             self._allocate(seq, num_new, out)
             budget -= num_new
+            prefill -= num_new
         out.step = self.writer.write(out.scheduled, out.block_copies)
         return out
 

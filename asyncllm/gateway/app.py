@@ -25,18 +25,31 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from asyncllm.engine.engine_client import EngineClient
-from asyncllm.gateway.auth import authorized, origin_allowed
+from asyncllm.gateway.auth import authorized, browser_refusal
 from asyncllm.gateway.engine_io import EngineIO
-from asyncllm.gateway.limits import GatewayError
+from asyncllm.gateway.limits import GatewayError, as_gateway_error
 from asyncllm.gateway.metrics import Metrics
-from asyncllm.gateway.openai import OpenAIRoutes, error_response, json_response
+from asyncllm.gateway.openai import ClientGone, OpenAIRoutes, error_response, json_response
 from asyncllm.gateway.sessions import SessionManager
 from asyncllm.gateway.settings import GatewaySettings
 from asyncllm.gateway.shutdown import make_drain
+from asyncllm.gateway.transport import (
+    ConnectionLimits,
+    default_max_tcp_connections,
+    install_log_redaction,
+    protocol_class,
+)
 from asyncllm.gateway.utility_routes import UtilityRoutes
 from asyncllm.gateway.ws import WebSocketGateway
 from asyncllm.profiling import ThreadProfile
-from asyncllm.protocol import INVALID_REQUEST, NOT_FOUND, UNAUTHORIZED, WS_PATH, ProtocolError
+from asyncllm.protocol import (
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    WS_PATH,
+    ProtocolError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +65,34 @@ def _guarded(settings: GatewaySettings, metrics: Metrics, handler: Handler) -> H
 
     async def endpoint(request: Request) -> Response:
         try:
-            if not origin_allowed(request, settings.allowed_origins):
-                return fail(GatewayError(UNAUTHORIZED, "origin not allowed", status=403))
+            refusal = browser_refusal(request, settings.allowed_origins, settings.served_hosts)
+            if refusal is not None:
+                return fail(GatewayError(UNAUTHORIZED, refusal, status=403))
             if not authorized(request, settings.api_keys):
                 return fail(
                     GatewayError(UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer)")
                 )
             return await handler(request)
-        except GatewayError as e:
-            return fail(e)
-        except ProtocolError as e:
-            return fail(GatewayError(e.code, e.message))
+        except ClientGone:
+            return Response(status_code=499)  # nobody is listening: no body, no traceback
+        except Exception as e:
+            err = _as_protocol_error(e)
+            if err is None:
+                logger.exception("%s %s failed", request.method, request.url.path)
+                err = GatewayError(INTERNAL, f"internal error: {type(e).__name__}")
+            return fail(as_gateway_error(err))
 
     return endpoint
+
+
+def _as_protocol_error(e: BaseException) -> ProtocolError | None:
+    """`e` itself, or the one protocol error inside (nested) exception groups: a task group
+    wraps what its body raises, and the wrapper must still answer with the error's status."""
+    inner = getattr(e, "exceptions", None)  # BaseExceptionGroup (a builtin from Python 3.11)
+    while isinstance(inner, tuple) and len(inner) == 1:
+        e = inner[0]
+        inner = getattr(e, "exceptions", None)
+    return e if isinstance(e, ProtocolError) else None
 
 
 def build_app(
@@ -170,6 +198,10 @@ def build_app(
         e = GatewayError(code, str(exc.detail), status=exc.status_code)
         return error_response(e)
 
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Anything no route caught: still OpenAI's JSON shape (Starlette logs the traceback).
+        return error_response(GatewayError(INTERNAL, f"internal error: {type(exc).__name__}"))
+
     middleware = []
     if settings.allowed_origins:
         middleware.append(
@@ -184,7 +216,7 @@ def build_app(
         routes=routes,
         lifespan=lifespan,
         middleware=middleware,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -225,7 +257,16 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
     kw.setdefault("log_level", "info")
     # At shutdown (GatewayServer), open streams are ended and sockets closed within this.
     kw.setdefault("timeout_graceful_shutdown", settings.shutdown_timeout)
-    return uvicorn.Config(
+    limits = ConnectionLimits(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=settings.max_tcp_connections or default_max_tcp_connections(),
+        max_per_ip=settings.max_connections_per_client,
+        retry_after=settings.retry_after,
+    )
+    kw.setdefault("http", protocol_class(limits))
+    kw.setdefault("timeout_keep_alive", settings.keep_alive_timeout)
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -238,3 +279,5 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings, **kw: Any) -> Any:
         lifespan="on",
         **kw,
     )
+    install_log_redaction()  # after Config: it configures uvicorn's loggers
+    return config

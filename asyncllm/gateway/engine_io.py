@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from asyncllm.engine.engine_client import EngineClient, ServedModel
+from asyncllm.gateway.chat_encode import encode_chat
 from asyncllm.gateway.chat_render import render_chat
 from asyncllm.gateway.limits import GatewayError, Limits, engine_dead_error
 from asyncllm.gateway.metrics import Metrics
@@ -32,8 +33,10 @@ from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.tools import ToolCallParser, get_parser, parser_for_model
 
 # Prompts up to this many characters are tokenized on the event loop (tens of microseconds),
-# longer ones in a worker thread.
+# longer ones in a worker thread. A chat counts its rendered size: each message adds about
+# this much template text (and a template pass), so many tiny messages go to the thread too.
 INLINE_ENCODE_CHARS = 2048
+TEMPLATE_CHARS_PER_MESSAGE = 32
 
 # engine finish reasons -> protocol/OpenAI ones
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
@@ -81,6 +84,8 @@ class EngineIO:
             settings.max_queue,
             settings.max_prompt_tokens or 1 << 62,
             settings.retry_after,
+            settings.max_streams_per_client,
+            settings.max_connections_per_client,
         )
         self._ids = itertools.count()
         self._tool_parser: ToolCallParser | None = None
@@ -175,9 +180,10 @@ class EngineIO:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
-        text = render_chat(tok, messages, tools, template_kwargs)
-        # The template already holds any BOS token.
-        return list(tok.encode(text, add_special_tokens=False))
+        # special-token text in content stays text; the template holds any BOS token
+        return encode_chat(
+            tok, messages, render=lambda msgs: render_chat(tok, msgs, tools, template_kwargs)
+        )
 
     def _encode_text_sync(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
@@ -204,7 +210,7 @@ class EngineIO:
         tokenizer does, and at a burst of hundreds of new streams it was most of their TTFT."""
         try:
             if messages is not None:
-                size = sum(len(m["content"]) for m in messages)  # parse_messages: strings
+                size = sum(len(m["content"] or "") + TEMPLATE_CHARS_PER_MESSAGE for m in messages)
                 if tools:
                     size += INLINE_ENCODE_CHARS  # rendering tools' schemas: off the loop
 
@@ -241,11 +247,12 @@ class EngineIO:
                 id,
             )
 
-    def admit(self, id: StreamId | None = None) -> None:
+    def admit(self, id: StreamId | None = None, client: tuple[str, ...] = ()) -> None:
         if self.stopping:
             raise self.shutting_down_error(id)
         self.check_alive(id)
         self.limits.check_queue(id)
+        self.limits.client_streams.check(client, id)
 
     def shutting_down_error(self, id: StreamId | None = None) -> GatewayError:
         return GatewayError(
@@ -289,6 +296,7 @@ class EngineIO:
         request_id: str,
         id: StreamId | None = None,
         on_pieces: Callable[[list[Piece]], None] | None = None,
+        client: tuple[str, ...] = (),
     ) -> AsyncIterator[list[Piece]]:
         """Yield the pieces of each engine output. Leaving early (break, cancel, disconnect)
         aborts the request. Engine failures come out as GatewayError(internal).
@@ -296,6 +304,7 @@ class EngineIO:
         With `on_pieces`, each output's pieces go to `on_pieces(pieces)` instead, called on the
         loop as the engine delivers them (the engine's sink: no task switch per output), and the
         generator yields nothing: iterate it to the end to run the request."""
+        self.limits.client_streams.acquire(client, id)  # `client`: see client_identity()
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
         conv = _Converter(self.limits, m, params, time.monotonic())
@@ -351,6 +360,7 @@ class EngineIO:
         finally:
             self._live.discard(request_id)
             stopped.discard(request_id)
+            self.limits.client_streams.release(client)
             conv.release_queue_slot()
             if not conv.finished:
                 # The generator's own cleanup should abort; make sure, even when cancelled.

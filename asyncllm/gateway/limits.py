@@ -38,6 +38,41 @@ def as_gateway_error(e: ProtocolError) -> GatewayError:
     return GatewayError(e.code, e.message, e.id)
 
 
+class ClientCounts:
+    """Open things (streams, sockets) per client identity ("ip:..." and "key:..." strings): one
+    client cannot take all of a server's capacity."""
+
+    def __init__(self, limit: int, what: str, retry_after: int):
+        self.limit = limit
+        self.what = what
+        self.retry_after = retry_after
+        self.counts: dict[str, int] = {}
+
+    def check(self, clients: tuple[str, ...], id: StreamId | None = None) -> None:
+        for c in clients:
+            if self.counts.get(c, 0) >= self.limit:
+                kind = "API key" if c.startswith("key:") else "client address"
+                raise GatewayError(
+                    OVERLOADED,
+                    f"too many {self.what} for this {kind} (limit {self.limit}); retry shortly",
+                    id,
+                    retry_after=self.retry_after,
+                )
+
+    def acquire(self, clients: tuple[str, ...], id: StreamId | None = None) -> None:
+        self.check(clients, id)
+        for c in clients:
+            self.counts[c] = self.counts.get(c, 0) + 1
+
+    def release(self, clients: tuple[str, ...]) -> None:
+        for c in clients:
+            n = self.counts.get(c, 0) - 1
+            if n > 0:
+                self.counts[c] = n
+            else:
+                self.counts.pop(c, None)
+
+
 class Limits:
     """Counters shared by the WebSocket and HTTP sides of one app (one event loop: no locks)."""
 
@@ -47,6 +82,8 @@ class Limits:
         max_queue: int,
         max_prompt_tokens: int,
         retry_after: int,
+        max_streams_per_client: int = 1 << 30,
+        max_sockets_per_key: int = 1 << 30,
     ):
         self.max_connections = max_connections
         self.max_queue = max_queue
@@ -54,6 +91,10 @@ class Limits:
         self.retry_after = retry_after
         self.connections = 0
         self.queued = 0  # admitted, no first token yet: the queue a new request would join
+        self.client_streams = ClientCounts(
+            max_streams_per_client, "unfinished requests", retry_after
+        )
+        self.key_sockets = ClientCounts(max_sockets_per_key, "open sockets", retry_after)
 
     def open_connection(self) -> bool:
         if self.connections >= self.max_connections:

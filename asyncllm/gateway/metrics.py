@@ -254,7 +254,11 @@ class Metrics:
     def render(self, alive: bool = True) -> bytes:
         """Refresh the engine gauges from one stats snapshot, then render the text format."""
         self.engine_alive.set(1 if alive else 0)
-        if self._stats is not None:
+        if not alive:
+            # A dead engine runs nothing and holds no blocks; its last snapshot is history.
+            for g in (self.running, self.waiting, self.kv_used):
+                g.set(0)
+        elif self._stats is not None:
             try:
                 s = self._stats()
             except Exception:  # a dead engine must not break /metrics

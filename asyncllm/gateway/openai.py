@@ -16,9 +16,10 @@ from typing import Any
 
 import anyio
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from asyncllm.gateway.auth import client_identity
 from asyncllm.gateway.engine_io import EngineIO, Piece
 from asyncllm.gateway.limits import GatewayError
 from asyncllm.gateway.openai_choices import Shape, primed, tool_delta
@@ -46,7 +47,9 @@ _ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -69,7 +72,9 @@ def error_response(e: ProtocolError) -> Response:
     body = {
         "error": {
             "message": e.message,
-            "type": _ERROR_TYPES.get(status, "server_error"),
+            "type": _ERROR_TYPES.get(
+                status, "invalid_request_error" if status < 500 else "server_error"
+            ),
             "param": None,
             "code": e.code,
         }
@@ -85,18 +90,43 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status, media_type="application/json")
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: nobody to answer."""
+
+
+def _check_content_type(request: Request) -> None:
+    """JSON bodies only. A browser sends text/plain, form or multipart bodies cross-origin without
+    a CORS preflight, so parsing those as JSON would let any page post requests here."""
+    ctype = request.headers.get("content-type")
+    if ctype is None:  # curl --data-binary without -H and similar tools: nothing to confuse
+        return
+    mime = ctype.partition(";")[0].strip().lower()
+    if mime != "application/json" and not (
+        mime.startswith("application/") and mime.endswith("+json")
+    ):
+        raise GatewayError(
+            INVALID_REQUEST,
+            f"Content-Type must be application/json, got {ctype[:80]!r}",
+            status=415,
+        )
+
+
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object, refusing anything over max_bytes without reading it all."""
+    _check_content_type(request)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise GatewayError(TOO_LARGE, f"body is {length} bytes; the limit is {max_bytes}")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise GatewayError(TOO_LARGE, f"body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise GatewayError(TOO_LARGE, f"body is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         obj = orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError as e:
@@ -249,7 +279,8 @@ class OpenAIRoutes:
                 if echo:
                     raise GatewayError(INVALID_REQUEST, "echo and suffix do not go together")
                 prompts = with_suffix(io.tokenizer, prompts, body["suffix"])
-        io.admit()
+        client = client_identity(request, io.settings.api_keys)
+        io.admit(client=client)
         params = io.sampling_params(gp, default_max_tokens=None if chat else 16)
         for name in _VLLM_FLAGS:
             if body.get(name) is not None:
@@ -263,10 +294,12 @@ class OpenAIRoutes:
             ids = await io.encode(messages, prompt, None, tools, body.get("chat_template_kwargs"))
             io.check_length(len(ids), gp.max_tokens, None)
             id_lists.append(ids)
-        io.admit()
+        io.admit(client=client)
         api = "chat" if chat else "completions"
         gens = [
-            io.generate(ids, params.clone(), gp.priority, api, io.new_request_id(api))
+            io.generate(
+                ids, params.clone(), gp.priority, api, io.new_request_id(api), client=client
+            )
             for ids in id_lists
         ]
         gen = gens[0] if len(gens) == 1 else merge_pieces(gens, gp.n)
@@ -308,6 +341,7 @@ class OpenAIRoutes:
     async def _collect(self, request: Request, gen: Any, n: int) -> _Completion | None:
         comp = _Completion(n)
         done = False
+        failure: ProtocolError | None = None
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -318,11 +352,18 @@ class OpenAIRoutes:
                         return
 
             tg.start_soon(watch_disconnect)
-            async with aclosing(gen):
-                async for pieces in gen:
-                    comp.add(pieces)
-            done = True
+            try:
+                async with aclosing(gen):
+                    async for pieces in gen:
+                        comp.add(pieces)
+                done = True
+            except ProtocolError as e:
+                # Raised out of the task group it would come wrapped in an ExceptionGroup, which
+                # no handler maps to a status: the client got a plain-text 500 (and retried it).
+                failure = e
             tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return comp if done else None
 
     def _full_body(

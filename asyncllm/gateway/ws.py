@@ -11,7 +11,6 @@ into their session until a resume re-attaches them or the TTL cancels them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import deque
 from contextlib import aclosing
@@ -20,7 +19,15 @@ from typing import Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from asyncllm.gateway.auth import authorized, origin_allowed, presented_key
+from asyncllm.gateway.auth import (
+    authorized,
+    browser_refusal,
+    client_identity,
+    key_id,
+    offered_subprotocols,
+    presented_key,
+    presented_session,
+)
 from asyncllm.gateway.engine_io import EngineIO
 from asyncllm.gateway.sessions import Session, SessionManager, Stream
 from asyncllm.protocol import (
@@ -33,6 +40,7 @@ from asyncllm.protocol import (
     COMPLETE,
     INTERNAL,
     OVERLOADED,
+    SUBPROTOCOL,
     UNAUTHORIZED,
     CancelFrame,
     ChatFrame,
@@ -67,6 +75,7 @@ class Connection:
         self._drained: anyio.Event | None = None
         self.taken_over = False
         self.closing = False  # the server is shutting down: close (1001) once all is sent
+        self.client: tuple[str, ...] = ()  # auth.client_identity: per-client limits
 
     # ---- Writer protocol (called by the session) ---------------------------------------------
     def wake(self, stream: Stream) -> None:
@@ -176,10 +185,14 @@ class WebSocketGateway:
 
     async def endpoint(self, ws: WebSocket) -> None:
         s = self.settings
-        if not origin_allowed(ws, s.allowed_origins):
-            await ws.close(code=1008)  # before accept: the upgrade gets HTTP 403
+        if browser_refusal(ws, s.allowed_origins, s.served_hosts) is not None:
+            await ws.close(code=1008)  # before accept: the upgrade gets HTTP 403, as over HTTP
             return
-        await ws.accept()
+        # A page that carries its key in a subprotocol offers ours too; a browser fails the
+        # handshake unless the server selects one of those offered.
+        await ws.accept(
+            subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(ws) else None
+        )
         # Browsers cannot read an HTTP status from a failed upgrade, so refusals after the
         # handshake are an error frame and a close code.
         if not authorized(ws, s.api_keys):
@@ -194,13 +207,22 @@ class WebSocketGateway:
                 CLOSE_OVERLOADED,
             )
             return
+        client = client_identity(ws, s.api_keys)
+        key_client = tuple(c for c in client if c.startswith("key:"))
+        try:
+            limits.key_sockets.acquire(key_client)
+        except ProtocolError as e:
+            limits.close_connection()
+            await self._refuse(ws, OVERLOADED, e.message, CLOSE_OVERLOADED)
+            return
         metrics = self.io.metrics
         metrics.open_sockets.inc()
         batch = ws.query_params.get(BATCH_QUERY, "").lower() in ("1", "true", "yes")
         conn = Connection(ws, self.manager, batch)
+        conn.client = client
         key = presented_key(ws)
-        owner = hashlib.sha256(key.encode()).hexdigest() if key and s.api_keys else None
-        sess, resumed = self.manager.attach_session(ws.query_params.get("session"), owner, conn)
+        owner = key_id(key) if key and s.api_keys else None
+        sess, resumed = self.manager.attach_session(presented_session(ws), owner, conn)
         conn.session = sess
         try:
             # First and alone (never inside a batch: it says whether batches may follow), sent
@@ -226,6 +248,7 @@ class WebSocketGateway:
                 tg.cancel_scope.cancel()
         finally:
             self.manager.detach(sess, conn)
+            limits.key_sockets.release(key_client)
             limits.close_connection()
             metrics.open_sockets.dec()
             if ws.application_state == WebSocketState.CONNECTED and not conn.taken_over:
@@ -319,7 +342,7 @@ class WebSocketGateway:
                     f"(limit {self.settings.max_streams_per_connection})",
                     frame.id,
                 )
-            io.admit(frame.id)
+            io.admit(frame.id, conn.client)
             params = io.sampling_params(frame.params, frame.id)
             assert self.task_group is not None, "the app's lifespan has not run"
         except ProtocolError as e:
@@ -327,9 +350,11 @@ class WebSocketGateway:
             stream.finish(error={"code": e.code, "message": e.message})
             sess.notify(stream)
             return
-        self.task_group.start_soon(self._run, sess, stream, frame, params)
+        self.task_group.start_soon(self._run, sess, stream, frame, params, conn.client)
 
-    async def _run(self, sess: Session, stream: Stream, frame: Any, params: Any) -> None:
+    async def _run(
+        self, sess: Session, stream: Stream, frame: Any, params: Any, client: tuple[str, ...]
+    ) -> None:
         io = self.io
         self.io.metrics.open_streams.inc()
         try:
@@ -344,7 +369,7 @@ class WebSocketGateway:
                     else:
                         ids = await io.encode(None, frame.prompt, frame.id)
                     stream.prompt_tokens = len(ids)
-                    io.admit(frame.id)
+                    io.admit(frame.id, client)
 
                     def on_pieces(pieces: list[Any]) -> None:
                         if stream.add(pieces):
@@ -359,6 +384,7 @@ class WebSocketGateway:
                         stream.request_id,
                         frame.id,
                         on_pieces=on_pieces,
+                        client=client,
                     )
                     async with aclosing(gen):
                         async for _ in gen:
