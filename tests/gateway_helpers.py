@@ -5,6 +5,7 @@ gateway is written against (for the session/limit logic, independent of the mode
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -243,3 +244,20 @@ class FakeEngine:
                     yield out
         finally:
             self.active.discard(rid)
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float, poll: float = 0.1) -> None:
+    """Until `asyncllm serve` (started as `proc`) answers 200 on /health at `base`; fails with
+    its output if it exits first, or after `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(poll)

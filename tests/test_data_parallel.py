@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import anyio
 import httpx
@@ -29,7 +28,7 @@ from asyncllm.engine.placement import (
     plan_placements,
 )
 from asyncllm.sampling_params import RequestOutputKind
-from tests.gateway_helpers import WS
+from tests.gateway_helpers import WS, wait_healthy
 
 # ---- placement ----------------------------------------------------------------------------------
 
@@ -231,16 +230,7 @@ def test_serve_data_parallel_size_2(tiny_model_dir):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
+        wait_healthy(proc, base, 120, poll=0.1)
         ws = WS(f"ws://127.0.0.1:{port}/v1/ws")
         for i in range(4):
             ws.send(

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from asyncllm.cli import build_parser, engine_args_from, settings_from
 from asyncllm.config import EngineArgs
-from tests.gateway_helpers import WS
+from tests.gateway_helpers import WS, wait_healthy
 
 
 def test_every_engine_arg_is_a_flag():
@@ -92,16 +92,7 @@ def test_serve_process_and_ctrl_c(tiny_model_dir):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
+        wait_healthy(proc, base, 60, poll=0.1)
         assert httpx.get(base + "/v1/models").status_code == 401
         for key in ("clikey", "envkey"):
             r = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})

@@ -231,7 +231,7 @@ def test_serve_streams_over_websocket_and_a_dead_rank_turns_health_503(tiny_mode
     rank is killed while the engine is idle, so only the monitor can notice."""
     from transformers import AutoTokenizer
 
-    from tests.gateway_helpers import WS
+    from tests.gateway_helpers import WS, wait_healthy
 
     expected = hf_greedy(
         tiny_model_dir, AutoTokenizer.from_pretrained(tiny_model_dir).encode("Hello world"), 8
@@ -249,16 +249,7 @@ def test_serve_streams_over_websocket_and_a_dead_rank_turns_health_503(tiny_mode
     base = f"http://127.0.0.1:{port}"
     pids: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(proc, base, 120, poll=0.2)
         (engine_pid,) = [p for p in _children(proc.pid) if _worker_pids(p)]
         pids = _worker_pids(engine_pid)
         assert len(pids) == 1
