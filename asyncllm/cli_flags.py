@@ -42,6 +42,15 @@ ENGINE_FLAG_HELP = {
     "num_kv_blocks": "KV cache size in blocks; overrides both memory flags",
     "enable_prefix_caching": "reuse the KV blocks of a prompt prefix seen before",
     "max_num_seqs": "most sequences running at once (a count)",
+    "max_prefill_tokens": "prompt tokens per step, in tokens, while a sequence is decoding, so "
+    "decodes keep flowing beside long prompts (default: 64 on the CPU, no cap on CUDA)",
+    "tensor_parallel_size": "a count: ranks (one process and device each) the model is split "
+    "across",
+    "quantization": "checkpoint format: fp8, gptq, awq or compressed-tensors (default: read from "
+    "config.json; fp8 on a float checkpoint quantizes it at load)",
+    "generation_config": "where sampling defaults and EOS ids come from: auto (the model's "
+    "generation_config.json), vllm (none) or a folder",
+    "load_format": "auto (the checkpoint's weights) or dummy (random weights, for benchmarks)",
     "max_num_batched_tokens": "token budget of one engine step, in tokens (default None: "
     "max(2048, max-model-len) capped at 8192)",
     "attention_backend": "auto (triton on CUDA, torch on the CPU), triton or torch",
@@ -269,8 +278,8 @@ def add_serve_parser(sub: Any, gs: Any, cmd_serve: Any) -> argparse.ArgumentPars
         type=int,
         default=1,
         metavar="N",
-        help="N engine processes behind this one gateway (one per GPU, or per NUMA node on a "
-        "CPU host), each request to the least-loaded one (default: 1)",
+        help="a count: N engine processes behind this one gateway (one per GPU, or per NUMA node "
+        "on a CPU host), each request to the least-loaded one (default: 1)",
     )
     for a in s._actions:  # the unit in the usage line too
         if a.dest in _SERVE_METAVARS:

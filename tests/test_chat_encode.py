@@ -78,9 +78,9 @@ def test_off_loop_decision_counts_messages_not_only_characters():
     threads: list[str] = []
     orig = io._encode_chat_sync
 
-    def spy(messages):
+    def spy(messages, *rest):
         threads.append(threading.current_thread().name)
-        return orig(messages)
+        return orig(messages, *rest)
 
     io._encode_chat_sync = spy
 

@@ -187,8 +187,8 @@ class Metrics:
     def __init__(
         self,
         stats: Callable[[], Any] | None = None,
-        model_name: Callable[[], str] | None = None,
         engine_states: Callable[[], Sequence[Any]] | None = None,
+        model_name: Callable[[], str] | None = None,
     ):
         """`stats`: the engine's stats snapshot. `engine_states`: a data-parallel group's
         per-engine states (DataParallelEngine.engine_states), for the asyncllm_dp_* series."""

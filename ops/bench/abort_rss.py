@@ -1,4 +1,5 @@
-"""Does the server leak across abort storms? RSS and Python heap (tracemalloc) over many rounds.
+"""Needs a checkout (it serves through tests/gateway_helpers): `python -m ops.bench.abort_rss` from the repository root.
+Does the server leak across abort storms? RSS and Python heap (tracemalloc) over many rounds.
 
 Each round opens `--sockets` WebSockets to an in-process gateway on 127.0.0.1, starts
 `--streams` streams on each, waits for first tokens, then half the sockets cancel every stream
@@ -7,8 +8,8 @@ and waits until the engine is idle with every KV block free. Printed per round: 
 traced Python heap, engine state; at the end, the allocation sites that grew most between the
 warm-up round and the last (tracemalloc, 25 frames).
 
-    python -m asyncllm.bench.abort_rss --model /path/to/model --rounds 50
-    python -m asyncllm.bench.abort_rss --rounds 50            # the default model
+    python -m ops.bench.abort_rss --model /path/to/model --rounds 50
+    python -m ops.bench.abort_rss --rounds 50            # the default model
 """
 
 from __future__ import annotations
