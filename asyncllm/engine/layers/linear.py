@@ -231,18 +231,7 @@ class ColumnParallelLinear(LinearBase):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: Tensor, loaded: Tensor, shard_id: Any = None) -> None:
-        if shard_id is not None:
-            raise ValueError(f"{self.prefix} has no shards (got shard id {shard_id!r})")
-        dim = getattr(param, "output_dim", None)
-        if dim is not None:
-            size = param.shape[dim]
-            if loaded.shape[dim] != size * self.tp_size:
-                raise ValueError(
-                    f"checkpoint tensor for {self.prefix} has {loaded.shape[dim]} rows on dim "
-                    f"{dim}, expected {size * self.tp_size}"
-                )
-            loaded = loaded.narrow(dim, self.tp_rank * size, size)
-        _copy(param.data, loaded, self.prefix)
+        _load_unsharded_layer(self, param, loaded, shard_id, "output_dim", "rows")
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.linear_method.apply(self, x, self.bias)
@@ -395,18 +384,7 @@ class RowParallelLinear(LinearBase):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: Tensor, loaded: Tensor, shard_id: Any = None) -> None:
-        if shard_id is not None:
-            raise ValueError(f"{self.prefix} has no shards (got shard id {shard_id!r})")
-        dim = getattr(param, "input_dim", None)
-        if dim is not None:
-            size = param.shape[dim]
-            if loaded.shape[dim] != size * self.tp_size:
-                raise ValueError(
-                    f"checkpoint tensor for {self.prefix} has {loaded.shape[dim]} columns on dim "
-                    f"{dim}, expected {size * self.tp_size}"
-                )
-            loaded = loaded.narrow(dim, self.tp_rank * size, size)
-        _copy(param.data, loaded, self.prefix)
+        _load_unsharded_layer(self, param, loaded, shard_id, "input_dim", "columns")
 
     def packed_bias(self) -> Tensor | None:
         return self.bias if self.tp_rank == 0 else None
@@ -416,3 +394,22 @@ class RowParallelLinear(LinearBase):
         if self.reduce_results and self.tp_size > 1:
             out = distributed.tensor_model_parallel_all_reduce(out)
         return out
+
+
+def _load_unsharded_layer(
+    layer: Any, param: Tensor, loaded: Tensor, shard_id: Any, dim_attr: str, word: str
+) -> None:
+    """A whole checkpoint tensor into a layer without shards (column- or row-parallel): this
+    rank's slice along the parameter's `dim_attr` dimension, if it has one."""
+    if shard_id is not None:
+        raise ValueError(f"{layer.prefix} has no shards (got shard id {shard_id!r})")
+    dim = getattr(param, dim_attr, None)
+    if dim is not None:
+        size = param.shape[dim]
+        if loaded.shape[dim] != size * layer.tp_size:
+            raise ValueError(
+                f"checkpoint tensor for {layer.prefix} has {loaded.shape[dim]} {word} on dim "
+                f"{dim}, expected {size * layer.tp_size}"
+            )
+        loaded = loaded.narrow(dim, layer.tp_rank * size, size)
+    _copy(param.data, loaded, layer.prefix)
