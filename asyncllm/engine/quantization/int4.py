@@ -140,7 +140,7 @@ class GPTQLinearMethod(Int4LinearMethod):
         def load(param: Tensor, loaded: Tensor, shard_id: Any = None) -> None:
             if loaded.shape != param.shape:
                 raise ValueError(f"g_idx has shape {tuple(loaded.shape)}, expected {param.shape}")
-            if seen and not torch.equal(param.data, loaded.to(param.dtype)):
+            if seen and not torch.equal(param.data, loaded.to(param.device, param.dtype)):
                 raise ValueError(f"{layer.prefix}: the merged projections' g_idx differ")
             param.data.copy_(loaded)
             seen.add(shard_id)
