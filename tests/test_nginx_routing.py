@@ -6,7 +6,10 @@ the CPU) behind nginx on loopback, configured by the very file the deploy kit sh
   reach the replica holding their session, because nginx hashes on the session key and the
   first connection already carried it (a proposed key): every chat's text is exact, every seq
   arrives once.
-- asyncllm.client does it by default (it proposes its key), through a connection cut.
+- asyncllm.client does it by default (it proposes its key, in the X-Asyncllm-Session header),
+  through two connection cuts.
+- nginx hashes on the key in any of its carriers: the header (asyncllm.client), the WebSocket
+  subprotocol (the chat page: a browser cannot set headers) and `?session=` (older clients).
 - A replica dying: its streams' sockets close; a reconnect reaches the live replica, which says
   the session is new (`resumed: false`), and resuming there is a clear `not_found`; new chats
   and HTTP requests go to the live replica.
@@ -193,10 +196,18 @@ class Addresses:
     def __init__(self) -> None:
         self.n = 1
 
-    def connect(self, cluster: Cluster, key: str) -> WS:
+    def connect(self, cluster: Cluster, key: str, carrier: str = "query") -> WS:
+        """Ask for session `key`, carried as asyncllm.client does (`header`), as the chat page
+        does (`subprotocol`: browsers cannot set headers on a WebSocket) or in the URL."""
         self.n += 1
         src = f"127.0.{self.n // 250}.{2 + self.n % 250}"
         sock = socket.create_connection(("127.0.0.1", cluster.port), 10, source_address=(src, 0))
+        if carrier == "header":
+            return WS(cluster.url(), sock=sock, additional_headers={"X-Asyncllm-Session": key})
+        if carrier == "subprotocol":
+            protocols = ["asyncllm.v1", f"asyncllm.session.{key}"]
+            return WS(cluster.url(), sock=sock, subprotocols=protocols)
+        assert carrier == "query", carrier
         return WS(cluster.url(f"session={key}"), sock=sock)
 
 
@@ -296,12 +307,6 @@ def test_reconnects_from_other_addresses_resume_exactly(cluster):
 
 
 @pytest.mark.anyio
-@pytest.mark.skip(
-    reason="since the merge that moved the session key from ?session= into the "
-    "X-Asyncllm-Session header, the client's second reconnect through the dropping proxy is "
-    "never made (reconnects stays 1); passes on the data-parallel branch before that merge; "
-    "open in issue 20"
-)
 async def test_client_proposes_its_key_and_resumes_through_nginx(cluster, anyio_backend):
     from asyncllm.client import Client
 
@@ -314,6 +319,13 @@ async def test_client_proposes_its_key_and_resumes_through_nginx(cluster, anyio_
             async for d in stream:
                 got.append(d.text)
                 if len(got) in (3, 12):
+                    # Deltas read before a cut are still delivered after it, so delta 12 can
+                    # come while the client is still reconnecting from the first cut: a drop
+                    # then has no connection to cut (and the client no reason to reconnect
+                    # again). Cut only once the reconnect from the previous cut is up.
+                    with anyio.fail_after(20):
+                        while client.reconnects < dropped or not client.connected:
+                            await anyio.sleep(0.01)
                     key = client.session
                     proxy.drop_all()
                     dropped += 1
@@ -322,9 +334,37 @@ async def test_client_proposes_its_key_and_resumes_through_nginx(cluster, anyio_
             with anyio.fail_after(20):
                 while client.reconnects < 2:
                     await anyio.sleep(0.02)
+            # each drop cut a live connection; three connections, all to the replica the key
+            # (in the X-Asyncllm-Session header) hashes to: else a reconnect finds no session
+            assert proxy.cuts == 2 and proxy.connections == 3
             assert dropped == 2 and client.reconnects == 2 and client.sessions_lost == 0
             assert client.session == key
             assert "".join(got) == expected
+
+
+@pytest.mark.parametrize("carrier", ["header", "subprotocol", "query"])
+def test_every_carrier_of_the_key_routes_to_one_replica(cluster, carrier):
+    """nginx hashes on the key wherever the client carries it: the header (asyncllm.client), the
+    subprotocol (the chat page), the query (older clients). A proposed key is adopted and every
+    reconnect from another address reaches the replica holding it (`resumed: true`) (16 keys: if nginx ignored the
+    carrier, each connection would land at random, all 48 as here: 4^-16)."""
+    addrs = Addresses()
+    keys = [secrets.token_urlsafe(24) for _ in range(16)]
+    where: dict[str, set[int]] = {k: set() for k in keys}
+    for attempt in range(3):
+        for key in keys:
+            ws = addrs.connect(cluster, key, carrier)
+            assert ws.session["session"] == key
+            assert ws.session["resumed"] is (attempt > 0)
+            if carrier == "subprotocol":
+                assert ws.conn.subprotocol == "asyncllm.v1"
+            if attempt == 0:  # a session without streams is not kept once its socket closes
+                ws.send({**_chat("k", 0), "params": {"max_tokens": 2, "temperature": 0}})
+                ws.until_done(["k"], timeout=60)
+            where[key].add(cluster.upstream_port(ws))
+            ws.close()
+    assert all(len(ports) == 1 for ports in where.values()), where
+    assert {p for ports in where.values() for p in ports} == set(cluster.ports)
 
 
 def test_requests_without_a_key_are_spread(cluster):

@@ -3,9 +3,10 @@ reconnect, session resume and exactly-once delivery of deltas.
 
 How a flaky network is hidden:
 - One supervisor task owns the socket. When it drops, it reconnects with capped exponential
-  backoff and full jitter (tenacity), presenting `?session=K`. The first connection presents a
-  random key of ours (a proposal the server adopts): a proxy that routes by session key sends it
-  where every later reconnect will go.
+  backoff and full jitter (tenacity), asking for session K in the `X-Asyncllm-Session` header
+  (not the URL: a secret). The first connection presents a random key of ours (a proposal the
+  server adopts): a proxy that routes by session key (ops/deploy/nginx hashes on the header,
+  else the subprotocol or `?session=`) sends it where every later reconnect will go.
 - On the new socket the server's first frame says which session we have. Same session: every
   open stream is resumed with `{"type":"resume","after":last_seq}`; deltas at or below `last_seq`
   that the server replays anyway are dropped (dedupe by seq), a jump past `last_seq + 1` is an
