@@ -57,7 +57,7 @@ MAX_SPLIT = 32
 @triton.jit
 def _reduce_splits(
     acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, tile, pid_k,
-    SPLIT: tl.constexpr,
+    SPLIT,
 ):  # fmt: skip
     """Store acc [BLOCK_M, BLOCK_N] (one K split's sum) or, with SPLIT > 1, its partial; the
     last program of the tile sums the SPLIT partials in order and stores the output."""
@@ -85,7 +85,7 @@ def _reduce_splits(
 @triton.jit
 def _reduce_row(
     acc, y_ptr, ws_ptr, cnt_ptr, m, offs_n, M, N, stride_ym, stride_yn, counter, pid_k,
-    SPLIT: tl.constexpr,
+    SPLIT,
 ):  # fmt: skip
     """_reduce_splits for one row m (acc [BLOCK_N]), with its own counter."""
     ok = (offs_n < N) & (offs_n * 0 + m < M)
@@ -118,7 +118,7 @@ def _w4_gemv_kernel(
     M, N, KW_PER_SPLIT, NIBBLE,
     stride_xm, stride_xk, stride_wa, stride_wb, stride_sa, stride_sb, stride_za, stride_zb,
     stride_ym, stride_yn,
-    GROUP_K: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M (1, 2 or 4) rows x BLOCK_N outputs x KW_PER_SPLIT word rows (8
@@ -219,7 +219,7 @@ def _w4_dot_kernel(
     M, N, KW_PER_SPLIT,
     stride_xm, stride_xk, stride_wa, stride_wb, stride_sa, stride_sb, stride_za, stride_zb,
     stride_ym, stride_yn,
-    GROUP_K: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
+    SPLIT, GROUP_K: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     """The words tile [BLOCK_KW, BLOCK_N] loaded once, unpacked by broadcasting to
@@ -268,7 +268,7 @@ def _w8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, GROUP_N, GROUP_K, K_PER_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sa, stride_sb, stride_ym, stride_yn,
-    SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    SPLIT, PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """fp8 W [N, K] (K contiguous) x BLOCK_M (1, 2 or 4) rows: products accumulate per
