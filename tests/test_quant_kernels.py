@@ -48,9 +48,12 @@ def _int4_inputs(m, k, n, gs, dtype, seed=0):
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-@pytest.mark.parametrize("m,k,n,gs", [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128)])
+@pytest.mark.parametrize(
+    "m,k,n,gs", [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128), (130, 128, 40, 64)]
+)
 def test_int4_gemm_matches_reference(m, k, n, gs, legacy):
-    """m=1: the GEMV, 5 and 33: the tl.dot kernel; legacy: the first tile kernel."""
+    """m=1: the GEMV, 5, 33 and 130 (128-row tiles): the tl.dot kernel; legacy: the first
+    tile kernel."""
     x, qw, s, z = _int4_inputs(m, k, n, gs, torch.float32)
     out = int4_gemm(x, qw, s, z, gs, legacy=legacy)
     assert out.shape == (m, n) and out.dtype == torch.float32

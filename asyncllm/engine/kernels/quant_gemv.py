@@ -403,7 +403,8 @@ def int4_plan(m: int, n: int, k: int, group_k: int, device: torch.device) -> Pla
         bkw = min(8, group_k // 8)
     else:
         kernel = "dot"
-        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        # from 128 rows, 128-row tiles: each weight tile is dequantized for twice the rows
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m < 128 else 128
         bn, warps = (64, 4) if m <= 64 else (128, 8)
         bkw = min(8, group_k // 8)  # 64 inputs per step
     if bkw < 1 or group_k % (8 * bkw):
