@@ -49,11 +49,12 @@ def _int4_inputs(m, k, n, gs, dtype, seed=0):
 
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize(
-    "m,k,n,gs", [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128), (130, 128, 40, 64)]
+    "m,k,n,gs",
+    [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128), (130, 128, 40, 64), (6, 192, 24, 96)],
 )
 def test_int4_gemm_matches_reference(m, k, n, gs, legacy):
-    """m=1: the GEMV, 5, 33 and 130 (128-row tiles): the tl.dot kernel; legacy: the first
-    tile kernel."""
+    """m=1: the GEMV, 5, 33 and 130 (128-row tiles): the tl.dot kernel (group 96: steps of 32
+    inputs); legacy: the first tile kernel."""
     x, qw, s, z = _int4_inputs(m, k, n, gs, torch.float32)
     out = int4_gemm(x, qw, s, z, gs, legacy=legacy)
     assert out.shape == (m, n) and out.dtype == torch.float32
@@ -118,7 +119,7 @@ def test_kernel_shape_errors():
 # ---- the small-batch kernels (kernels/quant_gemv.py) ----------------------------------------------
 @pytest.mark.parametrize(
     "m,k,n,gs",
-    [(1, 1024, 40, 128), (2, 512, 300, 64), (3, 256, 72, 32), (4, 256, 8, 256)],
+    [(1, 1024, 40, 128), (2, 512, 300, 64), (3, 256, 72, 32), (4, 256, 8, 256), (1, 384, 16, 96)],
 )
 def test_int4_gemv_matches_reference(m, k, n, gs):
     """Every row count of the GEMV (1, 2, 4-row programs; rows past M masked), N not a multiple

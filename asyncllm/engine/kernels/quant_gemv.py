@@ -1,5 +1,5 @@
-"""Triton weight-only quantized GEMMs for small batches (decode: 1-64 rows), written to stream the
-weight once at the memory bandwidth. Same layouts as kernels/quant_gemm.py:
+"""Triton weight-only quantized GEMMs below quant_gemm.DEQUANT_MIN_M rows (decode batches), written
+to stream the weight once at the memory bandwidth. Same layouts as kernels/quant_gemm.py:
 - int4: `qweight` int32 [K/8, N] (input 8r+j in bits 4j.. of word row r), fp16 scales and uint8
   zeros [K/group, N]: w = (q - z) * s.
 - fp8 e4m3: W [N, K] as stored, float32 scales per (block_n x block_k) tile; per output channel
@@ -13,13 +13,14 @@ its grid (BLOCK_N 64, split-K up to 2x the SMs) leaves a program streaming a lon
 - every program owns a slab: BLOCK_N outputs x one split of K; each word is loaded once, the
   loads are coalesced along the packed N (int4) or the contiguous K (fp8), and the grid has
   about four programs per SM;
-- int4 GEMV (`_w4_gemv_kernel`, up to GEMV_MAX_M rows): no int->float conversion instruction
-  (a quarter-rate instruction on Hopper) but the exponent trick: nibble j masked in place and
-  OR-ed into the mantissa of 2^23, minus 2^23, is q * 2^(4j) exactly (one LOP3 + one FADD); the
-  2^-4j goes into the activation, which is tiny. Scale and zero are factored out of the 8
-  nibbles of a word: acc += s * sum_j(q_j x_j) - s * z * sum_j(x_j), so a weight costs one LOP3,
-  one FADD and one FMA per row, under the ~2.8 instructions per 4-bit weight the H200 can spend
-  at its bandwidth (132 SMs, ~1.8 GHz, 4.2 TB/s: ~36 weights per SM per clock);
+- int4 GEMV (`_w4_gemv_kernel`, up to GEMV_MAX_M rows): no shift and int->float conversion
+  per nibble but the exponent trick: nibble j masked in place and OR-ed into the mantissa of
+  2^23, minus 2^23, is q * 2^(4j) exactly (one LOP3 + one FADD); the 2^-4j goes into the
+  activation, which is tiny. Scale and zero are factored out of the 8 nibbles of a word:
+  acc += s * sum_j(q_j x_j) - s * z * sum_j(x_j), so a weight costs one LOP3, one FADD and one
+  FMA per row. The H200 can issue ~3.5-4 instructions per 4-bit weight at its bandwidth (132
+  SMs x 128 lanes at 1.7-1.98 GHz against ~8.5e12 weights/s); ptxas (sm_90, Triton 3.9) puts
+  the loop at ~4.7 per weight at one row, so it should run a little under the bandwidth;
 - int4 with tl.dot (`_w4_dot_kernel`, above GEMV_MAX_M rows): the words tile loaded once and
   unpacked by broadcasting to [BLOCK_K, BLOCK_N], then the tensor cores;
 - fp8 GEMV (`_w8_gemv_kernel`, W8A16: bf16 activations, no activation quantization kernel);
@@ -45,8 +46,9 @@ import triton.language as tl
 
 # Rows up to which the int4 GEMV runs (its FMA count grows with the rows; beyond it tl.dot).
 GEMV_MAX_M = 4
-# Rows up to which the fp8 W8A16 GEMV runs instead of W8A8 _scaled_mm (fp8.py); the device
-# script (ops/bench/quant_device.sh) times both at 1, 4, 16 and 64 rows.
+# Rows up to which the fp8 W8A16 GEMV runs instead of W8A8 _scaled_mm (fp8.py). A first guess
+# (ptxas: ~3.4 instructions per fp8 weight at 1 row, ~15 at 4 against a budget of ~7); the device
+# script (ops/bench/quant_device.sh) times both at 1, 4 and 16 rows to set it.
 FP8_GEMV_MAX_M = 4
 # Float32 partials of the workspace (16 MiB) and per-tile counters.
 WORKSPACE_FLOATS = 4 << 20
@@ -400,15 +402,17 @@ def int4_plan(m: int, n: int, k: int, group_k: int, device: torch.device) -> Pla
     if m <= GEMV_MAX_M:
         # [8, 256] words per step (8 KB): 16 consecutive words of one word row per thread
         kernel, bm, bn, warps = "gemv", min(4, triton.next_power_of_2(m)), 256, 4
-        bkw = min(8, group_k // 8)
     else:
         kernel = "dot"
         # from 128 rows, 128-row tiles: each weight tile is dequantized for twice the rows
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m < 128 else 128
         bn, warps = (64, 4) if m <= 64 else (128, 8)
-        bkw = min(8, group_k // 8)  # 64 inputs per step
-    if bkw < 1 or group_k % (8 * bkw):
-        raise ValueError(f"int4: group size {group_k} is not a multiple of {8 * max(bkw, 1)}")
+    # up to 8 word rows (64 inputs) per step, inside one group
+    if group_k % 8:
+        raise ValueError(f"int4: group size {group_k} is not a multiple of 8")
+    bkw = 8
+    while (group_k // 8) % bkw:
+        bkw //= 2
     if kernel == "dot" and 8 * bkw < 16:
         raise ValueError(f"group size {group_k} has no K tile of at least 16 inputs")
     tiles = -(-n // bn) * -(-m // bm)
