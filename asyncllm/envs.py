@@ -45,6 +45,17 @@ def cpu_attention() -> str:
     return (_str("ASYNCLLM_CPU_ATTENTION", "auto") or "auto").lower()
 
 
+def quant_kernels() -> str:
+    """ASYNCLLM_QUANT_KERNELS: `tile` keeps the first quantized kernels below the dequantize
+    threshold (the int4/fp8 tile kernel at every batch size, fp8 W8A8 `_scaled_mm` at every
+    batch size) for A/B runs; `split` (default) takes the small-batch GEMV/split-K kernels
+    (kernels/quant_gemv.py). Read when a layer's weights are processed at load."""
+    value = (_str("ASYNCLLM_QUANT_KERNELS", "split") or "split").lower()
+    if value not in ("split", "tile"):
+        raise ValueError(f"ASYNCLLM_QUANT_KERNELS must be 'split' or 'tile', got {value!r}")
+    return value
+
+
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
     `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""
@@ -128,6 +139,7 @@ VARIABLES = {
     "ASYNCLLM_FUSED": fused,
     "ASYNCLLM_CPU_FUSED": cpu_fused,
     "ASYNCLLM_CPU_ATTENTION": cpu_attention,
+    "ASYNCLLM_QUANT_KERNELS": quant_kernels,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from asyncllm.engine.kernels import quant_gemv  # noqa: E402
 from asyncllm.engine.kernels.fp8_quant import per_token_fp8  # noqa: E402
 from asyncllm.engine.kernels.quant_gemm import (  # noqa: E402
     DEQUANT_MIN_M,
@@ -46,10 +47,16 @@ def _int4_inputs(m, k, n, gs, dtype, seed=0):
     return [t.to(DEVICE) for t in (x, qw, s, z)]
 
 
-@pytest.mark.parametrize("m,k,n,gs", [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128)])
-def test_int4_gemm_matches_reference(m, k, n, gs):
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize(
+    "m,k,n,gs",
+    [(1, 64, 48, 32), (5, 128, 64, 64), (33, 128, 40, 128), (130, 128, 40, 64), (6, 192, 24, 96)],
+)
+def test_int4_gemm_matches_reference(m, k, n, gs, legacy):
+    """m=1: the GEMV, 5, 33 and 130 (128-row tiles): the tl.dot kernel (group 96: steps of 32
+    inputs); legacy: the first tile kernel."""
     x, qw, s, z = _int4_inputs(m, k, n, gs, torch.float32)
-    out = int4_gemm(x, qw, s, z, gs)
+    out = int4_gemm(x, qw, s, z, gs, legacy=legacy)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert rel_err(out, int4_gemm_ref(x, qw, s, z, gs)) < 1e-5
 
@@ -94,11 +101,78 @@ def test_per_token_fp8_matches_reference():
 
 
 def test_kernel_shape_errors():
-    x, qw, s, z = _int4_inputs(2, 64, 16, 32, torch.float32)
+    x, qw, s, z = _int4_inputs(6, 64, 16, 32, torch.float32)
     with pytest.raises(ValueError, match="do not fit together"):
         int4_gemm(x[:, :32], qw, s, z, 32)
+    with pytest.raises(ValueError, match="do not fit together"):
+        int4_gemm(x, qw, s, z[:1], 32)  # zeros of another shape than the scales
+    s8, z8 = s.repeat(4, 1), z.repeat(4, 1)  # group size 8: the tl.dot kernels need 16 inputs
     with pytest.raises(ValueError, match="no K tile"):
-        int4_gemm(x, qw, s[:].repeat(4, 1)[:8], z, 8)
+        int4_gemm(x, qw, s8, z8, 8)
+    with pytest.raises(ValueError, match="no K tile"):
+        int4_gemm(x, qw, s8, z8, 8, legacy=True)
+    # the GEMV (up to GEMV_MAX_M rows) takes it: a step of one word row
+    out = int4_gemm(x[:2], qw, s8, z8, 8)
+    assert rel_err(out, int4_gemm_ref(x[:2], qw, s8, z8, 8)) < 1e-5
+
+
+# ---- the small-batch kernels (kernels/quant_gemv.py) ----------------------------------------------
+@pytest.mark.parametrize(
+    "m,k,n,gs",
+    [(1, 1024, 40, 128), (2, 512, 300, 64), (3, 256, 72, 32), (4, 256, 8, 256), (1, 384, 16, 96)],
+)
+def test_int4_gemv_matches_reference(m, k, n, gs):
+    """Every row count of the GEMV (1, 2, 4-row programs; rows past M masked), N not a multiple
+    of the tile, K splits of several steps, and one group spanning the whole K."""
+    x, qw, s, z = _int4_inputs(m, k, n, gs, torch.float32, seed=m)
+    plan = quant_gemv.int4_plan(m, n, k, gs, x.device)
+    assert plan.kernel == "gemv"
+    out = int4_gemm(x, qw, s, z, gs)
+    assert rel_err(out, int4_gemm_ref(x, qw, s, z, gs)) < 1e-5
+
+
+def test_split_k_is_deterministic_and_resets_its_counters():
+    """The last program of each tile sums the partials in split order, then zeroes its counter:
+    a second call gives the same bits, and the counters are all zero between calls."""
+    x, qw, s, z = _int4_inputs(1, 1024, 48, 128, torch.float32, seed=3)
+    assert quant_gemv.int4_plan(1, 48, 1024, 128, x.device).split > 1
+    first = int4_gemm(x, qw, s, z, 128)
+    assert int(quant_gemv.workspace(x.device).counters.abs().sum()) == 0
+    assert torch.equal(first, int4_gemm(x, qw, s, z, 128))
+
+
+@pytest.mark.parametrize(
+    "m,k,n,block",
+    [(1, 512, 40, None), (2, 1000, 24, None), (3, 300, 48, None), (4, 256, 64, (32, 64))],
+)
+def test_fp8_gemv_matches_reference(m, k, n, block):
+    """W8A16: per-channel scales ([1, N], the _scaled_mm layout; K not a multiple of the step)
+    and block scales."""
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(n, k, generator=g).to(FP8)
+    if block is None:
+        sc = torch.rand(1, n, generator=g) + 0.5
+        ref_s, ref_block = sc.reshape(n, 1), (1, k)
+    else:
+        sc = torch.rand(-(-n // block[0]), -(-k // block[1]), generator=g) + 0.5
+        ref_s, ref_block = sc, block
+    x = torch.randn(m, k, generator=g)
+    out = quant_gemv.fp8_gemv(x.to(DEVICE), w.to(DEVICE), sc.to(DEVICE), block)
+    assert rel_err(out.cpu(), fp8_block_gemm_ref(x, w, ref_s, ref_block)) < 1e-5
+
+
+def test_fp8_small_batches_take_the_gemv(monkeypatch):
+    """fp8_block_gemm runs the GEMV up to FP8_GEMV_MAX_M rows and the tile kernel above."""
+    calls = []
+    real = quant_gemv.fp8_gemv
+    monkeypatch.setattr(quant_gemv, "fp8_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w = torch.randn(32, 64).to(FP8).to(DEVICE)
+    si = (torch.rand(1, 2) + 0.5).to(DEVICE)
+    for m in (1, quant_gemv.FP8_GEMV_MAX_M, quant_gemv.FP8_GEMV_MAX_M + 1):
+        x = torch.randn(m, 64).to(DEVICE)
+        out = fp8_block_gemm(x, w, si, (32, 32))
+        assert rel_err(out, fp8_block_gemm_ref(x, w, si, (32, 32))) < 1e-5
+    assert calls == [1, quant_gemv.FP8_GEMV_MAX_M]
 
 
 # ---- the methods' kernel paths, layer by layer --------------------------------------------------
@@ -200,9 +274,10 @@ def test_fp8_block_gemm_gpu_bf16(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 48, 512])
+@pytest.mark.parametrize("m", [1, 4, 5, 48, 512])
 def test_fp8_w8a8_layer_gpu(m):
-    """bf16 on Hopper: per-token activation quantization and _scaled_mm."""
+    """bf16 on Hopper: the W8A16 GEMV up to FP8_GEMV_MAX_M rows, above it per-token activation
+    quantization and _scaled_mm."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmul needs compute capability 8.9")
     layer = _merged(fp8_mod.Fp8Config(online=True), k=1024, parts=(512, 512), dtype=torch.bfloat16)
@@ -212,8 +287,67 @@ def test_fp8_w8a8_layer_gpu(m):
     layer.process_weights_after_loading()
     assert layer.fp8_scale.shape == (1, 1024)
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-    xq, xs = per_token_fp8_ref(x)
     wq, wsc = per_token_fp8_ref(torch.cat(ws).to(torch.bfloat16))
-    ref = (xq.float() * xs) @ (wq.float() * wsc).t()
+    if m <= quant_gemv.FP8_GEMV_MAX_M:  # W8A16: x as it is
+        ref = x.float() @ (wq.float() * wsc).t()
+    else:
+        xq, xs = per_token_fp8_ref(x)
+        ref = (xq.float() * xs) @ (wq.float() * wsc).t()
     assert rel_err(layer(x), ref) < 1e-2
     assert rel_err(layer(x), x.float() @ torch.cat(ws).t()) < 0.08  # and it is the layer
+
+
+# Llama-3-8B's linears (N, K): merged q/k/v, gate/up, down, o
+LLAMA_LINEARS = [(6144, 4096), (28672, 4096), (4096, 14336), (4096, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 16, 64])
+@pytest.mark.parametrize("n,k", LLAMA_LINEARS)
+def test_int4_small_batch_gpu_real_sizes(m, n, k):
+    """The GEMV / tl.dot kernels at the benchmark's sizes against the float32 reference, and
+    against the first tile kernel (legacy)."""
+    x, qw, s, z = _int4_inputs(m, k, n, 128, torch.bfloat16, seed=m + n)
+    ref = int4_gemm_ref(x, qw, s, z, 128)
+    out = int4_gemm(x, qw, s, z, 128)
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(out, int4_gemm(x, qw, s, z, 128, legacy=True)) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("n,k", LLAMA_LINEARS)
+def test_fp8_gemv_gpu_real_sizes(m, n, k):
+    w = (torch.randn(n, k, device="cuda") * 4).to(FP8)
+    sc = torch.rand(1, n, device="cuda") * 0.01 + 0.001
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = quant_gemv.fp8_gemv(x, w, sc, None)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, fp8_block_gemm_ref(x, w, sc.reshape(n, 1), (1, k))) < 1e-2
+    blocks = torch.rand(n // 128, k // 128, device="cuda") * 0.01
+    out = quant_gemv.fp8_gemv(x, w, blocks, (128, 128))
+    assert rel_err(out, fp8_block_gemm_ref(x, w, blocks, (128, 128))) < 1e-2
+
+
+@pytest.mark.gpu
+def test_split_k_in_a_cuda_graph():
+    """The split-K tickets under graph replay: each replay sums its own partials (the counters
+    are back to zero after every launch), bitwise equal to the eager call."""
+    n, k = 4096, 14336
+    x, qw, s, z = _int4_inputs(1, k, n, 128, torch.bfloat16, seed=5)
+    w8 = torch.randn(n, k, device="cuda").to(FP8)
+    sc = torch.rand(1, n, device="cuda") * 0.01
+    assert quant_gemv.int4_plan(1, n, k, 128, x.device).split > 1
+    quant_gemv.reserve(x.device)
+    eager = (int4_gemm(x, qw, s, z, 128), quant_gemv.fp8_gemv(x, w8, sc, None))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = (int4_gemm(x, qw, s, z, 128), quant_gemv.fp8_gemv(x, w8, sc, None))
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], eager[0]) and torch.equal(outs[1], eager[1])
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert rel_err(outs[0], int4_gemm_ref(x, qw, s, z, 128)) < 1e-2
+    assert int(quant_gemv.workspace(x.device).counters.abs().sum()) == 0

@@ -8,11 +8,14 @@ accumulation):
 - fp8 e4m3 with block scales (HF "fp8" checkpoints, `weight_block_size`): W fp8 [N, K] as
   stored, `scale_inv` float32 [ceil(N/bn), ceil(K/bk)]: w = W * scale_inv[n // bn, k // bk].
 
-Small batches (decode) split K across programs so the grid covers the GPU; the partial sums
-go to a float32 buffer summed afterwards (deterministic, no atomics). From DEQUANT_MIN_M rows
-(large prefills, compute-bound) the weight is dequantized by a second kernel into a transient
-copy and the GEMM is cuBLAS's. References in
-`quant_gemm_ref`; tests run the kernel under TRITON_INTERPRET=1 and on the GPU.
+Below DEQUANT_MIN_M rows the small-batch kernels of kernels/quant_gemv.py run (an int4 GEMV
+up to quant_gemv.GEMV_MAX_M rows, an int4 tl.dot kernel above; the fp8 GEMV up to
+quant_gemv.FP8_GEMV_MAX_M rows, this module's tile kernel above). `legacy=True` (the engine:
+ASYNCLLM_QUANT_KERNELS=tile) keeps the first version for every size below DEQUANT_MIN_M: this
+module's tile kernel, which splits K for small batches into a float32 buffer summed afterwards.
+From DEQUANT_MIN_M rows (large prefills, compute-bound) the weight is dequantized by a second
+kernel into a transient copy and the GEMM is cuBLAS's. References in kernels/reference.py;
+tests run the kernels under TRITON_INTERPRET=1 and on the GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from asyncllm.engine.kernels import quant_gemv
 from asyncllm.engine.kernels._common import interpreting
 
 INT4, FP8_BLOCK = 0, 1
@@ -191,18 +195,30 @@ def _launch(x, w, s, z, kind, n, k, group_k, group_n, strides_w, strides_s, stri
 
 def int4_gemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    group_size: int,
+    group_size: int, legacy: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """x [..., K] @ dequant(qweight [K/8, N] int32, scales [G, N], zeros [G, N] uint8)."""
+    """x [..., K] @ dequant(qweight [K/8, N] int32, scales [G, N], zeros [G, N] uint8).
+    `legacy`: the tile kernel below DEQUANT_MIN_M rows (the A/B switch)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
-    if x.shape[-1] != k or k % group_size or scales.shape != (k // group_size, n):
+    if (
+        x.shape[-1] != k
+        or k % group_size
+        or scales.shape != (k // group_size, n)
+        or zeros.shape != scales.shape
+    ):
         raise ValueError(
             f"int4_gemm: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, scales "
-            f"{tuple(scales.shape)}, group size {group_size} do not fit together"
+            f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)}, group size {group_size} do not "
+            "fit together"
         )
     if x.numel() // k >= DEQUANT_MIN_M:
         w = dequantize(INT4, qweight, scales, zeros, n, k, group_size, 1, x.dtype, False)
         return x @ w
+    if not legacy:
+        x2 = x.reshape(-1, k)
+        fp32 = x.dtype == torch.float32 or interpreting()
+        y = quant_gemv.int4_gemm_small(x2, qweight, scales, zeros, group_size, fp32)
+        return y.reshape(*x.shape[:-1], n)
     return _launch(
         x, qweight, scales, zeros, INT4, n, k, group_size, 1,
         qweight.stride(), scales.stride(), zeros.stride(),
@@ -210,9 +226,14 @@ def int4_gemm(
 
 
 def fp8_block_gemm(
-    x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    legacy: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] @ (weight fp8 [N, K] * scale_inv [ceil(N/bn), ceil(K/bk)] per block)^T."""
+    """x [..., K] @ (weight fp8 [N, K] * scale_inv [ceil(N/bn), ceil(K/bk)] per block)^T.
+    Up to quant_gemv.FP8_GEMV_MAX_M rows (and not `legacy`): the fp8 GEMV."""
     n, k = weight.shape
     bn, bk = block
     if x.shape[-1] != k or scale_inv.shape != (-(-n // bn), -(-k // bk)):
@@ -223,6 +244,9 @@ def fp8_block_gemm(
     if x.numel() // k >= DEQUANT_MIN_M:
         w = dequantize(FP8_BLOCK, weight, scale_inv, scale_inv, n, k, bk, bn, x.dtype, True)
         return torch.nn.functional.linear(x, w)
+    if not legacy and 0 < x.numel() // k <= quant_gemv.FP8_GEMV_MAX_M:
+        y = quant_gemv.fp8_gemv(x.reshape(-1, k), weight, scale_inv, (bn, bk))
+        return y.reshape(*x.shape[:-1], n)
     return _launch(
         x, weight, scale_inv, scale_inv, FP8_BLOCK, n, k, bk, bn,
         weight.stride(), scale_inv.stride(), (0, 0),

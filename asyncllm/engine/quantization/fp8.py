@@ -5,9 +5,11 @@ float checkpoint quantized per channel at load (`quantization="fp8"`).
 
 Per-tensor scales are widened to per-channel at load (a merged q/k/v keeps each part's own
 scale). What runs:
-- CUDA with fp8 matmul (compute capability >= 8.9) in bfloat16: W8A8, x quantized per token on
-  the fly, `torch._scaled_mm` with row-wise scales (float32 accumulation). Block scales: the
-  Triton weight-only kernel (kernels/quant_gemm.fp8_block_gemm; fp8 stays fp8 in memory).
+- CUDA with fp8 matmul (compute capability >= 8.9) in bfloat16: up to
+  quant_gemv.FP8_GEMV_MAX_M rows (decode) the Triton W8A16 GEMV (fp8 weights dequantized in
+  registers, no activation quantization); above, W8A8, x quantized per token on the fly,
+  `torch._scaled_mm` with row-wise scales (float32 accumulation). Block scales: the Triton
+  weight-only kernels (kernels/quant_gemm.fp8_block_gemm; fp8 stays fp8 in memory).
 - CUDA with fp8 matmul in another dtype: the same Triton kernel with one block per row.
 - Elsewhere (older GPUs, the CPU): the weights dequantized once to the model dtype, then the
   dense method (CPU float32: oneDNN-prepacked).
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncllm import envs
 from asyncllm.engine.layers.linear import QuantizationConfig, set_weight_attrs
 from asyncllm.engine.quantization.base import (
     QuantizedLinearMethod,
@@ -135,6 +138,11 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         if not self._kernel(q.device, dtype):
             become_dense(layer, self._dequantize(q, scale).to(dtype), ())
             return
+        layer.fp8_legacy = envs.quant_kernels() == "tile"  # the A/B switch, read once at load
+        if q.device.type == "cuda":
+            from asyncllm.engine.kernels import quant_gemv
+
+            quant_gemv.reserve(q.device)  # before any CUDA graph is captured
         layer.register_buffer("fp8_weight", q.contiguous())
         if self.block is None and self._kernel(q.device, dtype) == "scaled_mm":
             layer.register_buffer("fp8_scale", scale.reshape(1, -1).contiguous())
@@ -163,22 +171,36 @@ class Fp8LinearMethod(QuantizedLinearMethod):
         path = self._kernel(device, dtype)
         if path is None:
             return f"fp8 {kind} (dequantized to {str(dtype).removeprefix('torch.')} at load)"
-        return f"fp8 {kind} ({'W8A8 _scaled_mm' if path == 'scaled_mm' else 'Triton W8A16'})"
+        if path == "scaled_mm":
+            from asyncllm.engine.kernels.quant_gemv import FP8_GEMV_MAX_M
+
+            if envs.quant_kernels() == "tile":
+                return f"fp8 {kind} (W8A8 _scaled_mm)"
+            return f"fp8 {kind} (Triton W8A16 GEMV to {FP8_GEMV_MAX_M} rows, W8A8 _scaled_mm above)"
+        return f"fp8 {kind} (Triton W8A16)"
 
     def apply_quantized(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        from asyncllm.engine.kernels import quant_gemv
         from asyncllm.engine.kernels.fp8_quant import per_token_fp8
         from asyncllm.engine.kernels.quant_gemm import fp8_block_gemm
 
         w, s = layer.fp8_weight, layer.fp8_scale
+        legacy = getattr(layer, "fp8_legacy", False)
         if self.block is not None:
-            y = fp8_block_gemm(x, w, s, self.block)
+            y = fp8_block_gemm(x, w, s, self.block, legacy=legacy)
         elif s.shape[0] == 1:  # [1, N]: the _scaled_mm layout
             shape = x.shape
-            xq, xs = per_token_fp8(x.reshape(-1, shape[-1]))
-            y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s, out_dtype=x.dtype)
+            x2 = x.reshape(-1, shape[-1])
+            if not legacy and 0 < x2.shape[0] <= quant_gemv.FP8_GEMV_MAX_M:
+                # W8A16 GEMV: at a few rows the activation quantization kernel and
+                # _scaled_mm cost more than the weight read (H200: 5.16 ms/token vs bf16 4.85)
+                y = quant_gemv.fp8_gemv(x2, w, s, None)
+            else:
+                xq, xs = per_token_fp8(x2)
+                y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s, out_dtype=x.dtype)
             y = y.reshape(*shape[:-1], w.shape[0])
         else:  # [N, 1]: one block per row
-            y = fp8_block_gemm(x, w, s, (1, w.shape[1]))
+            y = fp8_block_gemm(x, w, s, (1, w.shape[1]), legacy=legacy)
         return y if bias is None else y + bias
 
 

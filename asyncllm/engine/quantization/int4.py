@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asyncllm import envs
 from asyncllm.engine.layers.linear import QuantizationConfig, set_weight_attrs
 from asyncllm.engine.quantization import int4_pack
 from asyncllm.engine.quantization.base import QuantizedLinearMethod, become_dense, is_skipped
@@ -95,6 +96,11 @@ class Int4LinearMethod(QuantizedLinearMethod):
         layer.register_buffer("w4_zeros", w.zeros.to(torch.uint8).contiguous())
         layer.register_buffer("w4_perm", perm)
         layer.w4_group = gs
+        layer.w4_legacy = envs.quant_kernels() == "tile"  # the A/B switch, read once at load
+        if q.device.type == "cuda":
+            from asyncllm.engine.kernels import quant_gemv
+
+            quant_gemv.reserve(q.device)  # before any CUDA graph is captured
 
     def uses_kernel(self, device: torch.device) -> bool:
         return device.type == "cuda"
@@ -107,7 +113,8 @@ class Int4LinearMethod(QuantizedLinearMethod):
 
         if layer.w4_perm is not None:
             x = x.index_select(-1, layer.w4_perm)
-        y = int4_gemm(x, layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_group)
+        y = int4_gemm(x, layer.w4_qweight, layer.w4_scales, layer.w4_zeros, layer.w4_group,
+                      legacy=getattr(layer, "w4_legacy", False))  # fmt: skip
         return y if bias is None else y + bias
 
 
