@@ -468,3 +468,20 @@ def test_gpu_windowed_sweep(dtype, window, softcap):
             logits_soft_cap=softcap,
         )
         assert_close(out, ref[last], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", [None, 64])
+def test_gpu_balanced_decode_over_256_sequences(target):
+    # v2 sums seq_lens 256 rows a load: a batch past one load (eager decode above the graphs)
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(1)
+    seq_lens = torch.randint(1, 300, (300,), generator=g).tolist()
+    c = make_case(seq_lens, [1] * 300, 16, 8, 128, 16, torch.bfloat16, seed=2)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    out = paged_decode_attention(
+        c["q"], c["cache"], c["tables"], c["seq_lens_t"], 0.088, num_splits=4, target=target
+    )
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.088)
+    assert_close(out, ref, torch.bfloat16)

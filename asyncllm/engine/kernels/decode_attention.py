@@ -11,7 +11,7 @@ Two plans for cutting the context (`balanced`):
 - v1 (the first round's): every sequence is cut into `num_splits` equal chunks. The longest
   sequence's chunks set the step's critical path, the short ones' are nearly empty programs.
 - v2 (default): one chunk length for the whole batch, worked out on the device from the
-  batch's total context (each program sums seq_lens; B int32 loads from L2) so that about
+  batch's total context (each program sums seq_lens: B int32 loads from L2) so that about
   `target_programs` equal work items cover it, never shorter than a tile, never more than the
   grid's `num_splits` per sequence. Long sequences get more splits, short ones one, so the
   programs are of one size (SGLang's decode kernel makes the same choice in a separate kernel,
@@ -78,9 +78,9 @@ def _split_plan(
     target,
     window,
     num_kv_heads,
-    BP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SUM_BLOCK: tl.constexpr = 256,
 ):
     """v2's cut of sequence b: (first position, chunk length, chunks used >= 1). Integer math on
     the same inputs, so the decode and merge kernels agree."""
@@ -89,12 +89,16 @@ def _split_plan(
     if WINDOWED:
         lo = tl.maximum(seq_len - window, 0)
     span = seq_len - lo
-    idx = tl.arange(0, BP)
-    lens = tl.load(seq_lens_ptr + idx, mask=idx < num_seqs, other=0)
-    if WINDOWED:
-        lens = tl.minimum(lens, window)
-    # int64: the batch's head-tokens pass 2**31 at long contexts
-    total = tl.sum(lens.to(tl.int64), 0) * num_kv_heads
+    # the batch's total context, 256 rows a load (one load up to the graphs' largest batch; a
+    # loop, not a block of the batch's size, so one compiled kernel serves every batch)
+    total = tl.zeros([SUM_BLOCK], tl.int64)
+    for i0 in range(0, num_seqs, SUM_BLOCK):
+        idx = i0 + tl.arange(0, SUM_BLOCK)
+        lens = tl.load(seq_lens_ptr + idx, mask=idx < num_seqs, other=0)
+        if WINDOWED:
+            lens = tl.minimum(lens, window)
+        total += lens.to(tl.int64)  # int64: head-tokens pass 2**31 at long contexts
+    total = tl.sum(total, 0) * num_kv_heads
     share = tl.cdiv(total, target).to(tl.int32)
     chunk = tl.maximum(share, tl.cdiv(span, num_splits))
     chunk = tl.maximum(tl.cdiv(chunk, BLOCK_N), 1) * BLOCK_N
@@ -145,7 +149,6 @@ def _decode_kernel(
     WINDOWED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BALANCED: tl.constexpr,  # v2's plan (module docstring); else v1's equal cut per sequence
-    BP: tl.constexpr,  # v2: num_seqs padded to a power of two
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -161,7 +164,6 @@ def _decode_kernel(
             target,
             window,
             tl.num_programs(1),
-            BP,
             BLOCK_N,
             WINDOWED,
         )
@@ -268,7 +270,6 @@ def _merge_kernel(
     DP: tl.constexpr,
     SP: tl.constexpr,
     BALANCED: tl.constexpr,
-    BP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOWED: tl.constexpr,
 ):
@@ -283,7 +284,6 @@ def _merge_kernel(
             target,
             window,
             num_kv_heads,
-            BP,
             BLOCK_N,
             WINDOWED,
         )
@@ -398,7 +398,6 @@ def paged_decode_attention(
         WINDOWED=bool(sliding_window),
         SOFTCAP=bool(logits_soft_cap),
         BALANCED=balanced,
-        BP=next_pow2(bsz),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -420,7 +419,6 @@ def paged_decode_attention(
             DP=dp,
             SP=next_pow2(splits),
             BALANCED=balanced,
-            BP=next_pow2(bsz),
             BLOCK_N=block_n,
             WINDOWED=bool(sliding_window),
             num_warps=1 if dp <= 64 else 2,
