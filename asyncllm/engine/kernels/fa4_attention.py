@@ -66,7 +66,7 @@ def decode(
     fa = _interface()
     b, hq, d = q.shape
     out = fa.flash_attn_varlen_func(
-        q.view(b, 1, hq, d),
+        q.unsqueeze(1),  # (B, 1, Hq, D): one query row per sequence (a view, any strides)
         kv_cache[0],
         kv_cache[1],
         seqused_k=seq_lens,
