@@ -32,6 +32,14 @@ import torch
 D, BS = 128, 16
 HEADS = {"qwen3-0.6b": (16, 8), "qwen3-8b": (32, 8)}
 CONTEXTS = {"512": (512, 512), "2048": (2048, 2048), "U[100,2048]": (100, 2048)}
+# Tile / warp sweep of v2 (Triton 3.9 builds the default, BLOCK_N 64 with 4 warps, for sm90 at 255
+# registers a thread with spills and no cp.async pipelining: two programs per SM)
+SWEEP = [
+    "triton-v2[bn=32,w=4]",
+    "triton-v2[bn=64,w=8]",
+    "triton-v2[bn=32,w=2]",
+    "triton-v2[bn=128,w=8]",
+]
 ENGINE_VARIANTS = {
     # name: (ASYNCLLM_DECODE_ATTENTION, ASYNCLLM_PREFILL_ATTENTION)
     "triton-v1": ("triton-v1", "triton"),
@@ -62,9 +70,14 @@ def _decode_fn(variant: str):
 
     if variant == "fa4":  # FA4 allocates its output (no copy into ours: a kernel of its own)
         return lambda q, c, t, s, out: fa4_attention.decode(q, c, t, s, D**-0.5)
-    balanced = variant == "triton-v2"
+    balanced = variant.startswith("triton-v2")
+    kw: dict[str, int] = {}
+    if "[" in variant:  # the sweep: "triton-v2[bn=32,w=4]"
+        for item in variant[variant.index("[") + 1 : -1].split(","):
+            name, value = item.split("=")
+            kw[{"bn": "block_n", "w": "num_warps", "st": "num_stages"}[name]] = int(value)
     return lambda q, c, t, s, out: paged_decode_attention(
-        q, c, t, s, D**-0.5, out=out, balanced=balanced
+        q, c, t, s, D**-0.5, out=out, balanced=balanced, **kw
     )
 
 
@@ -247,7 +260,7 @@ def bench_engine(variants: list[str], num_requests: int, timeout: int, bw: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m asyncllm.bench.attn_ab", description=__doc__)
     p.add_argument("--json", default=None)
-    p.add_argument("--parts", default="decode,prefill,engine")
+    p.add_argument("--parts", default="decode,sweep,prefill,engine")
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--contexts", default="512,2048,U[100,2048]")
     p.add_argument("--shapes", default="qwen3-0.6b,qwen3-8b")
@@ -268,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(head), flush=True)
     rows: list[dict] = []
     parts = set(a.parts.split(","))
-    passes = [["triton-v1", "triton-v2"]] + ([["fa4"]] if fa4 else [])
     refs: dict[tuple, Any] = {}
 
     def emit(new: list[dict]) -> None:
@@ -276,12 +288,20 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
         rows.extend(new)
 
+    def decode_pass(variants: list[str]) -> None:
+        for shape in a.shapes.split(","):
+            for batch in (int(b) for b in a.batches.split(",")):
+                for ctx in a.contexts.split(","):
+                    emit(bench_decode(shape, batch, ctx, variants, bw, refs))
+
+    # FA4 last among the decode rows: an error of its kernels cannot cost the Triton rows
     if "decode" in parts:
-        for variants in passes:
-            for shape in a.shapes.split(","):
-                for batch in (int(b) for b in a.batches.split(",")):
-                    for ctx in a.contexts.split(","):
-                        emit(bench_decode(shape, batch, ctx, variants, bw, refs))
+        decode_pass(["triton-v1", "triton-v2"])
+    if "sweep" in parts:  # ratios to v1 of the same case (rows above)
+        for batch in (64, 256):
+            emit(bench_decode("qwen3-0.6b", batch, "U[100,2048]", SWEEP, bw, refs))
+    if "decode" in parts and fa4:
+        decode_pass(["fa4"])
     if "prefill" in parts:
         for shape in a.shapes.split(","):
             emit(bench_prefill(shape, 8, 1024, 0, fa4))
