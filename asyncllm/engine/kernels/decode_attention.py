@@ -36,6 +36,7 @@ _MAX_SPLITS = 16  # v1
 # float32) a few percent of the KV it read.
 _PROGRAMS_PER_SM = 8
 _MAX_SPLITS_V2 = 32
+_SUM_BLOCK = 256  # v2's seq_lens rows summed in one load: the CUDA graphs' largest batch
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -80,7 +81,7 @@ def _split_plan(
     num_kv_heads,
     BLOCK_N: tl.constexpr,
     WINDOWED: tl.constexpr,
-    SUM_BLOCK: tl.constexpr = 256,
+    SUM_BLOCK: tl.constexpr,  # >= num_seqs, a power of two
 ):
     """v2's cut of sequence b: (first position, chunk length, chunks used >= 1). Integer math on
     the same inputs, so the decode and merge kernels agree."""
@@ -89,15 +90,15 @@ def _split_plan(
     if WINDOWED:
         lo = tl.maximum(seq_len - window, 0)
     span = seq_len - lo
-    # the batch's total context, 256 rows a load (one load up to the graphs' largest batch; a
-    # loop, not a block of the batch's size, so one compiled kernel serves every batch)
-    total = tl.zeros([SUM_BLOCK], tl.int64)
-    for i0 in range(0, num_seqs, SUM_BLOCK):
-        idx = i0 + tl.arange(0, SUM_BLOCK)
-        lens = tl.load(seq_lens_ptr + idx, mask=idx < num_seqs, other=0)
-        if WINDOWED:
-            lens = tl.minimum(lens, window)
-        total += lens.to(tl.int64)  # int64: head-tokens pass 2**31 at long contexts
+    # the batch's total context in one load: SUM_BLOCK is 256 (the CUDA graphs' largest batch)
+    # or the batch rounded up to a power of two past it, so one compiled kernel serves every
+    # graph. Not a loop: a loop before the main one stops Triton (3.9, sm90) pipelining the K/V
+    # loads (no cp.async; 255 registers with spills instead of 96).
+    idx = tl.arange(0, SUM_BLOCK)
+    lens = tl.load(seq_lens_ptr + idx, mask=idx < num_seqs, other=0)
+    if WINDOWED:
+        lens = tl.minimum(lens, window)
+    total = lens.to(tl.int64)  # int64: head-tokens pass 2**31 at long contexts
     total = tl.sum(total, 0) * num_kv_heads
     share = tl.cdiv(total, target).to(tl.int32)
     chunk = tl.maximum(share, tl.cdiv(span, num_splits))
@@ -149,6 +150,7 @@ def _decode_kernel(
     WINDOWED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BALANCED: tl.constexpr,  # v2's plan (module docstring); else v1's equal cut per sequence
+    SUM_BLOCK: tl.constexpr,  # v2: seq_lens rows summed in one load (>= num_seqs)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -166,6 +168,7 @@ def _decode_kernel(
             tl.num_programs(1),
             BLOCK_N,
             WINDOWED,
+            SUM_BLOCK,
         )
         # a one-split grid always gives used == 1 (chunk >= span)
         direct = used == 1
@@ -202,7 +205,13 @@ def _decode_kernel(
         nmask = n < end
         blk = tl.load(bt_row + n // BS, mask=nmask, other=0)
         off = blk.to(tl.int64) * stride_cblk + (n % BS) * stride_ctok + head_off
-        kv_mask = nmask[:, None] & dmask[None, :]
+        if D == DP:
+            # no mask along head_dim: a d-dependent mask, even an all-true one, leaves the loads
+            # unvectorised, so Triton neither pipelines them (cp.async) nor keeps the kernel
+            # under 255 registers (sm90 build, Triton 3.9: 255 with spills -> 120-odd, 3 stages)
+            kv_mask = nmask[:, None]
+        else:
+            kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
@@ -272,6 +281,7 @@ def _merge_kernel(
     BALANCED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -286,6 +296,7 @@ def _merge_kernel(
             num_kv_heads,
             BLOCK_N,
             WINDOWED,
+            SUM_BLOCK,
         )
         if used == 1:
             return  # the decode kernel wrote this row's output directly
@@ -398,6 +409,7 @@ def paged_decode_attention(
         WINDOWED=bool(sliding_window),
         SOFTCAP=bool(logits_soft_cap),
         BALANCED=balanced,
+        SUM_BLOCK=max(_SUM_BLOCK, next_pow2(bsz)),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -421,6 +433,7 @@ def paged_decode_attention(
             BALANCED=balanced,
             BLOCK_N=block_n,
             WINDOWED=bool(sliding_window),
+            SUM_BLOCK=max(_SUM_BLOCK, next_pow2(bsz)),
             num_warps=1 if dp <= 64 else 2,
         )
     return out
