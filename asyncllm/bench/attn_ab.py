@@ -44,8 +44,8 @@ ENGINE_VARIANTS = {
     # name: (ASYNCLLM_DECODE_ATTENTION, ASYNCLLM_PREFILL_ATTENTION)
     "triton-v1": ("triton-v1", "triton"),
     "triton-v2": ("triton", "triton"),
-    "v2+fa4-prefill": ("triton", "fa4"),
     "fa4": ("fa4", "fa4"),
+    "v2+fa4-prefill": ("triton", "fa4"),
 }
 
 
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in new:
             print(json.dumps(r), flush=True)
         rows.extend(new)
+        if a.json:  # after every case: a run stopped at its time limit keeps what it measured
+            Path(a.json).write_text(json.dumps({**head, "rows": rows}, indent=1))
 
     def decode_pass(variants: list[str]) -> None:
         for shape in a.shapes.split(","):
@@ -309,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     if "engine" in parts:
         names = [v for v in a.engine_variants.split(",") if fa4 or "fa4" not in v]
         emit(bench_engine(names, a.num_requests, a.engine_timeout, bw))
-    if a.json:
-        Path(a.json).write_text(json.dumps({**head, "rows": rows}, indent=1))
     return 0
 
 

@@ -31,10 +31,10 @@ from asyncllm.engine.kernels import fa4_attention as f
 print('fa4 available:', f.available())
 " 2>&1 | tail -1
   echo "=== (a) gpu tests $(date +%T)"
-  timeout -s INT 120 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
+  timeout -s INT 100 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_kernels_select.py 2>&1 | tail -40
   echo "=== (b, c) kernels and engine $(date +%T)"
-  timeout -s INT 330 python3 -m asyncllm.bench.attn_ab --json "$OUT/attn_ab.json" \
+  timeout -s INT 360 python3 -m asyncllm.bench.attn_ab --json "$OUT/attn_ab.json" \
     --engine-timeout 110 2>&1 | grep -v " INFO "
   echo "=== done $(date +%T)"
 } 2>&1 | tee "$LOG"
