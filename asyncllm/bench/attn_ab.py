@@ -39,6 +39,8 @@ SWEEP = [
     "triton-v2[bn=64,w=8]",
     "triton-v2[bn=32,w=2]",
     "triton-v2[bn=128,w=8]",
+    "triton-v2[t=528]",  # 4 work items per SM (the default: 8)
+    "triton-v2[t=2112]",  # 16
 ]
 ENGINE_VARIANTS = {
     # name: (ASYNCLLM_DECODE_ATTENTION, ASYNCLLM_PREFILL_ATTENTION)
@@ -75,7 +77,8 @@ def _decode_fn(variant: str):
     if "[" in variant:  # the sweep: "triton-v2[bn=32,w=4]"
         for item in variant[variant.index("[") + 1 : -1].split(","):
             name, value = item.split("=")
-            kw[{"bn": "block_n", "w": "num_warps", "st": "num_stages"}[name]] = int(value)
+            keys = {"bn": "block_n", "w": "num_warps", "st": "num_stages", "t": "target"}
+            kw[keys[name]] = int(value)
     return lambda q, c, t, s, out: paged_decode_attention(
         q, c, t, s, D**-0.5, out=out, balanced=balanced, **kw
     )

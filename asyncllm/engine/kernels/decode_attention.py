@@ -30,10 +30,10 @@ from asyncllm.engine.kernels._common import check_cache, next_pow2, upcast_flag
 _LOG2E = 1.4426950408889634
 _TARGET_PROGRAMS = 528  # v1: about four per multiprocessor on an H100 (132)
 _MAX_SPLITS = 16  # v1
-# v2: work items per multiprocessor the balanced plan aims at. Two to three programs are resident
-# per SM (the pipelined K/V tiles' shared memory), so eight per SM leaves the last wave at most
-# an eighth of a step's work; each item is still >= one 64-token tile, its partial (GP x DP
-# float32) a few percent of the KV it read.
+# v2: work items per multiprocessor the balanced plan aims at. Up to five programs are resident
+# per SM (sm90 build: 96 registers a thread, 39 KiB of shared memory for the pipelined K/V
+# tiles), so eight per SM is under two waves of equal items; each item is still >= one 64-token
+# tile, its partial (GP x DP float32) a few percent of the KV it read. attn_ab sweeps 4 and 16.
 _PROGRAMS_PER_SM = 8
 _MAX_SPLITS_V2 = 32
 _SUM_BLOCK = 256  # v2's seq_lens rows summed in one load: the CUDA graphs' largest batch
