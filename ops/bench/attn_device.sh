@@ -33,6 +33,9 @@ print('fa4 available:', f.available())
   echo "=== (a) gpu tests $(date +%T)"
   timeout -s INT 100 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_kernels_select.py 2>&1 | tail -40
+  # the sm90 build of the decode kernels keeps its K/V loads pipelined with this triton too
+  timeout -s INT 60 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+    tests/test_decode_kernel_build.py 2>&1 | tail -8
   echo "=== (b, c) kernels and engine $(date +%T)"
   timeout -s INT 360 python3 -m asyncllm.bench.attn_ab --json "$OUT/attn_ab.json" \
     --engine-timeout 110 2>&1 | grep -v " INFO "
