@@ -29,7 +29,11 @@ fi
   python3 -c "
 from asyncllm.engine.kernels import fa4_attention as f
 print('fa4 available:', f.available())
-" 2>&1 | tail -1
+try:
+    import flash_attn.cute.interface  # noqa: F401
+except Exception as e:
+    print('flash_attn.cute does not import:', type(e).__name__, str(e)[:300])
+" 2>&1 | tail -2
   echo "=== (a) gpu tests $(date +%T)"
   timeout -s INT 100 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_kernels_select.py 2>&1 | tail -40
