@@ -56,6 +56,20 @@ def quant_kernels() -> str:
     return value
 
 
+def decode_attention() -> str:
+    """ASYNCLLM_DECODE_ATTENTION: the CUDA decode attention kernel of the `triton` backend:
+    `triton` (default; the balanced split-context kernel), `triton-v1` (the first round's equal
+    split per sequence, for A/B runs) or `fa4` (FlashAttention-4's paged kernel where
+    flash_attn.cute imports on a Hopper/Blackwell GPU; else triton, with a warning)."""
+    return (_str("ASYNCLLM_DECODE_ATTENTION", "triton") or "triton").lower()
+
+
+def prefill_attention() -> str:
+    """ASYNCLLM_PREFILL_ATTENTION: the CUDA prefill (and mixed-step) attention kernel of the
+    `triton` backend: `triton` (default) or `fa4` (as ASYNCLLM_DECODE_ATTENTION)."""
+    return (_str("ASYNCLLM_PREFILL_ATTENTION", "triton") or "triton").lower()
+
+
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
     `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""
@@ -140,6 +154,8 @@ VARIABLES = {
     "ASYNCLLM_CPU_FUSED": cpu_fused,
     "ASYNCLLM_CPU_ATTENTION": cpu_attention,
     "ASYNCLLM_QUANT_KERNELS": quant_kernels,
+    "ASYNCLLM_DECODE_ATTENTION": decode_attention,
+    "ASYNCLLM_PREFILL_ATTENTION": prefill_attention,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,

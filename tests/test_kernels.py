@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from asyncllm.engine.kernels.cache_write import write_kv_cache  # noqa: E402
 from asyncllm.engine.kernels.decode_attention import (  # noqa: E402
+    choose_grid_splits,
     choose_num_splits,
     paged_decode_attention,
 )
@@ -162,6 +163,63 @@ def test_decode_padding_rows_give_zeros():
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         ref = paged_attention_ref(c["q"][:1], c["cache"], c["tables"], [0, 1], [9], 0.1)
         assert_close(out[:1], ref, torch.bfloat16)
+
+
+# v2's balanced plan: a small `target` forces the batch's common chunk to be cut short, so rows
+# use different numbers of splits (a long row several, a short row one: written directly and
+# skipped by the merge, a padding row zeros), some grid splits stay unused.
+BALANCED_CASES = [
+    # seq_lens, hq, hkv, d, block_size, num_splits, target
+    ([300, 3, 0, 129], 8, 2, 64, 16, 6, 8),  # chunk 128: 300 -> 3 splits, 129 -> 2, 3 -> 1, 0 pad
+    ([70, 200], 16, 8, 128, 16, 2, 40),  # Qwen3-0.6B heads; the 2-split grid cap sets chunk 128
+    ([65, 64, 1], 4, 4, 64, 8, 32, 1000),  # share < one tile: chunk = one tile
+]
+
+
+@pytest.mark.parametrize("seq_lens,hq,hkv,d,bs,splits,target", BALANCED_CASES)
+def test_balanced_decode_matches_reference(seq_lens, hq, hkv, d, bs, splits, target):
+    dtype = torch.bfloat16
+    c = make_case([max(n, 1) for n in seq_lens], [1] * len(seq_lens), hq, hkv, d, bs, dtype, 7)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(c["q"], float("nan"))
+    paged_decode_attention(
+        c["q"], c["cache"], c["tables"], lens, 0.125, out=out, num_splits=splits, target=target
+    )
+    live = [i for i, n in enumerate(seq_lens) if n]
+    qsl = list(range(len(live) + 1))
+    ref = paged_attention_ref(
+        c["q"][live], c["cache"], c["tables"][live], qsl, [seq_lens[i] for i in live], 0.125
+    )
+    assert_close(out[live], ref, dtype)
+    for i, n in enumerate(seq_lens):
+        if not n:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+
+
+def test_v1_plan_still_selectable():
+    c = make_case([130, 9], [1, 1], 8, 2, 64, 16, torch.bfloat16, seed=5)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], [130, 9], 0.125)
+    for splits in (None, 3):
+        out = paged_decode_attention(
+            c["q"],
+            c["cache"],
+            c["tables"],
+            c["seq_lens_t"],
+            0.125,
+            num_splits=splits,
+            balanced=False,
+        )
+        assert_close(out, ref, torch.bfloat16)
+
+
+def test_choose_grid_splits_caps_then_stops_splitting():
+    # H200: 132 SMs x 8 = 1056 work items aimed at
+    assert choose_grid_splits(1, 8, 1056) == 32
+    assert choose_grid_splits(64, 8, 1056) == 5
+    assert choose_grid_splits(132, 8, 1056) == 1
+    assert choose_grid_splits(256, 8, 1056) == 1
 
 
 def test_choose_num_splits_fills_the_gpu_then_stops_splitting():
@@ -410,3 +468,20 @@ def test_gpu_windowed_sweep(dtype, window, softcap):
             logits_soft_cap=softcap,
         )
         assert_close(out, ref[last], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", [None, 64])
+def test_gpu_balanced_decode_over_256_sequences(target):
+    # v2 sums seq_lens 256 rows a load: a batch past one load (eager decode above the graphs)
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(1)
+    seq_lens = torch.randint(1, 300, (300,), generator=g).tolist()
+    c = make_case(seq_lens, [1] * 300, 16, 8, 128, 16, torch.bfloat16, seed=2)
+    write_kv_cache(c["k"], c["v"], c["cache"], c["slots"])
+    out = paged_decode_attention(
+        c["q"], c["cache"], c["tables"], c["seq_lens_t"], 0.088, num_splits=4, target=target
+    )
+    ref = paged_attention_ref(c["q"], c["cache"], c["tables"], c["qsl"], seq_lens, 0.088)
+    assert_close(out, ref, torch.bfloat16)

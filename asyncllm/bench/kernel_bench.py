@@ -36,7 +36,12 @@ def _paged(seq_lens: list[int], bs: int, layers: int, dtype=torch.bfloat16):
 def bench_decode(batch: int, lo: int, hi: int, bs: int = 16, seed: int = 0, **kw) -> dict[str, Any]:
     from triton.testing import do_bench
 
-    from asyncllm.engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
+    from asyncllm.engine.kernels.decode_attention import (
+        choose_grid_splits,
+        choose_num_splits,
+        paged_decode_attention,
+        target_programs,
+    )
 
     rng = random.Random(seed)
     lens = [rng.randint(lo, hi) for _ in range(batch)]
@@ -63,7 +68,13 @@ def bench_decode(batch: int, lo: int, hi: int, bs: int = 16, seed: int = 0, **kw
         "batch": batch,
         "ctx": f"U[{lo},{hi}]",
         "block_size": bs,
-        "splits": kw.get("num_splits") or choose_num_splits(batch, HKV),
+        # the grid's splits (v2: an upper bound per sequence; v1: every sequence's)
+        "splits": kw.get("num_splits")
+        or (
+            choose_grid_splits(batch, HKV, target_programs(q.device))
+            if kw.get("balanced", True)
+            else choose_num_splits(batch, HKV)
+        ),
         "us_per_layer": ms * 1e3,
         "GB_per_s": nbytes / ms / 1e6,
         "of_copy_bw": nbytes / ms / 1e-3 / H100_COPY_BW,

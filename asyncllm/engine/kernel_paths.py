@@ -92,6 +92,33 @@ def select_fused_moe(device: torch.device | str, fused: ModuleType | None) -> bo
     return True
 
 
+def select_cuda_attention_kernels(device: torch.device | str) -> tuple[str, str]:
+    """The (decode, prefill) kernels of the triton backend from ASYNCLLM_DECODE_ATTENTION /
+    ASYNCLLM_PREFILL_ATTENTION. "fa4" where FlashAttention-4 is not importable on this GPU falls
+    back to "triton" with a warning (the start-up line says what runs)."""
+    decode, prefill = envs.decode_attention(), envs.prefill_attention()
+    if decode not in ("triton", "triton-v1", "fa4"):
+        raise ValueError(
+            f"ASYNCLLM_DECODE_ATTENTION must be triton, triton-v1 or fa4, got {decode!r}"
+        )
+    if prefill not in ("triton", "fa4"):
+        raise ValueError(f"ASYNCLLM_PREFILL_ATTENTION must be triton or fa4, got {prefill!r}")
+    if "fa4" in (decode, prefill):
+        from asyncllm.engine.kernels import fa4_attention
+
+        if not fa4_attention.available(device):
+            logger.warning(
+                "FlashAttention-4 asked for (decode=%s, prefill=%s) but flash_attn.cute does not "
+                "import on %s: using the Triton kernels",
+                decode,
+                prefill,
+                device,
+            )
+            decode = "triton" if decode == "fa4" else decode
+            prefill = "triton"
+    return decode, prefill
+
+
 def default_attention_backend(device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
@@ -115,8 +142,11 @@ def select_kernel_paths(
         name = attention_backend
         if name == "auto":
             name = default_attention_backend(device)
+        kernels = ("triton", "triton")
+        if name == "triton":
+            kernels = select_cuda_attention_kernels(device)
         attention = get_attention_backend(
-            name, device, fused_ops=fused, decode_kernel=decode_kernel
+            name, device, fused_ops=fused, decode_kernel=decode_kernel, cuda_kernels=kernels
         )
     uses_decode_kernel = attention.name == "torch" and getattr(attention, "decode_kernel", False)
     return KernelPaths(

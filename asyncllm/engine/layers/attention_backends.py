@@ -18,10 +18,16 @@ NAMES = ("torch", "triton")
 
 
 def get_attention_backend(
-    name: str, device: torch.device | str, fused_ops: Any = None, decode_kernel: bool | None = None
+    name: str,
+    device: torch.device | str,
+    fused_ops: Any = None,
+    decode_kernel: bool | None = None,
+    cuda_kernels: tuple[str, str] = ("triton", "triton"),
 ) -> AttentionBackend:
     """ "torch" (reference; any device) or "triton" (CUDA; asyncllm.engine.layers.triton_attention).
-    `fused_ops` / `decode_kernel`: the torch backend's CPU fast paths (kernel_paths decides)."""
+    `fused_ops` / `decode_kernel`: the torch backend's CPU fast paths (kernel_paths decides).
+    `cuda_kernels`: the triton backend's (decode, prefill) kernels ("triton", "triton-v1" for
+    decode, "fa4"), already checked by kernel_paths."""
     if name == "torch":
         return TorchAttentionBackend(decode_kernel=decode_kernel, fused_ops=fused_ops)
     if name == "triton":
@@ -34,5 +40,6 @@ def get_attention_backend(
             raise ValueError(
                 f"attention backend 'triton' is not available ({e}); install triton or use 'torch'"
             ) from e
-        return backend_cls(torch.device(device))
+        decode, prefill = cuda_kernels
+        return backend_cls(torch.device(device), decode=decode, prefill=prefill)
     raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'")
