@@ -58,10 +58,11 @@ def quant_kernels() -> str:
 
 def decode_attention() -> str:
     """ASYNCLLM_DECODE_ATTENTION: the CUDA decode attention kernel of the `triton` backend:
-    `triton` (default; the balanced split-context kernel), `triton-v1` (the first round's equal
-    split per sequence, for A/B runs) or `fa4` (FlashAttention-4's paged kernel where
+    `triton-v1` (default: the first round's equal split per sequence), `triton` (the balanced
+    split-context kernel: opt-in until measured faster; the one H200 run that reached it had it
+    at 0.81-0.86x of v1 at batch 1, NOTES.md) or `fa4` (FlashAttention-4's paged kernel where
     flash_attn.cute imports on a Hopper/Blackwell GPU; else triton, with a warning)."""
-    return (_str("ASYNCLLM_DECODE_ATTENTION", "triton") or "triton").lower()
+    return (_str("ASYNCLLM_DECODE_ATTENTION", "triton-v1") or "triton-v1").lower()
 
 
 def prefill_attention() -> str:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     def decode_pass(variants: list[str]) -> None:
         for shape in a.shapes.split(","):
             for batch in (int(b) for b in a.batches.split(",")):
-                for ctx in a.contexts.split(","):
+                for ctx in re.split(r",(?![^\[]*\])", a.contexts):  # "U[100,2048]" is one
                     emit(bench_decode(shape, batch, ctx, variants, bw, refs))
 
     # FA4 last among the decode rows: an error of its kernels cannot cost the Triton rows

@@ -95,7 +95,7 @@ def select_fused_moe(device: torch.device | str, fused: ModuleType | None) -> bo
 def select_cuda_attention_kernels(device: torch.device | str) -> tuple[str, str]:
     """The (decode, prefill) kernels of the triton backend from ASYNCLLM_DECODE_ATTENTION /
     ASYNCLLM_PREFILL_ATTENTION. "fa4" where FlashAttention-4 is not importable on this GPU falls
-    back to "triton" with a warning (the start-up line says what runs)."""
+    back to the default "triton-v1" with a warning (the start-up line says what runs)."""
     decode, prefill = envs.decode_attention(), envs.prefill_attention()
     if decode not in ("triton", "triton-v1", "fa4"):
         raise ValueError(
@@ -114,7 +114,7 @@ def select_cuda_attention_kernels(device: torch.device | str) -> tuple[str, str]
                 prefill,
                 device,
             )
-            decode = "triton" if decode == "fa4" else decode
+            decode = "triton-v1" if decode == "fa4" else decode
             prefill = "triton"
     return decode, prefill
 

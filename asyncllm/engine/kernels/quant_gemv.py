@@ -45,11 +45,13 @@ import triton
 import triton.language as tl
 
 # Rows up to which the int4 GEMV runs (its FMA count grows with the rows; beyond it tl.dot).
-GEMV_MAX_M = 4
-# Rows up to which the fp8 W8A16 GEMV runs instead of W8A8 _scaled_mm (fp8.py). A first guess
-# (ptxas: ~3.4 instructions per fp8 weight at 1 row, ~15 at 4 against a budget of ~7); the device
-# script (ops/bench/quant_device.sh) times both at 1, 4 and 16 rows to set it.
-FP8_GEMV_MAX_M = 4
+# Set from the H200 run (results/quant-device-h200-2026-12-02.json): at 1 row the GEMV beats the
+# tl.dot kernel on every Llama-3-8B linear (gate_up 36.7 vs 73.5 us), at 4 rows it loses on
+# every one (86.7 vs 74.6 us), so only single rows take it.
+GEMV_MAX_M = 1
+# Rows up to which the fp8 W8A16 GEMV runs instead of W8A8 _scaled_mm (fp8.py). Same run: at 1 row
+# the GEMV is 1.35-2.4x faster than W8A8 on all four linears, at 4 rows 2-3x slower.
+FP8_GEMV_MAX_M = 1
 # Float32 partials of the workspace (16 MiB) and per-tile counters.
 WORKSPACE_FLOATS = 4 << 20
 COUNTERS = 1 << 15
@@ -399,7 +401,8 @@ class Plan:
 
 def int4_plan(m: int, n: int, k: int, group_k: int, device: torch.device) -> Plan:
     """Tiles of the int4 path for m rows (m < quant_gemm.DEQUANT_MIN_M)."""
-    if m <= GEMV_MAX_M:
+    # groups under 16 inputs have no tl.dot K tile: the GEMV keeps up to its 4-row tile there
+    if m <= GEMV_MAX_M or (m <= 4 and group_k < 16):
         # [8, 256] words per step (8 KB): 16 consecutive words of one word row per thread
         kernel, bm, bn, warps = "gemv", min(4, triton.next_power_of_2(m)), 256, 4
     else:
