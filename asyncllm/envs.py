@@ -45,6 +45,12 @@ def cpu_attention() -> str:
     return (_str("ASYNCLLM_CPU_ATTENTION", "auto") or "auto").lower()
 
 
+def sampler_fused() -> bool:
+    """ASYNCLLM_SAMPLER_FUSED: `0` keeps the inverse-CDF draw (cumsum over the vocabulary) for
+    rows at temperature on CUDA instead of the one-pass Gumbel-max Triton kernel (default on)."""
+    return _flag("ASYNCLLM_SAMPLER_FUSED", True)
+
+
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
     `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""
@@ -128,6 +134,7 @@ VARIABLES = {
     "ASYNCLLM_FUSED": fused,
     "ASYNCLLM_CPU_FUSED": cpu_fused,
     "ASYNCLLM_CPU_ATTENTION": cpu_attention,
+    "ASYNCLLM_SAMPLER_FUSED": sampler_fused,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,
