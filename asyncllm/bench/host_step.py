@@ -9,9 +9,9 @@ without the GPU.
 
 `wordlevel` is the peer benchmark's tokenizer (asyncllm.bench.model: one word per id, 151,936 ids);
 `bytelevel` the tests' trained byte-level BPE (as Qwen's). Prints one JSON line: seconds of host
-work per decode step (median over steps) and the total. The switches in asyncllm/envs.py
-(ASYNCLLM_HOST_FASTPATH, ASYNCLLM_DETOK_FAST, ASYNCLLM_GC_FREEZE) are read at engine construction: run it once per
-setting to compare."""
+work per decode step (median over steps, wall and this thread's CPU time) for each entry of
+`--schedule`: the levers (asyncllm/bench/levers.py: on, off, -NAME, +NAME) are switched on the one
+engine between entries, each entry decoding a fresh batch, so on/off alternate in one process."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ class _StubModel(torch.nn.Module):
         g = torch.Generator().manual_seed(0)
         self.table = torch.randn(max_rows, SAMPLE_WIDTH, generator=g)
         # The stub samples from SAMPLE_WIDTH columns; a permutation spreads them over the vocab.
-        self.perm = torch.randperm(vocab - 300, generator=g)[:SAMPLE_WIDTH]
+        usable = vocab - 300 if vocab > 4 * SAMPLE_WIDTH else vocab  # clear of Qwen's specials
+        self.perm = torch.randperm(usable, generator=g).repeat(-(-SAMPLE_WIDTH // usable))
+        self.perm = self.perm[:SAMPLE_WIDTH]
 
     def forward(self, ids, pos, kv_caches, meta):
         return torch.empty(ids.shape[0], 1)
@@ -106,39 +108,63 @@ def build_engine(batch: int, kind: str, tmp: Path, max_model_len: int = 4096) ->
     return eng
 
 
-def run(batch: int, steps: int, kind: str, prompt: int = 512) -> dict:
+def _decode_steps(eng: LLMEngine, batch: int, steps: int, prompt: int, tag: str) -> list:
+    """Add `batch` requests, run their prefill, then `steps` decode steps: (wall, CPU) seconds of
+    each decode step (CPU: this thread's time, less disturbed by a busy machine)."""
+    g = torch.Generator().manual_seed(1)
+    for i in range(batch):
+        ids = torch.randint(0, eng.vocab_size, (prompt,), generator=g).tolist()
+        sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 8)
+        sp.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate sets it
+        eng.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, sp)
+    while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    eng.step()
+    out = []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        eng.step()
+        out.append((time.perf_counter() - t0, time.thread_time() - c0))
+    eng.abort_request(list(eng.requests))
+    while eng.step():  # the in-flight step
+        pass
+    return out
+
+
+def run(batch: int, steps: int, kind: str, schedule: list[str], prompt: int = 512) -> dict:
+    """One engine; for each schedule entry (levers.parse_entry) the levers are switched on it and
+    a fresh batch decodes `steps` steps."""
+    from asyncllm.bench.levers import parse_entry, set_levers
+
+    runs = []
     with tempfile.TemporaryDirectory() as d:
         eng = build_engine(batch, kind, Path(d))
-        g = torch.Generator().manual_seed(1)
-        for i in range(batch):
-            ids = torch.randint(300, 151_000, (prompt,), generator=g).tolist()
-            sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 2)
-            sp.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate sets it
-            eng.add_request(f"r{i}", {"prompt_token_ids": ids}, sp)
-        for _ in range(3):  # the prefill steps and the first decode
-            eng.step()
-        times = []
-        n_out = 0
-        t_all = time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            outs = eng.step()
-            times.append(time.perf_counter() - t0)
-            n_out += len(outs)
-        total = time.perf_counter() - t_all
-    from asyncllm import envs
-
+        for k, entry in enumerate(schedule):
+            set_levers(eng, parse_entry(entry))
+            st = _decode_steps(eng, batch, steps, prompt, f"{k}")
+            runs.append(
+                {
+                    "config": entry,
+                    "median_wall_ms": statistics.median(w for w, _ in st) * 1e3,
+                    "median_cpu_ms": statistics.median(c for _, c in st) * 1e3,
+                    # The mean holds the collector's full passes, which hit a few steps only.
+                    "mean_cpu_ms": statistics.mean(c for _, c in st) * 1e3,
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
+    summary = {}
+    for entry in dict.fromkeys(schedule):
+        summary[entry] = {
+            k: round(statistics.mean(r[k] for r in runs if r["config"] == entry), 2)
+            for k in ("median_cpu_ms", "mean_cpu_ms")
+        }
     return {
         "benchmark": "host_step",
         "batch": batch,
         "steps": steps,
         "tokenizer": kind,
-        "host_fastpath": envs.host_fastpath(),
-        "detok_fast": envs.detok_fast(),
-        "gc_freeze": envs.gc_freeze(),
-        "median_ms_per_step": statistics.median(times) * 1e3,
-        "total_s": total,
-        "outputs": n_out,
+        "runs": runs,
+        "cpu_ms_per_step": summary,
     }
 
 
@@ -147,9 +173,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--tokenizer", choices=["wordlevel", "bytelevel"], default="wordlevel")
+    p.add_argument("--schedule", default="off,on,off,on,-host,-detok,-gc")
     a = p.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(run(a.batch, a.steps, a.tokenizer)), flush=True)
+    print(json.dumps(run(a.batch, a.steps, a.tokenizer, a.schedule.split(","))), flush=True)
 
 
 if __name__ == "__main__":
