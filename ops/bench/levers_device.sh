@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17, host and sampling levers: one call on the lent H200 (~5.5 min).
+# Issue 17, host and sampling levers: one call on the lent H200 (~5 min; limits 60+140+170 s = 6.2 min at worst, RESULT lines print as each run ends so a cut run keeps what it measured).
 #   bash ops/bench/levers_device.sh        (writes $OUT/levers.json and $OUT/levers.log)
 # 1. the GPU tests of the sampler and its kernel (frequencies, one host sync, seeds);
 # 2. Qwen3-0.6B shape, the peer workload (256 requests, temperature 0.6, detokenized), asyncllm
@@ -20,13 +20,13 @@ LOG=$OUT/levers.log
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   git rev-parse --short HEAD 2>/dev/null || echo "${ASYNCLLM_COMMIT:-no-git}"
   echo "=== gpu tests: sampler and its kernel"
-  timeout -s INT 75 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
+  timeout -s INT 60 python3 -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider \
     tests/test_sampling_kernel.py tests/test_sampler.py 2>&1 | tail -15
   echo "=== qwen3-0.6b"
-  timeout -s INT 160 python3 -m asyncllm.bench.levers --shape qwen3-0.6b --latency \
+  timeout -s INT 140 python3 -m asyncllm.bench.levers --shape qwen3-0.6b --latency \
     --schedule off,on,off,on,-sampler,-host,-detok,-gc 2>&1 | grep -v Warning
   echo "=== qwen3-8b"
-  timeout -s INT 210 python3 -m asyncllm.bench.levers --shape qwen3-8b --latency \
+  timeout -s INT 170 python3 -m asyncllm.bench.levers --shape qwen3-8b --latency \
     --schedule off,on,-sampler 2>&1 | grep -v Warning
 } 2>&1 | tee "$LOG"
 python3 - "$LOG" "$OUT/levers.json" <<'PY'
