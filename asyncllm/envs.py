@@ -71,6 +71,34 @@ def prefill_attention() -> str:
     return (_str("ASYNCLLM_PREFILL_ATTENTION", "triton") or "triton").lower()
 
 
+def sampler_fused() -> bool:
+    """ASYNCLLM_SAMPLER_FUSED: `0` keeps the inverse-CDF draw (cumsum over the vocabulary) for
+    rows at temperature on CUDA instead of the one-pass Gumbel-max Triton kernel (default on)."""
+    return _flag("ASYNCLLM_SAMPLER_FUSED", True)
+
+
+def host_fastpath() -> bool:
+    """ASYNCLLM_HOST_FASTPATH: `0` turns off the engine's host bookkeeping shortcuts (a decode token
+    that fits its sequence's last block skips the allocator; the prefix cache is not asked to
+    publish blocks when none was completed; sampler rows carry a request's generated tokens only
+    when its sampling reads them). Same results either way; default on."""
+    return _flag("ASYNCLLM_HOST_FASTPATH", True)
+
+
+def detok_fast() -> bool:
+    """ASYNCLLM_DETOK_FAST: `0` makes the incremental detokenizer decode its token window for every
+    token, instead of appending a token's own text where the tokenizer was checked to decode by
+    concatenation (byte-level BPE, word-level). Same text either way; default on."""
+    return _flag("ASYNCLLM_DETOK_FAST", True)
+
+
+def gc_freeze() -> bool:
+    """ASYNCLLM_GC_FREEZE: `0` leaves Python's garbage collector as it is; by default a CUDA engine,
+    once built, moves the objects alive then into the collector's permanent generation
+    (`gc.freeze()`), so full collections during the steps do not walk them."""
+    return _flag("ASYNCLLM_GC_FREEZE", True)
+
+
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
     `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""
@@ -157,6 +185,10 @@ VARIABLES = {
     "ASYNCLLM_QUANT_KERNELS": quant_kernels,
     "ASYNCLLM_DECODE_ATTENTION": decode_attention,
     "ASYNCLLM_PREFILL_ATTENTION": prefill_attention,
+    "ASYNCLLM_SAMPLER_FUSED": sampler_fused,
+    "ASYNCLLM_HOST_FASTPATH": host_fastpath,
+    "ASYNCLLM_DETOK_FAST": detok_fast,
+    "ASYNCLLM_GC_FREEZE": gc_freeze,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,

@@ -136,3 +136,33 @@ def test_match_prefix_leaves_the_sequence_alone_until_applied():
 def test_no_blocks_is_an_error():
     with pytest.raises(ValueError):
         BlockManager(num_blocks=0, block_size=4)
+
+
+def test_fits_is_exactly_allocation_free():
+    """BlockManager.fits (the scheduler's decode shortcut) holds only where can_allocate holds and
+    allocate would change nothing: no new block, no copy-on-write; never under a window."""
+    import copy
+
+    bm = BlockManager(num_blocks=16, block_size=4)
+    parent = make_seq(list(range(6)))
+    compute(bm, parent, 6)  # blocks: [full, 2 of 4]
+    child = make_seq(list(range(6)))
+    bm.fork(parent, child)  # the partial block is shared: the next token needs a copy
+    child.num_computed_tokens = parent.num_computed_tokens  # as the engine's fork sets it
+    lone = make_seq(list(range(8)))
+    compute(bm, lone, 7)
+    seen = set()
+    for seq in (parent, child, lone):
+        for n in (0, 1, 2, 3):
+            fits = bm.fits(seq, n)
+            trial_bm, trial = copy.deepcopy((bm, seq))
+            changed = trial_bm.allocate(trial, n) != [] or trial.block_table != seq.block_table
+            assert fits == (not changed and bm.can_allocate(seq, n)), (seq.seq_id, n)
+            seen.add(fits)
+    assert seen == {True, False}
+    assert not bm.fits(child, 1)  # copy-on-write
+    assert bm.fits(lone, 1) and not bm.fits(lone, 2)
+    windowed = BlockManager(num_blocks=16, block_size=4, sliding_window=8)
+    s = make_seq(list(range(3)))
+    compute(windowed, s, 3)
+    assert not windowed.fits(s, 1)

@@ -333,3 +333,77 @@ def test_long_stop_string_costs_linear_time():
     took = time.perf_counter() - t0
     assert d.output_text == "a" * (n - 1) + "c"
     assert took < 0.5, f"{took:.2f} s for one token"
+
+
+# ---- the per-token fast path (ASYNCLLM_DETOK_FAST) ----------------------------------------------
+def _both(tok, monkeypatch, ids, params, prompt=()):
+    """Token-by-token deltas and the stop match with the fast path and without it."""
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ASYNCLLM_DETOK_FAST", flag)
+        d = IncrementalDetokenizer(tok, list(prompt), params)
+        assert (d._pieces is not None) == (flag == "1")
+        deltas, matched = [], None
+        for t in ids:
+            prev = d.output_text
+            matched = d.add_tokens([t])
+            deltas.append(d.output_text[len(prev) :])
+            if matched is not None:
+                break
+        if matched is None:
+            d.finish()
+        runs.append((deltas, matched, d.output_text))
+    return runs
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_path_gives_the_windowed_text(tok, monkeypatch, skip):
+    import random
+
+    rng = random.Random(4)
+    special = list(tok.all_special_ids)
+    prompt = tok.encode("Hello there")
+    for text in TEXTS + ["The capital of France is Paris."]:
+        ids = tok.encode(text)
+        # Special ids and random ids (split multi-byte characters) in between.
+        mixed = []
+        for t in ids:
+            mixed.append(t)
+            if rng.random() < 0.2:
+                mixed.append(rng.choice(special + [rng.randrange(len(tok))]))
+        for stop in (None, ["Paris"], ["😀", "本"]):
+            params = SamplingParams(stop=stop, skip_special_tokens=skip)
+            fast, slow = _both(tok, monkeypatch, mixed, params, prompt)
+            assert fast == slow, (text, stop)
+
+
+def test_fast_path_on_a_word_level_tokenizer(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from asyncllm.bench.model import _tokenizer
+
+    _tokenizer(tmp_path, 500, 0)
+    wl = AutoTokenizer.from_pretrained(tmp_path)
+    from asyncllm.engine.detokenizer import concat_pieces, fast_decode
+
+    assert concat_pieces(wl, fast_decode(wl), True)[1] == " "
+    ids = [5, 17, 0, 400, 3, 3, 499]
+    fast, slow = _both(wl, monkeypatch, ids, SamplingParams(stop=["<t3> <t3>"]), [1, 2])
+    assert fast == slow
+    assert fast[1] == "<t3> <t3>" and fast[2].startswith(" <t5> <t17>")
+
+
+def test_fast_path_refuses_sentencepiece_style_decoding(tmp_path):
+    # SentencePiece's Metaspace: a word's leading space shows after context, not alone.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from asyncllm.engine.detokenizer import concat_pieces, fast_decode
+    from tests.tiny_models import CORPUS
+
+    m = Tokenizer(models.BPE(unk_token="<unk>"))
+    m.pre_tokenizer = pre_tokenizers.Metaspace()
+    m.decoder = decoders.Metaspace()
+    m.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    sp = PreTrainedTokenizerFast(tokenizer_object=m)
+    assert concat_pieces(sp, fast_decode(sp), False) is None

@@ -96,6 +96,20 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
+    def fits(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """`num_new_tokens` more tokens land in blocks `seq` already holds alone: no allocation,
+        no copy-on-write (so can_allocate holds and allocate would do nothing). One check for the
+        common decode step (15 tokens of 16 land in the last block). False under a sliding
+        window, whose blocks are released first (release_outside_window)."""
+        if self.sliding_window is not None:
+            return False
+        c = seq.num_computed_tokens
+        table = seq.block_table
+        bs = self.block_size
+        if c + num_new_tokens > len(table) * bs:
+            return False
+        return num_new_tokens == 0 or c % bs == 0 or self.blocks[table[c // bs]].ref_count == 1
+
     def max_blocks_held(self, num_tokens: int, max_chunk: int) -> int:
         """The most blocks one sequence of `num_tokens` tokens holds at once, computed in chunks
         of at most `max_chunk` tokens: all of them, or under a window the window before a chunk

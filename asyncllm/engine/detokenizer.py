@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from asyncllm import envs
 from asyncllm.sampling_params import SamplingParams
 
 # Prompt tokens kept as left context: tokenizers that drop a leading space when a token is decoded
@@ -28,6 +29,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
         self._raw_decode = fast_decode(tokenizer)
+        # A token's own text, where this tokenizer decodes by concatenation (None: it does not,
+        # or ASYNCLLM_DETOK_FAST=0): see concat_pieces.
+        self._pieces: tuple[list[str], str] | None = None
+        if envs.detok_fast():
+            self._pieces = concat_pieces(tokenizer, self._raw_decode, params.skip_special_tokens)
         self.params = params
         self.skip_special_tokens = params.skip_special_tokens
         self.stop: list[str] = list(params.stop or [])
@@ -73,13 +79,34 @@ class IncrementalDetokenizer:
         self._prefix_text = None
         return new
 
+    def _fast_new(self, tok: int) -> str | None:
+        """What _decode_new would return for `tok`, without decoding, when nothing is pending
+        (the window is all context) and `tok`'s own text is complete and non-empty: the window's
+        text then ends with the context's text, the separator (when that text is not empty) and
+        the token's. Leaves the state _decode_new would. None: take the decoding path."""
+        pieces, sep = self._pieces  # type: ignore[misc]
+        piece = pieces[tok] if 0 <= tok < len(pieces) else ""
+        if not piece or _REPLACEMENT in piece:
+            return None
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new = (sep if self._prefix_text else "") + piece
+        self._ids = [tok]
+        self._prefix, self._read = 0, 1
+        self._prefix_text = piece
+        return new
+
     def add_tokens(self, token_ids: list[int]) -> str | None:
         """Decode new tokens; return the stop string matched, if any (then generation is over)."""
         if self.finished:
             return None
-        self._ids.extend(token_ids)
+        new = None
+        if self._pieces is not None and len(token_ids) == 1 and self._read == len(self._ids):
+            new = self._fast_new(token_ids[0])
+        if new is None:
+            self._ids.extend(token_ids)
+            new = self._decode_new()
         self._num_tokens += len(token_ids)
-        new = self._decode_new()
         if not new:
             return None
         self._text += new
@@ -213,6 +240,83 @@ def _agrees(tokenizer: Any, backend: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+_pieces_cache: weakref.WeakKeyDictionary[Any, dict[bool, tuple[list[str], str] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def concat_pieces(
+    tokenizer: Any, decode: Callable[..., str], skip_special_tokens: bool
+) -> tuple[list[str], str] | None:
+    """(text of each token id alone, separator) when this tokenizer's decode of a window is the
+    window's context text, then the separator if that text is not empty, then the new token's
+    own text, for every token whose own text is complete (no U+FFFD): byte-level BPE (separator
+    "", Qwen's and GPT-2's), word-level without a decoder ("", joined by " "). Checked on a
+    sample of windows (context of 1-3 ids, special ids included) against the real decode; None
+    when any disagrees (SentencePiece drops a token's leading space when it stands alone) or the
+    tokenizer cannot be sampled. Built once per tokenizer and setting."""
+    try:
+        per = _pieces_cache.setdefault(tokenizer, {})
+    except TypeError:
+        return None
+    if skip_special_tokens in per:
+        return per[skip_special_tokens]
+    result = None
+    try:
+        n = len(tokenizer)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        ids = [[i] for i in range(n)]
+        if backend is not None and getattr(decode, "__self__", None) is backend:
+            pieces = backend.decode_batch(ids, skip_special_tokens=skip_special_tokens)
+        else:
+            pieces = [decode(i, skip_special_tokens=skip_special_tokens) for i in ids]
+        result = _check_concat(decode, pieces, skip_special_tokens, tokenizer)
+    except Exception:
+        result = None
+    per[skip_special_tokens] = result
+    return result
+
+
+def _check_concat(
+    decode: Callable[..., str], pieces: list[str], skip: bool, tokenizer: Any
+) -> tuple[list[str], str] | None:
+    import random
+
+    n = len(pieces)
+    rng = random.Random(0)
+    specials = list(getattr(tokenizer, "all_special_ids", []) or [])[:8]
+    pool = list(range(min(n, 512))) + [rng.randrange(n) for _ in range(512)] + specials
+    sep: str | None = None
+    checked = 0
+    for trial in range(600):
+        ctx = [rng.choice(pool) for _ in range(1 + trial % 3)]
+        tok = rng.choice(pool)
+        piece = pieces[tok]
+        if not piece or _REPLACEMENT in piece:
+            continue
+        ctx_text = decode(ctx, skip_special_tokens=skip)
+        if ctx_text.endswith(_REPLACEMENT):
+            continue  # the detokenizer never keeps such a context
+        full = decode(ctx + [tok], skip_special_tokens=skip)
+        if not ctx_text:
+            if full != piece:
+                return None
+            continue
+        if not (full.startswith(ctx_text) and full.endswith(piece)):
+            return None
+        gap = full[len(ctx_text) : len(full) - len(piece)]
+        if sep is None:
+            if gap not in ("", " "):
+                return None
+            sep = gap
+        elif gap != sep:
+            return None
+        checked += 1
+    if sep is None or checked < 100:
+        return None
+    return pieces, sep
 
 
 def decode_token(tokenizer: Any, token_id: int) -> str:

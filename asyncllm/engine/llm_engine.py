@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from asyncllm import envs
 from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
@@ -117,6 +118,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.async_scheduling = scheduler_config.async_scheduling
+        # Host bookkeeping shortcuts (same results; ASYNCLLM_HOST_FASTPATH=0 turns them off).
+        self._fastpath = envs.host_fastpath()
         self._in_flight: _LaunchedStep | None = None
         self._grammar: GrammarBackend | None = None  # built at the first constrained request
         self.prompt_tokens_total = 0
@@ -344,7 +347,7 @@ class LLMEngine:
             if seq.num_output_tokens == 0 and seq.num_pending == 0:
                 self.prompt_tokens_total += s.num_new_tokens
             seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.register_computed(seq)
+            self._register_computed(seq)
 
         if logits.sample_logits is None:
             return _LaunchedStep([], None)
@@ -401,12 +404,24 @@ class LLMEngine:
                 seq, out.token_ids[j], out.logprobs[j], out.ranks[j], out.top_logprobs[j]
             )
             if not seq.is_finished:
-                self.block_manager.register_computed(seq)
+                self._register_computed(seq)
             req = seq.request
             if req.first_token_time is None:
                 req.first_token_time = now
             touched[req.request_id] = req
         return collect_outputs(touched, self.requests)
+
+    def _register_computed(self, seq: Sequence) -> None:
+        """Publish `seq`'s newly full blocks; asked only when a block may have been completed
+        (twice per token otherwise, for nothing: a block fills once per block_size tokens)."""
+        bm = self.block_manager
+        if (
+            self._fastpath
+            and min(seq.num_computed_tokens, len(seq.token_ids)) // bm.block_size
+            <= seq.num_hashed_blocks
+        ):
+            return
+        bm.register_computed(seq)
 
     def _sampling_rows(
         self, scheduled: list[ScheduledSeq], sample_index: list[int]
@@ -434,10 +449,14 @@ class LLMEngine:
         return row_src, seqs
 
     def _row(self, seq: Sequence) -> SamplerRow:
+        params = seq.request.params
+        # The sampler reads the generated tokens only for penalties and min_tokens; copying them
+        # for every row of every step is O(length) per token.
+        history = not self._fastpath or needs_history(params)
         return SamplerRow(
-            params=seq.request.params,
+            params=params,
             prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
+            output_token_ids=seq.output_token_ids if history else [],
             generator=seq.generator,
         )
 

@@ -16,6 +16,7 @@ as vLLM's default.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,32 @@ def _min_tokens_mask_ids(row: SamplerRow) -> list[int]:
     return list(p.stop_token_ids or []) + list(p._eos_token_ids)
 
 
+def _fused_default(device: torch.device) -> bool:
+    """The fused Gumbel-max kernel where it helps: CUDA with triton (ASYNCLLM_SAMPLER_FUSED=0
+    keeps the inverse-CDF draw). On the CPU the vocabulary of noise costs more than the scan."""
+    from asyncllm import envs
+
+    if device.type != "cuda" or not envs.sampler_fused():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Sampler:
+    def __init__(self, fused: bool | None = None):
+        """`fused`: draw temperature rows (no top-k/top-p) with the one-pass Gumbel-max kernel
+        (kernels/sampling.py). None: on CUDA unless ASYNCLLM_SAMPLER_FUSED=0 (read here, once);
+        True forces it (the interpreter tests)."""
+        self._fused = fused
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self._fused is None:
+            self._fused = _fused_default(device)
+        return self._fused
+
     def __call__(
         self,
         logits: torch.Tensor,
@@ -164,6 +190,8 @@ class Sampler:
             return _tokens_only(logits.argmax(dim=-1), n)
 
         device = logits.device
+        if self._use_fused(device):
+            return self._launch_fused(logits, rows, want_lp, greedy, processed)
         raw = logits if logits.dtype == torch.float32 else logits.float()
         x = _process(raw, rows) if any(processed) else raw
 
@@ -181,6 +209,87 @@ class Sampler:
         if not any(want_lp):
             return _tokens_only(tokens, n)
         return _with_logprobs(raw, tokens, rows, want_lp)
+
+    def _launch_fused(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplerRow],
+        want_lp: list[bool],
+        greedy: list[bool],
+        processed: list[bool],
+    ) -> PendingSample:
+        """Every row in one Gumbel-max pass over the logits in their own dtype (greedy rows at
+        T = 0: a plain argmax); rows with top-k/top-p are then redrawn by the sorting path."""
+        from asyncllm.engine.kernels.sampling import gumbel_argmax
+
+        n = len(rows)
+        device = logits.device
+        raw = None
+        if any(want_lp) or any(processed):
+            raw = logits if logits.dtype == torch.float32 else logits.float()
+        x = _process(raw, rows) if any(processed) and raw is not None else logits
+        vocab = x.shape[1]
+        trunc = [
+            i
+            for i, r in enumerate(rows)
+            if not greedy[i] and (0 < r.params.top_k < vocab or r.params.top_p < 1.0)
+        ]
+        in_trunc = set(trunc)
+        race = [i for i in range(n) if not greedy[i] and i not in in_trunc]
+        if len(trunc) == n:
+            tokens = _sample(x if x.dtype == torch.float32 else x.float(), rows)
+        else:
+            temps = [
+                0.0 if greedy[i] or i in in_trunc else rows[i].params.temperature for i in range(n)
+            ]
+            tokens = gumbel_argmax(
+                x,
+                _to_device(temps, torch.float32, device),
+                _race_seeds(rows, race, device),
+                _race_floor(x, rows, race, temps),
+            )
+            if trunc:
+                idx = _to_device(trunc, torch.long, device)
+                sub = x.index_select(0, idx)
+                sampled = _sample(
+                    sub if sub.dtype == torch.float32 else sub.float(), [rows[i] for i in trunc]
+                )
+                tokens = tokens.index_copy(0, idx, sampled)
+        if not any(want_lp):
+            return _tokens_only(tokens, n)
+        assert raw is not None
+        return _with_logprobs(raw, tokens, rows, want_lp)
+
+
+def _race_seeds(rows: list[SamplerRow], race: list[int], device: torch.device) -> torch.Tensor:
+    """One Philox seed per row for the Gumbel-max kernel: a seeded row's comes from its own
+    generator (one draw per step, so its tokens do not depend on the batch), the others' from
+    the global one."""
+    seeds = torch.randint(0, 2**62, (len(rows),), device=device)
+    seeded = [i for i in race if rows[i].generator is not None]
+    if seeded:
+        draws = [
+            torch.randint(0, 2**62, (1,), generator=rows[i].generator, device=device)
+            for i in seeded
+        ]
+        seeds.index_copy_(0, _to_device(seeded, torch.long, device), torch.cat(draws))
+    return seeds
+
+
+def _race_floor(
+    x: torch.Tensor, rows: list[SamplerRow], race: list[int], temps: list[float]
+) -> torch.Tensor | None:
+    """min-p as a floor on the unscaled logits: p_v < min_p * p_max <=> x_v < max + T log(min_p)
+    (-inf for the rows without min-p); None when no racing row has min-p."""
+    offs = [_NEG_INF] * len(rows)
+    for i in race:
+        m = rows[i].params.min_p
+        if m > 0.0:
+            offs[i] = temps[i] * math.log(m)
+    if all(o == _NEG_INF for o in offs):
+        return None
+    top = x.max(dim=-1).values.float()
+    return top + _to_device(offs, torch.float32, x.device)
 
 
 def _tokens_only(tokens: torch.Tensor, n: int) -> PendingSample:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from asyncllm import envs
 from asyncllm.config import SchedulerConfig
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.sequence import Sequence, SequenceStatus
@@ -58,6 +59,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by sort_key
         self.num_preemptions = 0
         self.writer = StepWriter()  # what the runner knows of each sequence; writes the message
+        self.fastpath = envs.host_fastpath()  # BlockManager.fits before the allocator
 
     # ---- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -101,6 +103,7 @@ class Scheduler:
             prefill = cap
         bm = self.block_manager
         scheduled_ids: set[int] = set()
+        fast = self.fastpath
 
         # 1. Running sequences, highest priority first; preempt from the back when out of blocks.
         i = 0
@@ -109,6 +112,15 @@ class Scheduler:
             is_prefill = seq.num_uncomputed_tokens > 1
             num_new = min(seq.num_uncomputed_tokens, budget, prefill if is_prefill else budget)
             if num_new == 0 or (seq.num_pending and seq.ends_by_length(self.config.max_model_len)):
+                i += 1
+                continue
+            if fast and bm.fits(seq, num_new):
+                # Room already held (most decode steps): no allocator, no preemption check.
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                scheduled_ids.add(seq.seq_id)
+                budget -= num_new
+                if is_prefill:
+                    prefill -= num_new
                 i += 1
                 continue
             # Blocks behind every layer's window come back before this sequence asks for more.
