@@ -43,7 +43,8 @@ ENGINE_FLAG_HELP = {
     "enable_prefix_caching": "reuse the KV blocks of a prompt prefix seen before",
     "max_num_seqs": "most sequences running at once (a count)",
     "max_prefill_tokens": "prompt tokens per step, in tokens, while a sequence is decoding, so "
-    "decodes keep flowing beside long prompts (default: 64 on the CPU, no cap on CUDA)",
+    "decodes keep flowing beside long prompts (default: 64 on the CPU, no cap on CUDA); on the "
+    "CPU a token is charged for the context it attends over, so chunks shrink deeper in a prompt",
     "tensor_parallel_size": "a count: ranks (one process and device each) the model is split "
     "across",
     "quantization": "checkpoint format: fp8, gptq, awq or compressed-tensors (default: read from "

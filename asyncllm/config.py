@@ -35,7 +35,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len) capped at 8192
     # Of each step's budget, at most this many prompt tokens (chunks of waiting or partly
     # prefilled prompts), so running decodes keep flowing beside a long prompt. None: 64 on
-    # the CPU (a step there costs ~per token), the whole budget on CUDA.
+    # the CPU (a step there costs ~per token), the whole budget on CUDA. On the CPU each token
+    # is charged for its context (SchedulerConfig.prefill_context_scale, from the model's shape).
     max_prefill_tokens: int | None = None
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs
@@ -140,6 +141,10 @@ class SchedulerConfig:
     max_model_len: int
     async_scheduling: bool = False
     max_prefill_tokens: int | None = None  # per step; None: max_num_batched_tokens
+    # While the cap applies, a prompt token at context c costs 1 + c / prefill_context_scale
+    # tokens of it (attention over the prefix grows with c), so chunks shrink as the prompt's
+    # prefix grows and a step costs about the same at any depth. None: a token costs 1.
+    prefill_context_scale: int | None = None
 
 
 @dataclass

@@ -149,3 +149,19 @@ def test_get_attention_backend():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             get_attention_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("n,offset", [(1, 40), (5, 19), (16, 0)])
+def test_grouped_query_chunk_attention_matches_expanded_heads(n, offset):
+    """A GQA chunk behind a prefix (the CPU path folds each KV head's query heads into rows):
+    the same as attending with the K/V heads repeated."""
+    from asyncllm.engine.layers.attention import _attend
+
+    torch.manual_seed(n)
+    hq, hkv, d = 6, 2, 8
+    q = torch.randn(n, hq, d)
+    k, v = torch.randn(offset + n, hkv, d), torch.randn(offset + n, hkv, d)
+    got = _attend(q, k, v, offset, 0.3) if offset else _attend(q, k, v, 0, 0.3, window=4)
+    kk, vv = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    want = _attend(q, kk, vv, offset, 0.3) if offset else _attend(q, kk, vv, 0, 0.3, window=4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

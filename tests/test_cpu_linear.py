@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asyncllm.engine.layers.cpu_linear import PackedLinear
+from asyncllm.engine.layers.cpu_linear import PackedLinear, bucket_rows
 from asyncllm.engine.layers.linear import LinearBase
 
 pytestmark = pytest.mark.skipif(
@@ -61,3 +61,23 @@ def test_the_cpu_engine_runs_on_packed_linears(tiny_model_dirs):
     linears = [m for m in untied.modules() if isinstance(m, LinearBase)]
     assert len(linears) == 4 * untied.config.num_hidden_layers
     assert all(isinstance(m.packed, PackedLinear) for m in linears)
+
+
+def test_row_buckets_bound_the_gemm_shapes():
+    """Issue 22 point 11: oneDNN and ideep cache one prepared GEMM per input row count; the
+    buckets keep the row counts a weight sees up to 8192 to under 90, padding at most 12.5%."""
+    sizes = [bucket_rows(m) for m in range(1, 8193)]
+    assert sizes[:16] == list(range(1, 17))  # small decode batches: exact
+    assert all(m <= b <= m * 1.125 for m, b in zip(range(1, 8193), sizes, strict=True))
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) < 90
+
+
+@pytest.mark.parametrize("m", [17, 37, 65, 301])
+def test_padded_rows_do_not_change_the_result(m):
+    torch.manual_seed(m)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    x = torch.randn(m, 32)
+    y = PackedLinear(w, b)(x)
+    assert y.shape == (m, 48)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 prompt is prefilled beside it, against the canary's normal gap.
 
     python -m asyncllm.bench.canary_gap --prompt-tokens 2048 4096 8191
-    python -m asyncllm.bench.canary_gap --max-prefill-tokens 8192   # the old schedule, for comparison
+    python -m asyncllm.bench.canary_gap --max-prefill-tokens 8192   # no cap, for comparison
+    python -m asyncllm.bench.canary_gap --flat   # the cap without context pricing
 
 The canary decodes alone for `--warm` seconds (its median gap is the normal one); then each long
 prompt (random token ids, one output token) is added and the canary's largest gap until that
@@ -21,9 +22,12 @@ import time
 
 async def run(args: argparse.Namespace) -> list[dict]:
     from asyncllm import AsyncLLMEngine, EngineArgs, SamplingParams
+    from asyncllm.engine.llm_engine import LLMEngine
 
     ea = EngineArgs(model=args.model, max_prefill_tokens=args.max_prefill_tokens, seed=0)
-    engine = AsyncLLMEngine.from_engine_args(ea)
+    llm_engine = LLMEngine.from_engine_args(ea)
+    scale = _set_pricing(llm_engine, args)
+    engine = AsyncLLMEngine(engine=llm_engine)
     await engine.start()
     vocab = getattr(engine, "vocab_size", None) or len(engine.tokenizer)
     stamps: list[float] = []
@@ -41,7 +45,13 @@ async def run(args: argparse.Namespace) -> list[dict]:
         await asyncio.sleep(args.warm)
         rng = random.Random(0)
         for n in args.prompt_tokens:
-            normal = _gaps(stamps[-20:])
+            # The normal gap from tokens after the previous long prompt is done (the last 20
+            # stamps would still hold that prompt's gaps one second after it).
+            s0 = len(stamps)
+            deadline = time.perf_counter() + 120
+            while len(stamps) < s0 + args.normal_tokens + 1 and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+            normal = _gaps(stamps[s0:])
             start = len(stamps)
             t0 = time.perf_counter()
             ids = [rng.randrange(vocab) for _ in range(n)]
@@ -55,6 +65,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
             row = {
                 "prompt_tokens": n,
                 "max_prefill_tokens": args.max_prefill_tokens or "default",
+                "prefill_context_scale": scale,
                 "normal_gap_ms": round(med * 1e3, 1),
                 "worst_gap_ms": round(worst * 1e3, 1),
                 "ratio": round(worst / med, 2),
@@ -62,7 +73,6 @@ async def run(args: argparse.Namespace) -> list[dict]:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-            await asyncio.sleep(1.0)
     finally:
         task.cancel()
         await engine.shutdown()
@@ -75,6 +85,7 @@ def step_costs(args: argparse.Namespace) -> list[dict]:
     from asyncllm import LLM, SamplingParams
 
     eng = LLM(model=args.model, max_prefill_tokens=args.max_prefill_tokens, seed=0).llm_engine
+    scale = _set_pricing(eng, args)
     sp = SamplingParams(temperature=0, max_tokens=args.canary_tokens, ignore_eos=True)
     eng.add_request("canary", {"prompt_token_ids": [1, 2, 3, 4]}, sp)
 
@@ -97,6 +108,7 @@ def step_costs(args: argparse.Namespace) -> list[dict]:
         row = {
             "prompt_tokens": n,
             "max_prefill_tokens": eng.scheduler.config.max_prefill_tokens,
+            "prefill_context_scale": scale,
             "normal_step_ms": round(normal * 1e3, 1),
             "worst_step_ms": round(max(steps) * 1e3, 1),
             "first_chunk_ratio": round(steps[0] / normal, 2),
@@ -107,6 +119,13 @@ def step_costs(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _set_pricing(eng, args: argparse.Namespace) -> int | None:
+    """--flat: the flat token cap (no context pricing), the schedule before it, as the anchor."""
+    if args.flat:
+        eng.scheduler.config.prefill_context_scale = None
+    return eng.scheduler.config.prefill_context_scale
 
 
 def _gaps(ts: list[float]) -> list[float]:
@@ -120,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prefill-tokens", type=int, default=None, help="default: the engine's")
     ap.add_argument("--warm", type=float, default=3.0)
     ap.add_argument("--canary-tokens", type=int, default=4000)
+    ap.add_argument(
+        "--normal-tokens", type=int, default=12, help="canary gaps the normal one is the median of"
+    )
+    ap.add_argument(
+        "--flat", action="store_true", help="a prompt token costs 1 at any context (the old cap)"
+    )
     ap.add_argument("--steps", action="store_true", help="time engine steps (no event loop)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

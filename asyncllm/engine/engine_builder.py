@@ -19,6 +19,22 @@ _DEFAULT_MAX_MODEL_LEN_CAP = 8192
 CPU_MAX_PREFILL_TOKENS = 64
 
 
+def cpu_prefill_context_scale(hf_config: Any) -> int:
+    """SchedulerConfig.prefill_context_scale on the CPU: the context at which a prompt token
+    costs twice one at the start, from the model's shape. A token's linears take L multiply-adds
+    per layer, its attention 2 * heads * head_dim per context token; the CPU's attention path
+    runs at half the linears' rate (measured on SmolLM2-135M: 64 tokens at 4096 of context cost
+    3.1x 64 at 0, one thread, CPU time; ops/bench/NOTES.md), hence the / 2. SmolLM2-135M: 1536."""
+    text = getattr(hf_config, "text_config", None) or hf_config
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    inter = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    linear = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter
+    return max(1, round(linear / (2 * heads * head_dim) / 2))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,6 +233,11 @@ def build_runner(args: EngineArgs, mc: ModelConfig):
         max_model_len=mc.max_model_len,
         max_prefill_tokens=args.max_prefill_tokens
         or (None if mc.device.type == "cuda" else CPU_MAX_PREFILL_TOKENS),
+        # On the CPU a chunk's cost grows with its context, so the budget prices it (the GPU's
+        # budget is the whole step's, uncapped: nothing to price).
+        prefill_context_scale=(
+            None if mc.device.type == "cuda" else cpu_prefill_context_scale(mc.hf_config)
+        ),
         async_scheduling=(
             mc.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
         ),

@@ -1,6 +1,11 @@
 """Continuous batching: one token budget per step, spent on running sequences first (decodes and
 unfinished prompt chunks), then on chunks of waiting prompts. There is no prefill or decode phase.
 
+While some sequence is decoding, prompt chunks share a smaller budget (`max_prefill_tokens`), so
+a long prompt cannot stall the decodes; with `prefill_context_scale` a chunk's tokens are charged
+for the context they attend over (`prefill_cost`), so the chunk shrinks as the prompt's prefix
+grows and a step beside a long prompt costs about the same at 8k tokens of context as at 0.
+
 When KV blocks run out, the lowest-priority, latest-arrived running sequence is preempted: its
 blocks are freed and it waits to be recomputed (its generated tokens are kept, so it resumes with
 the same output).
@@ -12,6 +17,7 @@ written by step_writer.py); the live sequences stay on this side.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 from asyncllm import envs
@@ -49,6 +55,46 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.scheduled
+
+
+# A chunk also pays once for the whole prefix it attends over, whatever its size (the CPU path
+# gathers the prefix's K/V out of the paged cache and builds an n x context mask): measured as
+# the cost of this many prompt tokens at context `scale` (SmolLM2-135M, one CPU thread, CPU time:
+# 8 tokens at 7936 of context cost 4.1x 8 tokens at 0, 64 tokens 5.5x; ops/bench/NOTES.md).
+CHUNK_CONTEXT_TOKENS = 10
+
+
+def prefill_cost(num_tokens: int, context: int, scale: int | None) -> float:
+    """The budget `num_tokens` prompt tokens take when `context` tokens before them are already
+    computed: each token at position p costs 1 + p / scale (its attention reads p keys besides
+    the fixed per-token work of the linears), summed over context..context+num_tokens-1, and
+    the chunk CHUNK_CONTEXT_TOKENS * context / scale for reading the prefix once."""
+    if scale is None:
+        return float(num_tokens)
+    if num_tokens <= 0:
+        return 0.0
+    per_token = num_tokens + num_tokens * (2 * context + num_tokens - 1) / (2 * scale)
+    return per_token + CHUNK_CONTEXT_TOKENS * context / scale
+
+
+def prefill_chunk(limit: int, context: int, budget: float, scale: int | None) -> int:
+    """The most tokens (<= limit) starting at `context` whose prefill_cost fits in `budget`."""
+    if limit <= 0 or budget <= 0:
+        return 0
+    if scale is None:
+        return min(limit, int(budget))
+    rest = budget - CHUNK_CONTEXT_TOKENS * context / scale
+    if rest <= 0:
+        return 0
+    # n^2 / 2s + n (1 + (2c - 1) / 2s) - rest <= 0: the positive root, then exact checks
+    # (floating point), so the chunk is the largest that fits.
+    a, b = 1 / (2 * scale), 1 + (2 * context - 1) / (2 * scale)
+    n = min(limit, int((-b + math.sqrt(b * b + 4 * a * rest)) / (2 * a)))
+    while n > 0 and prefill_cost(n, context, scale) > budget:
+        n -= 1
+    while n < limit and prefill_cost(n + 1, context, scale) <= budget:
+        n += 1
+    return n
 
 
 class Scheduler:
@@ -97,10 +143,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         # Prompt chunks share a smaller budget, so a long prompt cannot stall running decodes
         # (with none running there is nobody to stall: prompts get the whole budget).
-        prefill = budget
+        prefill: float = budget
+        scale = None  # context pricing applies with the cap only: nobody to stall otherwise
         cap = self.config.max_prefill_tokens
         if cap is not None and any(s.num_uncomputed_tokens == 1 for s in self.running):
             prefill = cap
+            scale = self.config.prefill_context_scale
+        # One prompt token per step always goes, however deep its context: prompts progress.
+        first_chunk = True
         bm = self.block_manager
         scheduled_ids: set[int] = set()
         fast = self.fastpath
@@ -110,7 +160,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             is_prefill = seq.num_uncomputed_tokens > 1
-            num_new = min(seq.num_uncomputed_tokens, budget, prefill if is_prefill else budget)
+            if is_prefill:
+                num_new = self._chunk(seq, budget, prefill, scale, first_chunk)
+            else:
+                num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new == 0 or (seq.num_pending and seq.ends_by_length(self.config.max_model_len)):
                 i += 1
                 continue
@@ -137,16 +190,17 @@ class Scheduler:
             else:
                 self._allocate(seq, num_new, out)
                 scheduled_ids.add(seq.seq_id)
-                budget -= num_new
                 if is_prefill:
-                    prefill -= num_new
+                    prefill -= prefill_cost(num_new, seq.num_computed_tokens, scale)
+                    first_chunk = False
+                budget -= num_new
                 i += 1
                 continue
             # `seq` itself was preempted: whatever follows it has lower priority and is gone too.
             break
 
         # 2. Waiting sequences, only if nothing had to be preempted (memory is tight otherwise).
-        while self.waiting and min(budget, prefill) > 0 and not out.preempted:
+        while self.waiting and budget > 0 and (prefill > 0 or first_chunk) and not out.preempted:
             seq = self.waiting[0]
             if seq.num_pending:
                 # Preempted while its last token was in flight: that token is unknown until the
@@ -162,7 +216,10 @@ class Scheduler:
                     cached = match.num_tokens
                     if seq.request.num_cached_tokens == 0 and seq.num_output_tokens == 0:
                         seq.request.num_cached_tokens = cached
-            num_new = min(seq.num_uncomputed_tokens, budget, prefill)
+            num_new = self._chunk(seq, budget, prefill, scale, first_chunk)
+            if num_new == 0:  # the prefill budget is spent at this prompt's context
+                bm.unmatch_prefix(seq)
+                break
             bm.release_outside_window(seq)  # a long cached prefix matched beyond the window
             if not bm.can_allocate(seq, num_new):
                 # A waiting sequence must not sit on the cached blocks it matched: with several
@@ -178,11 +235,20 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             self.add_running(seq)
+            prefill -= prefill_cost(num_new, seq.num_computed_tokens, scale)
+            first_chunk = False
             self._allocate(seq, num_new, out)
             budget -= num_new
-            prefill -= num_new
         out.step = self.writer.write(out.scheduled, out.block_copies)
         return out
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int, prefill: float, scale: int | None, first: bool) -> int:
+        """Prompt tokens of `seq` this step: within the step's token budget and what is left of
+        the prefill budget at its context (at least one for the step's first chunk)."""
+        limit = min(seq.num_uncomputed_tokens, budget)
+        n = prefill_chunk(limit, seq.num_computed_tokens, prefill, scale)
+        return max(n, 1) if first and limit > 0 else n
 
     def _allocate(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         copies = self.block_manager.allocate(seq, num_new)

@@ -15,6 +15,7 @@ warm-up round and the last (tracemalloc, 25 frames).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -34,11 +35,46 @@ def _rss_mib() -> float:
 def _malloc_trim() -> None:
     """glibc keeps freed memory in its arenas; trimming shows what is really still in use."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except Exception:
         pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mallinfo() -> dict[str, float]:
+    """glibc's own view (mallinfo2, every arena): `in_use` is what the program holds through
+    malloc, `free` what malloc holds without returning it (fragmentation), `mmap` the large
+    blocks it maps directly. A leak through malloc grows `in_use`; arena fragmentation `free`."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = _MallInfo2
+    m = fn()
+    mib = 2**20
+    return {
+        "malloc_in_use_mib": round(m.uordblks / mib, 1),
+        "malloc_free_mib": round(m.fordblks / mib, 1),
+        "malloc_mmap_mib": round(m.hblkhd / mib, 1),
+        "malloc_arena_mib": round(m.arena / mib, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = None
     cfg = engine.engine.cache_config if hasattr(engine, "engine") else None
     print(json.dumps({"kv_cache_mib": args.kv_cache_mib, "cache_config": str(cfg)}), flush=True)
-    with run_server(engine, settings) as srv:
+    with run_server(engine, settings, start_timeout=600) as srv:
         if not args.no_tracemalloc:  # after start-up: only what the rounds allocate is traced
             tracemalloc.start(25)
 
@@ -131,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_trimmed_mib": round(_rss_mib(), 1),
                 "idle": idle(),
                 "sessions": len(srv.app.state.sessions.sessions),
+                "threads": psutil.Process().num_threads(),
+                **_mallinfo(),
             }
             if tracemalloc.is_tracing():
                 cur, peak = tracemalloc.get_traced_memory()

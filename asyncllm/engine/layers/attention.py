@@ -261,6 +261,14 @@ def _attend(
         mask = cols <= rows
         if window:
             mask &= cols > rows - window
+        if gqa and not softcap:
+            # The G query heads of a KV head as G * n rows of one head: SDPA then reads each
+            # K/V head once instead of expanding it G times (a chunk deep in a long prompt on
+            # the CPU: 8 tokens at 7936 of context, 7.1 -> 6.0 ms a layer; 1 token 8.4 -> 4.1).
+            hkv, group = kh.shape[1], qh.shape[1] // kh.shape[1]
+            qg = qh.reshape(1, hkv, group * n, qh.shape[-1])
+            out = _sdpa(qg, kh, vh, mask.repeat(group, 1), scale, softcap)
+            return out.view(qh.shape).squeeze(0).transpose(0, 1)
         out = _sdpa(qh, kh, vh, mask, scale, softcap)
     return out.squeeze(0).transpose(0, 1)
 

@@ -24,6 +24,21 @@ def _pointwise_available() -> bool:
     return hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
 
 
+def bucket_rows(m: int) -> int:
+    """The row count a linear's input is padded to: exact up to 16, above that rounded up to
+    eight steps per power of two (at most 12.5% padding: 17 -> 18, 65 -> 72, 2049 -> 2304).
+
+    oneDNN and ideep each cache a prepared GEMM per distinct input shape (ONEDNN_PRIMITIVE_CACHE_
+    CAPACITY and LRU_CACHE_CAPACITY, 1024 entries each, ~0.1-0.3 MiB an entry), and on the CPU
+    the number of tokens in a step takes almost any value, so the caches fill to their bound
+    and every new count pays a JIT compile. Buckets keep the shapes to ~90 per weight up to
+    8192 rows (issue 22 point 11; ops/bench/NOTES.md)."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W held in oneDNN's layout. Inputs of any leading shape.
 
@@ -50,6 +65,10 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:  # oneDNN refuses empty inputs
             return x.new_empty(*lead, self.out_features)
+        m = x2.shape[0]
+        padded = bucket_rows(m)
+        if padded != m:  # zero rows up to the bucket (fewer cached GEMM shapes); dropped after
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, padded - m))
         if self.pointwise:
             y = torch.ops.mkldnn._linear_pointwise(
                 x2.contiguous(), self.weight_packed, self.bias_packed, "none", [], ""
@@ -58,6 +77,8 @@ class PackedLinear(nn.Module):
             y = torch._C._nn.mkldnn_linear(
                 x2.contiguous().to_mkldnn(), self.weight_packed, self.bias_packed
             ).to_dense()
+        if padded != m:
+            y = y[:m]
         return y.view(*lead, self.out_features)
 
 
