@@ -399,7 +399,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"(load {before} -> {res['load_average_1min']['after']})",
             flush=True,
         )
-    return summarize(args, setup, engines, order, runs, errors, skipped, started)
+        # the record so far after every run, so a run cut short (a time limit, Ctrl-C) leaves
+        # what it measured; the last write is the whole record
+        partial = summarize(args, setup, engines, order, runs, errors, skipped, started)
+        partial["complete"] = False
+        results.write(partial, "cpu", Path(args.out))
+    rec = summarize(args, setup, engines, order, runs, errors, skipped, started)
+    rec["complete"] = True
+    return rec
 
 
 def summarize(
