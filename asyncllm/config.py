@@ -13,6 +13,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _BACKENDS = ("auto", "torch", "triton")
 _LOAD_FORMATS = ("auto", "dummy")
+_CPU_WEIGHTS = ("auto", "float32", "quantized")
 _QUANTIZATIONS = ("fp8", "gptq", "awq", "compressed-tensors")  # = quantization.QUANTIZATIONS
 
 
@@ -56,6 +57,12 @@ class EngineArgs:
     # The checkpoint's quantization ("fp8", "gptq", "awq", "compressed-tensors"); None: read
     # from config.json's quantization_config. "fp8" on a float checkpoint quantizes it at load.
     quantization: str | None = None
+    # A GGUF file's quantized weights on the CPU: "float32" dequantizes every tensor at load
+    # (oneDNN float32 products: the exact path tests compare with transformers), "quantized"
+    # keeps Q4_0/Q4_1/Q8_0 tensors in their blocks and multiplies them with a C kernel of ours
+    # (float32 activations; 4-5x less weight memory; faster at one stream, slower batched on
+    # the 2-core VM: ops/bench/NOTES.md "CPU"), "auto": float32 (see there why).
+    cpu_weights: str = "auto"
     # vLLM's --generation-config: "auto" reads the model's generation_config.json for default
     # sampling values (a request's own values win), "vllm" ignores them, or a folder holding one.
     # Its EOS ids are used either way.
@@ -99,6 +106,8 @@ class EngineArgs:
             raise ValueError(
                 f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
             )
+        if self.cpu_weights not in _CPU_WEIGHTS:
+            raise ValueError(f"cpu_weights must be one of {_CPU_WEIGHTS}, got {self.cpu_weights!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ValueError(
                 "generation_config must be 'auto', 'vllm' or a folder holding "
@@ -158,6 +167,7 @@ class ModelConfig:
     gguf_file: str | None = None
     load_format: str = "auto"
     quantization: str | None = None  # EngineArgs.quantization
+    cpu_weights: str = "auto"  # EngineArgs.cpu_weights
     # From generation_config.json: SamplingParams defaults, and EOS ids beyond the config's.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     generation_eos_token_ids: list[int] = field(default_factory=list)

@@ -103,6 +103,7 @@ def build_model_config(args: EngineArgs) -> tuple[ModelConfig, Any]:
         gguf_file=resolved.gguf_file,
         load_format=args.load_format,
         quantization=args.quantization,
+        cpu_weights=args.cpu_weights,
         generation_defaults=gen.defaults,
         generation_eos_token_ids=gen.eos_token_ids,
     )

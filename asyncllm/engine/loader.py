@@ -489,24 +489,43 @@ def _dequant_simple(raw: torch.Tensor, kind: str) -> torch.Tensor:
     return out.mul_(d).add_(m).reshape(-1)
 
 
-def describe_gguf(file: str, tensors: list[GGUFTensor]) -> str:
-    """The one load line: which quant types the file holds, and what they become."""
+def describe_gguf(
+    file: str, tensors: list[GGUFTensor], outcome: dict[str, str] | None = None
+) -> str:
+    """The one load line: which quant types the file holds, and what each became. `outcome`:
+    GGUF tensor name -> what it became, where not dequantized to float32 (cpu_weights)."""
     from collections import Counter
 
     from gguf import GGMLQuantizationType
 
     counts = Counter(GGMLQuantizationType(t.qtype).name for t in tensors)
     kinds = ", ".join(f"{name} x{n}" for name, n in counts.most_common())
-    return (
-        f"GGUF {os.path.basename(file)}: {kinds}; every tensor dequantized to float32 at load "
-        "(gguf's dequantizers; Q8_0/Q4_0/Q4_1 in torch), then held dense in the model dtype"
+    if not outcome:
+        return (
+            f"GGUF {os.path.basename(file)}: {kinds}; every tensor dequantized to float32 at "
+            "load (gguf's dequantizers; Q8_0/Q4_0/Q4_1 in torch), then held dense in the model "
+            "dtype (cpu_weights=float32)"
+        )
+    became = Counter(
+        (GGMLQuantizationType(t.qtype).name, outcome.get(t.name, "dequantized to float32"))
+        for t in tensors
     )
+    parts = "; ".join(f"{k} x{n}: {what}" for (k, what), n in sorted(became.items()))
+    return f"GGUF {os.path.basename(file)}: {kinds}; cpu_weights=quantized: {parts}"
 
 
-def iter_gguf(file: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every GGUF tensor dequantized to float32, by transformers' names."""
-    meta, tensors = read_gguf(file)
-    logger.info("%s", describe_gguf(file, tensors))
+def iter_gguf(
+    file: str,
+    hf_config: Any,
+    raw: set[str] | frozenset[str] = frozenset(),
+    loaded: tuple[dict[str, Any], list[GGUFTensor]] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every GGUF tensor dequantized to float32, by transformers' names; those named in `raw`
+    as the file's blocks instead (uint8 [rows, bytes per row]: the compact CPU path). The q/k
+    row permutation applies to both (it moves whole rows)."""
+    meta, tensors = loaded if loaded is not None else read_gguf(file)
+    if loaded is None:
+        logger.info("%s", describe_gguf(file, tensors))
     arch = meta.get("general.architecture", "llama")
     n_head = hf_config.num_attention_heads
     n_kv = getattr(hf_config, "num_key_value_heads", None) or n_head
@@ -515,12 +534,88 @@ def iter_gguf(file: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
         if name is None:
             logger.debug("skipping GGUF tensor %s", t.name)
             continue
-        w = dequantize_gguf(t)
+        if name in raw:
+            import numpy as np
+
+            w = torch.from_numpy(np.array(t.data, copy=True))
+        else:
+            w = dequantize_gguf(t)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _undo_llama_cpp_permute(w, n_head)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _undo_llama_cpp_permute(w, n_kv)
         yield name, w
+
+
+def gguf_compact(model_config: Any) -> bool:
+    """Whether this model's GGUF tensors stay in their blocks (EngineArgs.cpu_weights). "auto"
+    is float32: on the 2-core VM the C kernel is faster at one stream but slower than oneDNN's
+    float32 products from 8 rows up (ops/bench/NOTES.md, "CPU"), and the suite's exactness
+    tests compare the default model with transformers token for token."""
+    mode = getattr(model_config, "cpu_weights", "auto")
+    if not model_config.gguf_file or mode in ("auto", "float32"):
+        return False
+    from asyncllm.engine import distributed
+    from asyncllm.engine.kernels import cpu_quant
+
+    device = torch.device(model_config.device)
+    if device.type != "cpu" or model_config.dtype != torch.float32:
+        raise ValueError(
+            f"cpu_weights='quantized' runs on the CPU in float32 (got {device.type}, "
+            f"{model_config.dtype}); use cpu_weights='float32' or 'auto'"
+        )
+    if distributed.get_tp_size() > 1:
+        raise ValueError("cpu_weights='quantized' needs tensor_parallel_size 1")
+    if not cpu_quant.available():
+        logger.warning(
+            "cpu_weights='quantized': the CPU GGUF kernel could not be built; every GGUF "
+            "tensor is dequantized to float32 instead"
+        )
+        return False
+    return True
+
+
+def _gguf_raw_names(model: nn.Module) -> dict[str, int]:
+    """Checkpoint weight names (transformers') that load as raw blocks -> their GGML type."""
+    from asyncllm.engine.quantization.base import checkpoint_names
+    from asyncllm.engine.quantization.gguf import GGUFLinearMethod
+
+    out = {}
+    for prefix, module in model.named_modules():
+        method = getattr(module, "linear_method", None)
+        if isinstance(method, GGUFLinearMethod):
+            for n in checkpoint_names(prefix):
+                out[f"{n}.weight"] = method.qtype
+    return out
+
+
+def _gguf_head(model: nn.Module, tensors: list[GGUFTensor]) -> str | None:
+    """The logits head on the file's blocks (output.weight, or the tied token_embd.weight: the
+    embedding keeps its float32 rows for the lookup). Returns the GGUF tensor name, or None
+    where the type has no kernel or the shapes do not fit (the head stays float32)."""
+    from asyncllm.engine.kernels import cpu_quant
+    from asyncllm.engine.quantization.gguf import GGUFLinearMethod
+
+    head = getattr(model, "lm_head", None)
+    if head is None or getattr(head, "tp_size", 1) != 1:
+        return None
+    by_name = {t.name: t for t in tensors}
+    t = by_name.get("output.weight") or by_name.get("token_embd.weight")
+    if t is None or t.qtype not in cpu_quant.BLOCK_BYTES or len(t.shape) != 2:
+        return None
+    if head.num_embeddings_per_partition != t.shape[0] or head.embedding_dim != t.shape[1]:
+        return None  # a padded vocabulary: keep the float32 head
+    import numpy as np
+
+    blocks = torch.from_numpy(np.array(t.data, copy=True))
+    head.gguf = cpu_quant.GGUFWeight.from_blocks(t.qtype, blocks, t.shape[1])
+    head.linear_method = GGUFLinearMethod(t.qtype)
+    for attr in ("packed",):  # the float32 method's prepacked copy
+        if hasattr(head, attr):
+            delattr(head, attr)
+    if "weight" in head._parameters:  # untied: its float32 parameter is not needed
+        del head.weight
+    return t.name
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -546,7 +641,20 @@ def load_model(
             model_config.device, model_config.dtype, attention=attn_backend
         )
     cls = get_model_class(architecture_of(hf_config))
-    if quant_config is None:
+    compact = gguf_compact(model_config)
+    gguf_loaded = None
+    if compact:
+        from asyncllm.engine.quantization.gguf import GGUFConfig
+
+        gguf_loaded = read_gguf(os.path.join(model_config.path, model_config.gguf_file))
+        quant_config = GGUFConfig(
+            {
+                name.removesuffix(".weight"): t.qtype
+                for t in gguf_loaded[1]
+                if (name := gguf_to_hf_name(t.name)) and name.endswith(".weight")
+            }
+        )
+    elif quant_config is None:
         quant_config = _quant_config(model_config)
     # Built on the meta device: no memory and no random init for weights about to be
     # overwritten. Parameters are created in the model dtype (no cast afterwards, which would
@@ -570,15 +678,36 @@ def load_model(
         init_dummy_weights(model)
         weights = None
     elif model_config.gguf_file:
-        weights = iter_gguf(os.path.join(model_config.path, model_config.gguf_file), hf_config)
+        file = os.path.join(model_config.path, model_config.gguf_file)
+        raw = _gguf_raw_names(model) if compact else {}
+        weights = iter_gguf(file, hf_config, set(raw), gguf_loaded)
     else:
         weights = iter_safetensors(model_config.path)
     if weights is not None:
         model.load_weights(weights)
     process_weights_after_loading(model)
+    if compact and gguf_loaded is not None:
+        _log_compact(model, file, gguf_loaded[1], raw)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _log_compact(
+    model: nn.Module, file: str, tensors: list[GGUFTensor], raw: dict[str, int]
+) -> None:
+    """Attach the compact head, then the load line saying what each tensor became."""
+    head = _gguf_head(model, tensors)
+    outcome = {}
+    for t in tensors:
+        hf = gguf_to_hf_name(t.name)
+        if hf in raw:
+            outcome[t.name] = "kept in blocks (CPU C kernel)"
+    if head is not None:
+        outcome[head] = "kept in blocks for the logits head (CPU C kernel)" + (
+            ", dequantized to float32 for the embedding" if head == "token_embd.weight" else ""
+        )
+    logger.info("%s", describe_gguf(file, tensors, outcome))
 
 
 def _quant_config(model_config: Any) -> Any:
