@@ -110,7 +110,8 @@ class GrammarBackend:
 def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
     """Masked-out tokens of the bitmask's rows -> -inf, in place, in one batched pass. On a GPU
     the mask and the row indices travel by async copies from pinned memory (xgrammar's Triton
-    kernel then reads them): no host sync."""
+    kernel then reads them): no host sync. On the CPU, rows that allow few tokens take a sparse
+    path (see _apply_sparse_rows_cpu)."""
     import xgrammar as xgr
 
     mask = bm.mask
@@ -122,7 +123,44 @@ def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
         if indices is not None:
             host = torch.tensor(bm.indices, dtype=torch.int32).pin_memory()
             indices = host.to(logits.device, non_blocking=True)
+    elif logits.device.type == "cpu":
+        indices = _apply_sparse_rows_cpu(logits, mask, bm.indices)
+        if not indices:
+            return
     xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=indices)
+
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def _apply_sparse_rows_cpu(logits: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> list[int]:
+    """Applies the mask to the rows of `rows` where fewer than half the mask's words allow any
+    token, and returns the other rows, for xgrammar's kernel.
+
+    xgrammar's CPU kernel writes -inf token by token: ~0.5 ms a row of a 49k vocabulary when the
+    grammar is at a structural position (a few tokens allowed), 30 ms a step at 64 rows, against
+    ~0.005 ms when almost everything is allowed (inside a string). For a sparse row it is cheaper
+    to keep the few allowed logits, fill the whole row with -inf (a memset) and put them back."""
+    r_all = torch.tensor(rows, dtype=torch.int64)
+    sub = mask.index_select(0, r_all)
+    nz = sub != 0
+    sparse = nz.sum(1) * 2 < sub.shape[1]
+    if not bool(sparse.any()):
+        return rows
+    srows = r_all[sparse]
+    r, w = nz[sparse].nonzero(as_tuple=True)
+    bits = (sub[sparse][r, w].unsqueeze(1) >> _BIT_SHIFTS) & 1
+    k, j = bits.nonzero(as_tuple=True)
+    row, tok = srows[r[k]], w[k] * 32 + j
+    inside = tok < logits.shape[1]  # the last word's padding bits
+    row, tok = row[inside], tok[inside]
+    # The engine's logits are inference tensors; inference mode lets the writes touch them (and
+    # a plain tensor alike).
+    with torch.inference_mode():
+        kept = logits[row, tok]
+        logits.index_fill_(0, srows, float("-inf"))
+        logits[row, tok] = kept
+    return r_all[~sparse].tolist()
 
 
 # xgrammar (0.2.9) writes the characters of a string with minLength/maxLength as the class
