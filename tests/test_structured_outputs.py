@@ -151,6 +151,32 @@ def test_apply_bitmask_matches_a_per_row_reference():
     assert torch.equal(got, want)
 
 
+def test_apply_bitmask_sparse_rows_match_the_reference():
+    """Rows that allow only a few tokens take the CPU's sparse path (keep, fill, put back); mixed
+    with dense rows, padding bits set in the last word, a row left out of the indices."""
+    torch.manual_seed(1)
+    n, vocab = 6, 32 * 40 + 5
+    logits = torch.randn(n, vocab)
+    mask = torch.randint(-(2**31), 2**31 - 1, (n, bitmask_width(vocab)), dtype=torch.int32)
+    for r in (1, 2, 5):  # sparse: a handful of allowed tokens, one of them the last
+        mask[r] = 0
+        for t in (0, 33, 34, 700, vocab - 1):
+            mask[r, t // 32] |= 1 << (t % 32) if t % 32 != 31 else -(2**31)
+        mask[r, -1] |= -(2**31)  # a padding bit beyond the vocabulary
+    mask[3] = 0  # nothing allowed at all
+    rows = [0, 1, 2, 3, 5]
+    want = logits.clone()
+    for r in rows:
+        for t in range(vocab):
+            if not (int(mask[r, t // 32]) >> (t % 32)) & 1:
+                want[r, t] = float("-inf")
+    got = logits.clone()
+    apply_bitmask(got, StepBitmask(mask, rows))
+    assert torch.equal(got, want)
+    assert torch.equal(got[4], logits[4])
+    assert int(torch.isfinite(got[1]).sum()) == 5
+
+
 def test_bounded_json_strings_refuse_control_characters(llms):
     """xgrammar's own grammar for a maxLength string lets raw control bytes in; ours does not."""
     backend = llms[False].llm_engine.grammar

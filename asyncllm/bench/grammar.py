@@ -7,7 +7,8 @@ to max_tokens and the two tok/s figures count the same work. Two constraints, ea
 to complete, so no constrained stream finishes early either and every step fills and applies a
 bitmask for all 64 rows: `story`, a JSON string with a minLength (most tokens allowed each step),
 and `items`, a long array of small objects (mostly structure: few tokens allowed). The record's
-value is the worse of the two. Rounds
+value is the worse of the two. `items/2` is the mix: the even-numbered half of the streams under
+`items`, the other half free, in one batch (the free rows must pay nothing). Rounds
 alternate (A B A B ...) against drift on a shared machine; the record is the median of each.
 A micro figure beside it: the host fill plus the batched apply of one step's 64-row bitmask,
 inside a JSON string (most tokens allowed) and at a structural position (few allowed);
@@ -73,11 +74,16 @@ def _run(llm: Any, prompts: list, schema: str | None, max_tokens: int) -> dict[s
     from asyncllm import SamplingParams
     from asyncllm.sampling_params import StructuredOutputsParams
 
-    constrained = schema is not None
-    so = StructuredOutputsParams(json=SCHEMAS[schema]) if schema is not None else None
+    half = schema is not None and schema.endswith("/2")  # the mix: even-numbered streams only
+    name = schema.removesuffix("/2") if schema is not None else None
+    so = StructuredOutputsParams(json=SCHEMAS[name]) if name is not None else None
     params = [
         SamplingParams(
-            temperature=1.0, seed=i, max_tokens=max_tokens, ignore_eos=True, structured_outputs=so
+            temperature=1.0,
+            seed=i,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            structured_outputs=so if not half or i % 2 == 0 else None,
         )
         for i in range(len(prompts))
     ]
@@ -86,9 +92,15 @@ def _run(llm: Any, prompts: list, schema: str | None, max_tokens: int) -> dict[s
     elapsed = time.perf_counter() - t0
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     reasons = sorted({o.outputs[0].finish_reason for o in outs})
-    if constrained and max_tokens >= 8:
-        head = '{"story": "' if schema == "story" else '{"items": [{"id": '
-        bad = [o.outputs[0].text[:40] for o in outs if not o.outputs[0].text.startswith(head)]
+    if name is not None and max_tokens >= 8:
+        head = '{"story": "' if name == "story" else '{"items": [{"id": '
+        bad = [
+            o.outputs[0].text[:40]
+            for o, sp in zip(outs, params, strict=True)
+            # a short run may stop inside the head: then its text is a prefix of it
+            if sp.structured_outputs is not None
+            and not (o.outputs[0].text.startswith(head) or head.startswith(o.outputs[0].text))
+        ]
         assert not bad, f"constrained outputs that do not follow the schema: {bad[:3]}"
     return {"elapsed_s": elapsed, "output_tokens": n, "tok_per_s": n / elapsed, "reasons": reasons}
 
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> Path:
     prompts = _prompts(args.streams)
     # warm-up: the model, the grammar backend and the schema's compilation
     llm.chat(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
-    kinds: list[str | None] = [None, "story", "items"]
+    kinds: list[str | None] = [None, "story", "items", "items/2"]
     for k in kinds[1:]:
         _run(llm, prompts[:2], k, 4)
     runs: dict[str | None, list[dict[str, Any]]] = {k: [] for k in kinds}
@@ -170,7 +182,8 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"{kind or 'free':6}", res, flush=True)
     free = statistics.median(x["tok_per_s"] for x in runs[None])
     per = {k: statistics.median(x["tok_per_s"] for x in runs[k]) for k in kinds[1:]}
-    cons = min(per.values())  # the worse of the two is the record's value
+    # the worse of the all-constrained runs is the record's value; the mix is reported beside it
+    cons = min(v for k, v in per.items() if not k.endswith("/2"))
     engine = llm.llm_engine
     micro = _micro(engine.grammar, engine.vocab_size, engine.model_config.device, args.streams)
     ratio = cons / free
