@@ -294,7 +294,7 @@ def run_ws(args: argparse.Namespace) -> dict[str, Any]:
     assert engine_thread.ident is not None
     before = engine.stats()
 
-    out = "/tmp/asyncllm-gateway-cost-client-%d.json" % port
+    out = f"/tmp/asyncllm-gateway-cost-client-{port}.json"
     cmd = [
         sys.executable, "-m", "asyncllm.bench.serving", "--url", f"http://127.0.0.1:{port}", "--modes", "ws",
         "--concurrency", str(args.streams), "--num-requests", str(args.requests),

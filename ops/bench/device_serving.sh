@@ -56,6 +56,11 @@ for f in sorted(glob.glob(sys.argv[1] + "/serving-*-rep*.json")):
         r = runs.get(("engine-sink", c))
         if r:
             parts.append(f"sink_ttft_p50={r['ttft_ms']['p50']:.1f}ms tpot_p50={r['tpot_ms']['p50']:.2f}ms")
+        # Engine steps per mode against tokens/concurrency (every batch full): the turnover cost.
+        for m in ("engine", "engine-sink", "ws"):
+            r = runs.get((m, c))
+            if r and r.get("engine_steps") is not None:
+                parts.append(f"steps_{m}={r['engine_steps']}/{r['ideal_steps']:.0f}")
         print("SUMMARY " + " ".join(parts))
 PY
 if [ -n "${PROFILE-}" ]; then  # PROFILE=1 adds it
