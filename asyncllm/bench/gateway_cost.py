@@ -346,10 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams-per-socket", type=int, default=64)
     p.add_argument("--ws-impl", default=None, help="uvicorn's ws implementation (default: auto)")
     p.add_argument("--no-ws-batch", action="store_true", help="one WebSocket message per frame")
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval in the server (this) process: how soon the loop hands the GIL"
+        " to the engine's sender and receiver threads (Python's default 5 ms)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, help="write the loop thread's cProfile stats here")
     args = p.parse_args(argv)
     args.requests = args.requests or args.streams
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
 
     res: dict[str, Any] = {
         "benchmark": "gateway_cost",
@@ -361,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.requests * args.tokens,
         "engine_process": args.engine_process,
         "ws_batch_frames": not args.no_ws_batch,
+        "switch_interval_ms": sys.getswitchinterval() * 1e3,
     }
     if args.anchor:
         a = run_anchor(args)
