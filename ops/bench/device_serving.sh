@@ -4,8 +4,9 @@
 # repetitions one after the other (each: engine, engine-sink, ws in one machine), and a summary
 # line per repetition with the ratios ws/engine and ws/engine-sink. MODES_RUN="thread process"
 # adds the engine-thread mode; PROFILE=1 adds one profiled run (ASYNCLLM_PROFILE_DIR: the
-# server's loop, the engine process and its receiver). ~4.5 min on an H200 with the defaults:
-#   ASYNCLLM_COMMIT=$(git rev-parse --short HEAD) timeout -s INT 360 bash ops/bench/device_serving.sh
+# server's loop, the engine process and its receiver). Estimated 4-5 min on an H200 (768 requests;
+# each repetition loads the model twice, engine-direct and server, ~1.5-2 min):
+#   ASYNCLLM_COMMIT=$(git rev-parse --short HEAD) timeout -s INT 350 bash ops/bench/device_serving.sh
 # Plots: redraw here with `python -m asyncllm.bench.serving --replot FILE.json`. Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
 # tenacity, sniffio): carry ".whl". Results and profiles under $OUT.
 set -uo pipefail
@@ -20,7 +21,7 @@ export ASYNCLLM_COMMIT=${ASYNCLLM_COMMIT:-unknown}
 echo "commit $ASYNCLLM_COMMIT" | tee -a "$OUT/env.txt"
 M=$(python3 -c "from asyncllm.bench import model; print(model.build_model_dir())" | tail -1)
 COMMON="--model $M --no-enable-prefix-caching --num-kv-blocks 8192 --output-len 128"
-COMMON="$COMMON --num-requests ${NUM_REQUESTS:-1024} --concurrency ${CONCURRENCY:-64,256}"
+COMMON="$COMMON --num-requests ${NUM_REQUESTS:-768} --concurrency ${CONCURRENCY:-64,256}"
 COMMON="$COMMON --rates ${RATES:-inf}"
 NOTE="H200 lent machine; Qwen3-0.6B shape, random bf16 weights; word-level tokenizer"
 for rep in $(seq 1 "${REPS:-2}"); do
@@ -28,7 +29,7 @@ for rep in $(seq 1 "${REPS:-2}"); do
     flag=""
     [ "$mode" = process ] && flag="--engine-process"
     echo "=== rep $rep $mode $(date +%T)"
-    timeout -s INT ${RUN_TIMEOUT:-170} python3 -m asyncllm.bench.serving $COMMON $flag \
+    timeout -s INT ${RUN_TIMEOUT:-150} python3 -m asyncllm.bench.serving $COMMON $flag \
       --modes ${MODES:-engine,engine-sink,ws} --note "$NOTE; engine $mode; rep $rep" --no-plot \
       --out "$OUT/serving-$mode-rep$rep.json" 2>&1 | grep -v " INFO " | tail -8
   done
