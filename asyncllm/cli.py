@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from asyncllm import envs
 from asyncllm.cli_flags import (
     HelpFormatter,
     add_engine_args,
@@ -143,6 +144,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         args = serve_engine_args(ns)
         _check_engine_args(args)
+        if args.engine_process or ns.data_parallel_size > 1:
+            # Commands go down and outputs come up through threads of this process; a busy
+            # loop lets them run only at the switch interval (ops/bench/NOTES.md, "Serving,
+            # third round": at 5 ms a wave of new requests reached the engine in pieces).
+            sys.setswitchinterval(envs.switch_interval_ms() / 1e3)
         engine, engine_states = _serve_engine(args, ns)
     except ValueError as e:
         sock.close()

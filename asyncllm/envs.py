@@ -141,6 +141,25 @@ def api_keys() -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
+def switch_interval_ms() -> float:
+    """ASYNCLLM_SWITCH_INTERVAL_MS: the GIL switch interval `asyncllm serve` sets when the engine
+    runs in its own process (default 0.5; Python's own is 5). The engine's sender and receiver
+    threads wait up to this long for a busy event loop to let them run; a wave of new requests
+    then reached the engine over several steps. A bad value is an error, not ignored."""
+    value = os.environ.get("ASYNCLLM_SWITCH_INTERVAL_MS")
+    if not value:
+        return 0.5
+    try:
+        ms = float(value)
+    except ValueError:
+        raise ValueError(
+            f"ASYNCLLM_SWITCH_INTERVAL_MS must be a number of ms, got {value!r}"
+        ) from None
+    if not 0 < ms <= 1000:
+        raise ValueError(f"ASYNCLLM_SWITCH_INTERVAL_MS must be in (0, 1000] ms, got {value!r}")
+    return ms
+
+
 def profile_dir() -> str | None:
     """ASYNCLLM_PROFILE_DIR: when set, cProfile the engine loop, the engine process's receiver and
     the gateway's event loop into `.pstats` files there."""
@@ -196,6 +215,7 @@ VARIABLES = {
     "ASYNCLLM_TP_CPU_THREADS": tp_cpu_threads,
     "ASYNCLLM_API_KEYS": api_keys,
     "ASYNCLLM_PROFILE_DIR": profile_dir,
+    "ASYNCLLM_SWITCH_INTERVAL_MS": switch_interval_ms,
     "ASYNCLLM_API_KEY": api_key,
     "ASYNCLLM_URL": url,
     "ASYNCLLM_BENCH_DIR": bench_dir,

@@ -240,3 +240,28 @@ def test_the_engine_process_never_waits_for_a_slow_reader():
     assert text == "x" * 65536 * steps  # nothing lost, nothing repeated
     assert messages < steps / 4  # merged while nobody read, not one message per step
     assert last_stats == steps
+
+
+def test_commands_queued_together_cross_in_one_message():
+    """A wave of new requests queued while the sender thread waits for the GIL goes down the
+    pipe as one message, so the engine admits it in one step (one message per command let 64
+    of them arrive over several steps: ops/bench/NOTES.md, "Serving, third round")."""
+    from asyncllm.engine.engine_loop import Abort, Shutdown
+    from asyncllm.engine.transports import ProcessTransport
+
+    class Recorder:
+        def __init__(self):
+            self.messages = []
+
+        def send(self, msg):
+            self.messages.append(msg)
+
+    t = ProcessTransport(EngineArgs(engine_process=True))
+    t.proc = Recorder()
+    cmds = [Abort(f"r{i}") for i in range(3)]
+    for c in cmds:
+        t.send(c)
+    t.send(Shutdown())
+    t._run_sender()  # returns after the Shutdown
+    assert len(t.proc.messages) == 1
+    assert t.proc.messages[0][:3] == cmds and isinstance(t.proc.messages[0][3], Shutdown)

@@ -34,3 +34,16 @@ def test_read_when_called(monkeypatch, tmp_path):
     assert envs.api_keys() == ("a", "b")
     monkeypatch.setenv("ASYNCLLM_BENCH_THREADS", "3")
     assert envs.bench_threads() == 3
+
+
+def test_switch_interval_default_and_bad_values(monkeypatch):
+    import pytest
+
+    monkeypatch.delenv("ASYNCLLM_SWITCH_INTERVAL_MS", raising=False)
+    assert envs.switch_interval_ms() == 0.5
+    monkeypatch.setenv("ASYNCLLM_SWITCH_INTERVAL_MS", "5")
+    assert envs.switch_interval_ms() == 5.0
+    for bad in ("fast", "0", "-1", "5000"):
+        monkeypatch.setenv("ASYNCLLM_SWITCH_INTERVAL_MS", bad)
+        with pytest.raises(ValueError, match="ASYNCLLM_SWITCH_INTERVAL_MS"):
+            envs.switch_interval_ms()

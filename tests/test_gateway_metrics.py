@@ -117,6 +117,22 @@ def test_kv_usage_is_a_fraction():
     assert "asyncllm_kv_blocks_used 50.0" in text
 
 
+def test_engine_steps_gauge_follows_the_stats():
+    """The serving benchmark reads steps per run from it (steps vs tokens: how full batches were)."""
+    from types import SimpleNamespace
+
+    steps = [7]
+    m = Metrics(
+        stats=lambda: SimpleNamespace(
+            num_running=0, num_waiting=0, kv_blocks_total=10, kv_blocks_free=10, num_steps=steps[0]
+        ),
+        model_name=lambda: "m",
+    )
+    assert "asyncllm_engine_steps 7.0" in m.render().decode()
+    steps[0] = 1030
+    assert "asyncllm_engine_steps 1030.0" in m.render().decode()
+
+
 def test_metrics_public_lets_a_scraper_in_without_the_key():
     import httpx
 

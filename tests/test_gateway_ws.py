@@ -539,3 +539,34 @@ def test_a_proposed_session_key_is_adopted_and_resumable():
         ws3 = WS(srv.ws_url("session=short"))
         assert ws3.session["session"] != "short" and ws3.session["resumed"] is False
         ws3.close()
+
+
+def test_done_leaves_with_the_last_delta_through_the_engine_sink():
+    """With AsyncLLMEngine's sink the last output arrives in the engine's drain; the done frame
+    must go out in the same writer pass (one batch message with the last delta), not one pass
+    later when the stream's task resumes: at a wave of finishes each pass is time before the
+    client can send its next request (ops/bench/NOTES.md, "Serving, third round")."""
+    from websockets.sync.client import connect
+
+    from asyncllm.bench.gateway_cost import StubLLMEngine
+    from asyncllm.engine.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(engine=StubLLMEngine(0.02))
+    with run_server(engine, GatewaySettings()) as srv:
+        with connect(srv.ws_url("batch=1"), open_timeout=10) as conn:
+            assert orjson.loads(conn.recv(timeout=10))["type"] == "session"
+            for k in range(3):
+                sid = f"s{k}"
+                conn.send(
+                    orjson.dumps(
+                        {"type": "complete", "id": sid, "prompt": "hi", "params": {"max_tokens": 3}}
+                    ).decode()
+                )
+                messages = []
+                while True:
+                    msg = orjson.loads(conn.recv(timeout=10))
+                    frames = msg["frames"] if msg["type"] == "batch" else [msg]
+                    messages.append([f["type"] for f in frames])
+                    if "done" in messages[-1]:
+                        break
+                assert messages[-1] == ["delta", "done"], messages

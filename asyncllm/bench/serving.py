@@ -262,6 +262,9 @@ class EngineDriver:
         )
         self._n = 0
 
+    async def engine_steps(self) -> int | None:
+        return getattr(self.engine.stats(), "num_steps", None)
+
     async def __call__(self, i: int, prompt: str, r: RequestResult) -> None:
         self._n += 1
 
@@ -299,6 +302,12 @@ class WSDriver:
         self.sockets: list[_Socket] = []
         self._lock = asyncio.Lock()
         self._n = 0
+        self.metrics_url = url.split("/v1/ws", 1)[0].replace("ws", "http", 1) + "/metrics"
+        self.headers_http = self.headers
+
+    async def engine_steps(self) -> int | None:
+        """The server's asyncllm_engine_steps gauge (None: a server without it)."""
+        return await asyncio.to_thread(_scrape_steps, self.metrics_url, self.headers_http)
 
     async def _socket(self) -> _Socket:
         async with self._lock:
@@ -333,6 +342,19 @@ class WSDriver:
         for s in self.sockets:
             await s.close()
         self.sockets.clear()
+
+
+def _scrape_steps(url: str, headers: dict[str, str]) -> int | None:
+    import httpx
+
+    try:
+        text = httpx.get(url, headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("asyncllm_engine_steps "):
+            return int(float(line.split()[1]))
+    return None
 
 
 class _Socket:
@@ -488,10 +510,20 @@ async def sweep(plan: Plan, mode: str, driver: Any) -> list[dict[str, Any]]:
         prepare = getattr(driver, "prepare", None)
         if prepare is not None:
             await prepare(conc)  # e.g. open the sockets: a chat frontend's are open already
+        steps = getattr(driver, "engine_steps", None)
+        steps0 = await steps() if steps is not None else None
         cpu0 = time.process_time()
         results, wall = await drive(prompts, rate, conc, plan.seed + k, driver)
+        cpu = time.process_time() - cpu0
         run = summarize(mode, rate, conc, results, wall)
-        run["bench_process_cpu_s"] = time.process_time() - cpu0
+        run["bench_process_cpu_s"] = cpu
+        if steps0 is not None:
+            # Engine steps the run took; tokens / concurrency would be every batch full, so
+            # more steps mean batches ran short of requests (turnover between requests).
+            await asyncio.sleep(0.1)  # the last step's stats
+            steps1 = await steps()  # type: ignore[misc]
+            run["engine_steps"] = None if steps1 is None else steps1 - steps0
+            run["ideal_steps"] = run["output_tokens"] / conc
         runs.append(run)
         _log(
             f"{mode:6s} rate={run['rate']} conc={conc}: {run['completed']}/{run['requests']} ok, "
@@ -866,6 +898,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tpot_ms": "(last chunk - first chunk) / (tokens - 1), per request",
             "delivered_tok_s": "completion tokens of successful requests / (first send -> last end)",
             "added_*_p99_ms": "p99 through the gateway minus p99 of the engine at the same load",
+            "engine_steps": "engine steps during the run (ws: the server's asyncllm_engine_steps"
+            " gauge); ideal_steps = output tokens / concurrency, every batch full",
             "bench_process_cpu_s": "CPU time of this process during the run (engine mode: includes"
             " the engine thread; ws/http: the load generator alone, which shares the machine with"
             " the server: near duration_s x cores means the client limited the run)",

@@ -79,7 +79,8 @@ class EngineProcess:
         assert kind == "ready", kind
         return payload
 
-    def send(self, cmd: Command) -> None:
+    def send(self, cmd: Command | list[Command]) -> None:
+        """One command, or a list of them (one pipe message: ProcessTransport's sender)."""
         self.conn.send(cmd)
 
     def recv(self) -> tuple[str, Any]:
@@ -182,7 +183,11 @@ def child_main(
             wait([conn, fail_r])
         cmds: list[Command] = [fail_r.recv()] if fail_r.poll() else []
         while conn.poll():
-            cmds.append(conn.recv())
+            msg = conn.recv()  # a list: every command the parent's sender had queued
+            if isinstance(msg, list):
+                cmds.extend(msg)
+            else:
+                cmds.append(msg)
         return cmds
 
     def post(items: dict[str, Item], stats: Any) -> bool:

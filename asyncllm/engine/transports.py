@@ -218,14 +218,25 @@ class ProcessTransport:
         pass  # the engine lives and dies with the child
 
     def _run_sender(self) -> None:
+        """Forward the inbox: everything queued at a wake-up goes as one pipe message. One
+        message per command let a wave of new requests reach the engine in dribs: after each
+        write this thread needs the GIL back, and a busy event loop hands it over only at the
+        switch interval (5 ms), so 64 commands arrived over as many engine steps (each one a
+        mixed prefill step on a GPU); see ops/bench/NOTES.md, "Serving, third round"."""
         proc = self.proc
+        inbox = self._inbox
         while True:
-            cmd = self._inbox.get()
+            cmds = [inbox.get()]
+            while True:
+                try:
+                    cmds.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                proc.send(cmd)
+                proc.send(cmds)
             except (OSError, ValueError):  # the child is gone: the receiver reports it
                 return
-            if isinstance(cmd, Shutdown):
+            if any(isinstance(c, Shutdown) for c in cmds):
                 return
 
     def _receive(self, post: Post, die: Die) -> None:

@@ -305,6 +305,14 @@ class EngineIO:
         loop as the engine delivers them (the engine's sink: no task switch per output), and the
         generator yields nothing: iterate it to the end to run the request."""
         self.limits.client_streams.acquire(client, id)  # `client`: see client_identity()
+        holds_slot = True
+
+        def release_slot() -> None:
+            nonlocal holds_slot
+            if holds_slot:
+                holds_slot = False
+                self.limits.client_streams.release(client)
+
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
         conv = _Converter(self.limits, m, params, time.monotonic())
@@ -319,7 +327,12 @@ class EngineIO:
 
                 def sink(out: RequestOutput) -> None:
                     if request_id not in stopped:  # not the abort's own last output
-                        on_pieces(conv(out))
+                        pieces = conv(out)
+                        if conv.finished:
+                            # Its done may reach the client before this generator ends, and
+                            # the client may start its next stream at once: not over its cap.
+                            release_slot()
+                        on_pieces(pieces)
 
             gen = self.engine.generate(
                 {"prompt_token_ids": prompt_ids},
@@ -360,7 +373,7 @@ class EngineIO:
         finally:
             self._live.discard(request_id)
             stopped.discard(request_id)
-            self.limits.client_streams.release(client)
+            release_slot()
             conv.release_queue_slot()
             if not conv.finished:
                 # The generator's own cleanup should abort; make sure, even when cancelled.

@@ -250,6 +250,10 @@ class Metrics:
         self.engine_alive = Gauge(
             "asyncllm_engine_alive", "1 while the engine is healthy", registry=r
         )
+        # Steps against tokens says how full the batches were (the serving benchmark reads it).
+        self.engine_steps = Gauge(
+            "asyncllm_engine_steps", "Engine steps run since the engine started", registry=r
+        )
 
     def render(self, alive: bool = True) -> bytes:
         """Refresh the engine gauges from one stats snapshot, then render the text format."""
@@ -269,6 +273,7 @@ class Metrics:
                 self.waiting.set(s.num_waiting)
                 self.kv_total.set(s.kv_blocks_total)
                 self.kv_used.set(used)
+                self.engine_steps.set(getattr(s, "num_steps", 0))
                 self.running_now, self.waiting_now = s.num_running, s.num_waiting
                 self.kv_usage_now = used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         return generate_latest(self.registry)

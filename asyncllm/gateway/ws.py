@@ -372,7 +372,15 @@ class WebSocketGateway:
                     io.admit(frame.id, client)
 
                     def on_pieces(pieces: list[Any]) -> None:
-                        if stream.add(pieces):
+                        new = stream.add(pieces)
+                        if None not in stream.finish_reasons:
+                            # The request's last output: its done frame goes out with its last
+                            # delta, in the writer's next pass, not one pass later when this
+                            # task resumes (at a wave of finishes, a done sooner is a new
+                            # request sooner: ops/bench/NOTES.md, "Serving, third round").
+                            stream.finish()
+                            new = True
+                        if new:
                             sess.notify(stream)
 
                     # Pieces arrive by callback, in the engine's drain: no task switch per token.

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: the serving benchmark (issue 8) in both engine modes, then one
-# profiled run (ASYNCLLM_PROFILE_DIR: the server's loop, the engine process and its receiver).
+# One call on the lent GPU machine: the serving benchmark (issue 8, issue 22 point 12), by default
+# the engine in its own process (as `asyncllm serve` runs it), at 64 and 256 streams, REPS=2
+# repetitions one after the other (each: engine, engine-sink, ws in one machine), and a summary
+# line per repetition with the ratios ws/engine and ws/engine-sink. MODES_RUN="thread process"
+# adds the engine-thread mode; PROFILE=1 adds one profiled run (ASYNCLLM_PROFILE_DIR: the
+# server's loop, the engine process and its receiver). Estimated 4-5 min on an H200 (768 requests;
+# each repetition loads the model twice, engine-direct and server, ~1.5-2 min):
+#   ASYNCLLM_COMMIT=$(git rev-parse --short HEAD) timeout -s INT 350 bash ops/bench/device_serving.sh
 # Plots: redraw here with `python -m asyncllm.bench.serving --replot FILE.json`. Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
 # tenacity, sniffio): carry ".whl". Results and profiles under $OUT.
 set -uo pipefail
@@ -15,17 +21,50 @@ export ASYNCLLM_COMMIT=${ASYNCLLM_COMMIT:-unknown}
 echo "commit $ASYNCLLM_COMMIT" | tee -a "$OUT/env.txt"
 M=$(python3 -c "from asyncllm.bench import model; print(model.build_model_dir())" | tail -1)
 COMMON="--model $M --no-enable-prefix-caching --num-kv-blocks 8192 --output-len 128"
-COMMON="$COMMON --num-requests ${NUM_REQUESTS:-1024} --concurrency ${CONCURRENCY:-64,256}"
+COMMON="$COMMON --num-requests ${NUM_REQUESTS:-768} --concurrency ${CONCURRENCY:-64,256}"
 COMMON="$COMMON --rates ${RATES:-inf}"
 NOTE="H200 lent machine; Qwen3-0.6B shape, random bf16 weights; word-level tokenizer"
-for mode in ${MODES_RUN:-thread process}; do
-  flag=""
-  [ "$mode" = process ] && flag="--engine-process"
-  echo "=== $mode $(date +%T)"
-  timeout ${RUN_TIMEOUT:-240} python3 -m asyncllm.bench.serving $COMMON $flag --modes ${MODES:-engine,engine-sink,ws} \
-    --note "$NOTE; engine $mode" --no-plot --out "$OUT/serving-$mode.json" 2>&1 | grep -v " INFO " | tail -8
+for rep in $(seq 1 "${REPS:-2}"); do
+  for mode in ${MODES_RUN:-process}; do
+    flag=""
+    [ "$mode" = process ] && flag="--engine-process"
+    echo "=== rep $rep $mode $(date +%T)"
+    timeout -s INT ${RUN_TIMEOUT:-150} python3 -m asyncllm.bench.serving $COMMON $flag \
+      --modes ${MODES:-engine,engine-sink,ws} --note "$NOTE; engine $mode; rep $rep" --no-plot \
+      --out "$OUT/serving-$mode-rep$rep.json" 2>&1 | grep -v " INFO " | tail -8
+  done
 done
-if [ -n "${PROFILE-1}" ]; then  # PROFILE= (empty) skips it
+# One line per repetition and load point: the ratios, and the client's share of a core (the
+# load generator is one Python process; near 1.0 would mean it, not the server, set the pace).
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/serving-*-rep*.json")):
+    d = json.load(open(f))
+    runs = {(r["mode"], r["concurrency"]): r for r in d["runs"]}
+    for c in d["workload"]["concurrency"]:
+        ws = runs.get(("ws", c))
+        parts = [f.rsplit("/", 1)[-1], f"conc={c}"]
+        for m in ("engine", "engine-sink", "ws"):
+            r = runs.get((m, c))
+            parts.append(f"{m}={r['delivered_tok_s']:.0f}" if r else f"{m}=-")
+        for a in ("engine", "engine-sink"):
+            r = runs.get((a, c))
+            ok = ws and r and r["delivered_tok_s"]
+            parts.append(f"ws/{a}={ws['delivered_tok_s'] / r['delivered_tok_s']:.3f}" if ok else f"ws/{a}=-")
+        if ws:
+            parts.append(f"client_cpu_share={ws['bench_process_cpu_s'] / ws['duration_s']:.2f}")
+            parts.append(f"ws_ttft_p50={ws['ttft_ms']['p50']:.1f}ms tpot_p50={ws['tpot_ms']['p50']:.2f}ms")
+        r = runs.get(("engine-sink", c))
+        if r:
+            parts.append(f"sink_ttft_p50={r['ttft_ms']['p50']:.1f}ms tpot_p50={r['tpot_ms']['p50']:.2f}ms")
+        # Engine steps per mode against tokens/concurrency (every batch full): the turnover cost.
+        for m in ("engine", "engine-sink", "ws"):
+            r = runs.get((m, c))
+            if r and r.get("engine_steps") is not None:
+                parts.append(f"steps_{m}={r['engine_steps']}/{r['ideal_steps']:.0f}")
+        print("SUMMARY " + " ".join(parts))
+PY
+if [ -n "${PROFILE-}" ]; then  # PROFILE=1 adds it
   echo "=== profiled (process) $(date +%T)"
   ASYNCLLM_PROFILE_DIR="$OUT/prof" timeout 200 python3 -m asyncllm.bench.serving --model "$M" \
     --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128 \
