@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "asyncllm"
 # Imported only where they must exist already: trio under a running trio loop, triton for the
 # GPU kernels (lazily, behind checks that it imports).
-OPTIONAL = {"trio", "triton"}
+OPTIONAL = {"trio", "triton", "flash_attn"}  # flash_attn: FA4, imported lazily where installed
 ENGINE_ONLY = {"torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy"}
 
 
@@ -159,9 +159,10 @@ def test_the_serve_extra_covers_everything():
 
 
 def test_the_bench_extra_covers_the_benchmarks():
-    # the peers' workers import the peer engine (vllm, nanovllm), which is installed where they
-    # are measured (ops/bench/setup_vllm_cpu.sh, the device scripts), never by asyncllm
-    peers = {"vllm_cpu_worker.py", "peer_run.py"}
+    # the peers' workers import the peer engine (vllm, nanovllm, llama_cpp), which is installed
+    # where they are measured (ops/bench/setup_vllm_cpu.sh, setup_llamacpp.sh, the device
+    # scripts), never by asyncllm
+    peers = {"vllm_cpu_worker.py", "peer_run.py", "llamacpp_worker.py"}
     paths = sorted(p for p in BENCH.rglob("*.py") if p.name not in peers)
     assert {"httpx", "matplotlib"} <= _third_party_imports(paths)
     undeclared = _undeclared(paths, _declared("bench"))

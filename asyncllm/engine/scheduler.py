@@ -172,8 +172,9 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
-                if is_prefill:
-                    prefill -= num_new
+                if is_prefill:  # the same prefill bookkeeping as the allocating path below
+                    prefill -= prefill_cost(num_new, seq.num_computed_tokens, scale)
+                    first_chunk = False
                 i += 1
                 continue
             # Blocks behind every layer's window come back before this sequence asks for more.

@@ -5,7 +5,7 @@ tensor and its logits a fixed random [N, 2048] table (token ids from the whole v
 a fixed permutation), sampled at temperature 0.6. What the GPU run pays on the host per step,
 without the GPU.
 
-    python -m asyncllm.bench.host_step [--batch 256] [--steps 200] [--tokenizer wordlevel|bytelevel]
+    python -m ops.bench.host_step [--batch 256] [--steps 200] [--tokenizer wordlevel|bytelevel]
 
 `wordlevel` is the peer benchmark's tokenizer (asyncllm.bench.model: one word per id, 151,936 ids);
 `bytelevel` the tests' trained byte-level BPE (as Qwen's). Prints one JSON line: seconds of host

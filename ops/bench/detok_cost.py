@@ -3,7 +3,7 @@
 runs), this thread's CPU time. `wordlevel`: the peer benchmark's tokenizer, random ids;
 `bytelevel`: the tests' trained byte-level BPE on real text (needs a checkout's tests/).
 
-    python -m asyncllm.bench.detok_cost      (prints one JSON line)"""
+    python -m ops.bench.detok_cost      (prints one JSON line)"""
 
 from __future__ import annotations
 
