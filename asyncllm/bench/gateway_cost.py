@@ -43,7 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from asyncllm.outputs import CompletionOutput, RequestOutput
+from asyncllm.outputs import CompletionOutput, EngineStats, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind
 
 _WORD = [" alpha", " beta", " gamma", " delta", " omega"]
@@ -64,21 +64,9 @@ class _Tok:
 
 
 @dataclass
-class StubStats:
-    """EngineStats' fields (that module imports torch) plus the stub's turnover accounting,
-    pickled up from an engine process."""
+class StubStats(EngineStats):
+    """EngineStats plus the stub's turnover accounting, pickled up from an engine process."""
 
-    num_running: int
-    num_waiting: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    kv_blocks_cached: int
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    prefix_cache_hit_tokens: int
-    num_steps: int
-    num_requests: int
     slot_s: float = 0.0  # sum over steps of running requests x step duration
     first_add: float | None = None  # perf_counter (system-wide monotonic) of the first arrival
     last_finish: float | None = None

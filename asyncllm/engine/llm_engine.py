@@ -42,7 +42,7 @@ from asyncllm.engine.sampler import (
 )
 from asyncllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from asyncllm.engine.sequence import Request, Sequence
-from asyncllm.outputs import Logprob, RequestOutput
+from asyncllm.outputs import EngineStats, Logprob, RequestOutput
 from asyncllm.sampling_params import SamplingParams, default_sampling_params
 
 logger = logging.getLogger(__name__)
@@ -57,25 +57,6 @@ class _LaunchedStep:
     row_seqs: list[Sequence]  # one per sampled row
     logits: torch.Tensor | None  # sample logits, kept only while sampling is deferred
     sample: PendingSample | None = None
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    kv_blocks_cached: int
-    num_preemptions: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    prefix_cache_hit_tokens: int
-    num_steps: int
-    num_requests: int
-
-    @property
-    def kv_blocks_used(self) -> int:
-        return self.kv_blocks_total - self.kv_blocks_free
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
