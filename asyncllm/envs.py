@@ -99,6 +99,23 @@ def gc_freeze() -> bool:
     return _flag("ASYNCLLM_GC_FREEZE", True)
 
 
+def grammar_threads() -> int | None:
+    """ASYNCLLM_GRAMMAR_THREADS: threads xgrammar fills a step's bitmask with (default: 1 below
+    128 constrained rows, else half the cores this process may use, at most 8). xgrammar's own
+    default, half of the host's hardware threads, is far more than a container's share on a large
+    host, and its threads' start-up then costs more than the fill."""
+    value = _str("ASYNCLLM_GRAMMAR_THREADS")
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"ASYNCLLM_GRAMMAR_THREADS must be an integer, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"ASYNCLLM_GRAMMAR_THREADS must be >= 1, got {value!r}")
+    return n
+
+
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
     `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""
@@ -208,6 +225,7 @@ VARIABLES = {
     "ASYNCLLM_HOST_FASTPATH": host_fastpath,
     "ASYNCLLM_DETOK_FAST": detok_fast,
     "ASYNCLLM_GC_FREEZE": gc_freeze,
+    "ASYNCLLM_GRAMMAR_THREADS": grammar_threads,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,

@@ -217,3 +217,57 @@ def test_gpu_constraints_hold_with_async_scheduling_and_cuda_graphs(tiny_model_d
         assert o.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(o.outputs[0].text), SCHEMA)
     assert len(outs[6].outputs[0].token_ids) == 8
+
+
+def test_fill_threads_rule_and_override(monkeypatch):
+    from asyncllm.engine.grammar import fill_threads
+
+    monkeypatch.delenv("ASYNCLLM_GRAMMAR_THREADS", raising=False)
+    assert fill_threads(64) == 1
+    assert 1 <= fill_threads(512) <= 8
+    monkeypatch.setenv("ASYNCLLM_GRAMMAR_THREADS", "3")
+    assert fill_threads(64) == 3
+    monkeypatch.setenv("ASYNCLLM_GRAMMAR_THREADS", "0")
+    with pytest.raises(ValueError, match="GRAMMAR_THREADS"):
+        fill_threads(64)
+
+
+def test_threaded_fill_equals_single_thread(llms, monkeypatch):
+    """Every thread count fills the same mask (rows past the threshold use several threads)."""
+    backend = llms[False].llm_engine.grammar
+    compiled = backend.compile(StructuredOutputsParams(json=SCHEMA))
+    matchers = [backend.matcher(compiled) for _ in range(6)]
+    for m, prefix in zip(matchers, ["", "{", '{"name": "a', '{"name": "ab"', "{", ""], strict=True):
+        assert m.accept_string(prefix) or not prefix
+    idx = [0, 2, 3, 5, 7, 8]
+    masks = []
+    for t in ("1", "2"):
+        monkeypatch.setenv("ASYNCLLM_GRAMMAR_THREADS", t)
+        masks.append(backend.fill(9, matchers, idx).mask[idx].clone())
+    assert torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0][0], masks[0][1])  # different states, different masks
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_pinned_fill_alternates_buffers_and_matches_the_cpu(llms):
+    """A GPU engine fills into two pinned buffers in turn; applying either equals the CPU path."""
+    from asyncllm.engine.grammar import GrammarBackend
+
+    eng = llms[False].llm_engine
+    vocab = eng.vocab_size
+    g = GrammarBackend(eng.tokenizer, vocab, eng.eos_token_ids, pinned=True)
+    compiled = g.compile(StructuredOutputsParams(json=SCHEMA))
+    matchers = [g.matcher(compiled) for _ in range(4)]
+    matchers[1].accept_string("{")
+    a = g.fill(6, matchers, [0, 1, 3, 4])
+    b = g.fill(6, matchers, [0, 1, 3, 4])
+    assert a.mask.is_pinned() and b.mask.is_pinned()
+    assert a.mask.data_ptr() != b.mask.data_ptr()
+    assert a.pinned_indices is not None and a.pinned_indices.tolist() == [0, 1, 3, 4]
+    logits = torch.randn(6, vocab)
+    want = logits.clone()
+    apply_bitmask(want, StepBitmask(a.mask.clone(), [0, 1, 3, 4]))
+    got = logits.cuda()
+    apply_bitmask(got, a)
+    assert torch.equal(got.cpu(), want)

@@ -121,6 +121,56 @@ def _micro(g: Any, vocab_size: int, device: Any, streams: int, reps: int = 20) -
     return out
 
 
+def _profile(llm: Any, prompts: list, max_tokens: int) -> None:
+    """Where the host time of a run goes, unconstrained then constrained (printed)."""
+    import cProfile
+    import pstats
+
+    for kind in (None, "story"):
+        prof = cProfile.Profile()
+        prof.enable()
+        res = _run(llm, prompts, kind, max_tokens)
+        prof.disable()
+        print(f"== profile {kind or 'unconstrained'}: {res['tok_per_s']:.0f} tok/s", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
+def _thread_sweep(g: Any, rows: tuple[int, ...] = (64, 256)) -> dict[str, float]:
+    """Host fill time of one step's mask by xgrammar thread count (ASYNCLLM_GRAMMAR_THREADS),
+    inside a JSON string: what the default thread rule (grammar.fill_threads) is chosen from."""
+    import os
+
+    from asyncllm.sampling_params import StructuredOutputsParams
+
+    compiled = g.compile(StructuredOutputsParams(json=SCHEMA))
+    cores = len(os.sched_getaffinity(0))
+    out: dict[str, float] = {}
+    saved = os.environ.get("ASYNCLLM_GRAMMAR_THREADS")
+    try:
+        for n in rows:
+            matchers = [g.matcher(compiled) for _ in range(n)]
+            for m in matchers:
+                m.accept_string('{"story": "Once')
+            idx = list(range(n))
+            for t in sorted({1, 2, 4, 8, 16, max(1, cores // 2)}):
+                if t > cores:
+                    continue
+                os.environ["ASYNCLLM_GRAMMAR_THREADS"] = str(t)
+                times = []
+                for _ in range(30):
+                    t0 = time.perf_counter()
+                    g.fill(n, matchers, idx)
+                    times.append(time.perf_counter() - t0)
+                out[f"rows{n}_threads{t}_ms"] = round(statistics.median(times[5:]) * 1e3, 3)
+            del matchers
+    finally:
+        if saved is None:
+            os.environ.pop("ASYNCLLM_GRAMMAR_THREADS", None)
+        else:
+            os.environ["ASYNCLLM_GRAMMAR_THREADS"] = saved
+    return out
+
+
 def _time_step(
     g: Any, matchers: list, vocab_size: int, device: Any, streams: int, reps: int, where: str
 ) -> dict[str, float]:
@@ -160,6 +210,11 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="only the step-bitmask timing (tokenizer, no model): for a machine too busy for tok/s",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, cProfile one unconstrained and one constrained run (top functions)",
+    )
     args = p.parse_args(argv)
 
     from asyncllm import LLM, SamplingParams
@@ -186,6 +241,10 @@ def main(argv: list[str] | None = None) -> Path:
     cons = min(v for k, v in per.items() if not k.endswith("/2"))
     engine = llm.llm_engine
     micro = _micro(engine.grammar, engine.vocab_size, engine.model_config.device, args.streams)
+    if args.profile:
+        _profile(llm, prompts, args.max_tokens)
+    sweep = _thread_sweep(engine.grammar)
+    print("fill by threads:", sweep, flush=True)
     ratio = cons / free
     rec = results.record(
         "grammar_overhead",
@@ -203,6 +262,7 @@ def main(argv: list[str] | None = None) -> Path:
         target="constrained >= 0.95x unconstrained tok/s",
         target_met=ratio >= 0.95,
         step_bitmask_ms=micro,
+        fill_threads_ms=sweep,
         runs={k or "unconstrained": v for k, v in runs.items()},
         load1_end=round(__import__("os").getloadavg()[0], 2),
     )
@@ -235,6 +295,7 @@ def _micro_only(args: argparse.Namespace) -> Path:
         streams=args.streams,
         device=args.device,
         step_bitmask_ms=micro,
+        fill_threads_ms=_thread_sweep(g),
         load1=round(os.getloadavg()[0], 2),
     )
     path = results.write(rec, "grammar-micro", Path(args.out))

@@ -13,6 +13,7 @@ constrained rows does none of this.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +21,14 @@ from typing import Any
 
 import torch
 
+from asyncllm import envs
 from asyncllm.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
+# Below this many constrained rows one thread fills the mask: a row inside a JSON string takes
+# ~5 us, and xgrammar's worker threads cost more than that to hand a small batch to.
+_THREADED_ROWS = 128
 # Compiling a JSON schema against a 50k-token vocabulary takes tens to hundreds of milliseconds;
 # bots send the same few schemas over and over.
 _CACHE_SIZE = 256
@@ -40,12 +45,52 @@ class StepBitmask:
 
     mask: torch.Tensor  # int32 [rows of the step, bitmask_width(vocab)], on the host
     indices: list[int]
+    # pinned int32 copy of `indices` (GPU engines only), for an async copy without a host sync
+    pinned_indices: torch.Tensor | None = None
+
+
+def fill_threads(num_rows: int) -> int:
+    """Threads for a fill of `num_rows` matchers (see envs.grammar_threads)."""
+    forced = envs.grammar_threads()
+    if forced is not None:
+        return forced
+    if num_rows < _THREADED_ROWS:
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
+class _PinnedRing:
+    """Two pinned host buffers used in turn, grown on demand.
+
+    A GPU step's mask is copied to the device asynchronously, so its host buffer must not be
+    refilled until that copy has run. The engine resolves step s (waiting on an event recorded
+    after step s's sampling, hence after its copy) before it fills the mask of step s+2, so
+    alternating between two buffers is enough and nothing waits."""
+
+    def __init__(self) -> None:
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        self._turn ^= 1
+        buf = self._bufs[self._turn]
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = torch.empty(max(rows, 64), cols, dtype=torch.int32, pin_memory=True)
+            self._bufs[self._turn] = buf
+        return buf[:rows]
 
 
 class GrammarBackend:
     """The xgrammar objects of one tokenizer and model vocabulary."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]):
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Sequence[int],
+        pinned: bool = False,
+    ):
+        """`pinned`: fill masks into pinned host memory (a GPU engine copies them asynchronously)."""
         import xgrammar as xgr
 
         self._xgr = xgr
@@ -57,7 +102,9 @@ class GrammarBackend:
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self._batch = xgr.BatchGrammarMatcher()
+        self._batches: dict[int, Any] = {}  # threads -> BatchGrammarMatcher
+        self._masks = _PinnedRing() if pinned else None
+        self._index_bufs = _PinnedRing() if pinned else None
         self.num_compiled = 0  # compilations done (cache misses), for tests and stats
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
@@ -99,12 +146,28 @@ class GrammarBackend:
 
     def fill(self, num_rows: int, matchers: list[Any], indices: list[int]) -> StepBitmask:
         """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j]."""
-        mask = torch.empty(num_rows, bitmask_width(self.vocab_size), dtype=torch.int32)
+        width = bitmask_width(self.vocab_size)
+        if self._masks is None:
+            mask = torch.empty(num_rows, width, dtype=torch.int32)
+        else:
+            mask = self._masks.take(num_rows, width)
         if len(matchers) == 1:
             matchers[0].fill_next_token_bitmask(mask, indices[0])
         else:
-            self._batch.batch_fill_next_token_bitmask(matchers, mask, indices)
-        return StepBitmask(mask, indices)
+            self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask(
+                matchers, mask, indices
+            )
+        pinned_idx = None
+        if self._index_bufs is not None and indices != list(range(num_rows)):
+            pinned_idx = self._index_bufs.take(len(indices), 1)[:, 0]
+            pinned_idx.copy_(torch.tensor(indices, dtype=torch.int32))
+        return StepBitmask(mask, indices, pinned_idx)
+
+    def _batch(self, threads: int) -> Any:
+        b = self._batches.get(threads)
+        if b is None:
+            b = self._batches[threads] = self._xgr.BatchGrammarMatcher(threads)
+        return b
 
 
 def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
@@ -119,9 +182,13 @@ def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
     if bm.indices == list(range(logits.shape[0])):
         indices = None
     if logits.device.type == "cuda":
-        mask = mask.pin_memory().to(logits.device, non_blocking=True)
+        if not mask.is_pinned():
+            mask = mask.pin_memory()
+        mask = mask.to(logits.device, non_blocking=True)
         if indices is not None:
-            host = torch.tensor(bm.indices, dtype=torch.int32).pin_memory()
+            host = bm.pinned_indices
+            if host is None:
+                host = torch.tensor(bm.indices, dtype=torch.int32).pin_memory()
             indices = host.to(logits.device, non_blocking=True)
     elif logits.device.type == "cpu":
         indices = _apply_sparse_rows_cpu(logits, mask, bm.indices)

@@ -118,7 +118,12 @@ class LLMEngine:
     @property
     def grammar(self) -> GrammarBackend:
         if self._grammar is None:
-            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            self._grammar = GrammarBackend(
+                self.tokenizer,
+                self.vocab_size,
+                self.eos_token_ids,
+                pinned=self.model_config.device.type == "cuda",
+            )
         return self._grammar
 
     def shutdown(self) -> None:

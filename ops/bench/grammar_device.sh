@@ -39,5 +39,5 @@ PY
 
 echo "== benchmark: 64 streams, 256 tokens, 2 rounds"
 timeout -s INT 240 python3 -m asyncllm.bench.grammar --device cuda --model "$MODEL" \
-    --streams 64 --max-tokens 256 --rounds 2 --out "$OUT"
+    --streams 64 --max-tokens 256 --rounds ${ROUNDS:-2} ${PROFILE:+--profile} --out "$OUT"
 echo "rc=$?"
