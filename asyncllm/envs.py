@@ -100,8 +100,8 @@ def gc_freeze() -> bool:
 
 
 def grammar_threads() -> int | None:
-    """ASYNCLLM_GRAMMAR_THREADS: threads xgrammar fills a step's bitmask with (default: 1 below
-    128 constrained rows, else half the cores this process may use, at most 8). xgrammar's own
+    """ASYNCLLM_GRAMMAR_THREADS: threads xgrammar fills a step's bitmask with (default: half the
+    cores this process may use, at most 8, at least 8 rows a thread). xgrammar's own
     default, half of the host's hardware threads, is far more than a container's share on a large
     host, and its threads' start-up then costs more than the fill."""
     value = _str("ASYNCLLM_GRAMMAR_THREADS")

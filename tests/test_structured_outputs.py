@@ -223,7 +223,7 @@ def test_fill_threads_rule_and_override(monkeypatch):
     from asyncllm.engine.grammar import fill_threads
 
     monkeypatch.delenv("ASYNCLLM_GRAMMAR_THREADS", raising=False)
-    assert fill_threads(64) == 1
+    assert fill_threads(7) == 1
     assert 1 <= fill_threads(512) <= 8
     monkeypatch.setenv("ASYNCLLM_GRAMMAR_THREADS", "3")
     assert fill_threads(64) == 3
@@ -250,13 +250,15 @@ def test_threaded_fill_equals_single_thread(llms, monkeypatch):
 
 @pytest.mark.gpu
 @_needs_cuda
-def test_gpu_pinned_fill_alternates_buffers_and_matches_the_cpu(llms):
-    """A GPU engine fills into two pinned buffers in turn; applying either equals the CPU path."""
+def test_gpu_pinned_fill_alternates_buffers_and_matches_the_cpu(tiny_model_dir):
+    """A GPU engine fills into two pinned buffers in turn; applying either equals the CPU path.
+    (No LLM here: the module's CPU engines would take the GPU's memory on a CUDA machine.)"""
     from asyncllm.engine.grammar import GrammarBackend
+    from asyncllm.engine.loader import load_tokenizer, resolve_model
 
-    eng = llms[False].llm_engine
-    vocab = eng.vocab_size
-    g = GrammarBackend(eng.tokenizer, vocab, eng.eos_token_ids, pinned=True)
+    tok = load_tokenizer(resolve_model(tiny_model_dir))
+    vocab = len(tok)
+    g = GrammarBackend(tok, vocab, [tok.eos_token_id], pinned=True)
     compiled = g.compile(StructuredOutputsParams(json=SCHEMA))
     matchers = [g.matcher(compiled) for _ in range(4)]
     matchers[1].accept_string("{")
