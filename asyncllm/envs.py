@@ -92,6 +92,14 @@ def detok_fast() -> bool:
     return _flag("ASYNCLLM_DETOK_FAST", True)
 
 
+def persistent_batch() -> bool:
+    """ASYNCLLM_PERSISTENT_BATCH: `0` makes the model runner build each step's inputs from Python
+    lists with one pinned copy per tensor, instead of its persistent batch (block-table rows
+    written only where they change, the inputs built with numpy into reused staging buffers, two
+    copies per step). Same tensors either way; default on."""
+    return _flag("ASYNCLLM_PERSISTENT_BATCH", True)
+
+
 def gc_freeze() -> bool:
     """ASYNCLLM_GC_FREEZE: `0` leaves Python's garbage collector as it is; by default a CUDA engine,
     once built, moves the objects alive then into the collector's permanent generation
