@@ -216,6 +216,7 @@ VARIABLES = {
     "ASYNCLLM_HOST_FASTPATH": host_fastpath,
     "ASYNCLLM_DETOK_FAST": detok_fast,
     "ASYNCLLM_GC_FREEZE": gc_freeze,
+    "ASYNCLLM_PERSISTENT_BATCH": persistent_batch,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,
