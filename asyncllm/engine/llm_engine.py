@@ -324,12 +324,20 @@ class LLMEngine:
             self._add_prompt_logprobs(scheduled[i].seq, lg, start)
 
         # Account the computed tokens before sampling adds new ones.
+        fast = self._fastpath
+        bm = self.block_manager
+        bs = bm.block_size
         for s in scheduled:
             seq = s.seq
-            if seq.num_output_tokens == 0 and seq.num_pending == 0:
+            if len(seq.token_ids) == seq.num_prompt_tokens and seq.num_pending == 0:
                 self.prompt_tokens_total += s.num_new_tokens
             seq.num_computed_tokens += s.num_new_tokens
-            self._register_computed(seq)
+            # _register_computed's check inlined, as in _resolve.
+            if (
+                not fast
+                or min(seq.num_computed_tokens, len(seq.token_ids)) // bs > seq.num_hashed_blocks
+            ):
+                bm.register_computed(seq)
 
         if logits.sample_logits is None:
             return _LaunchedStep([], None)
