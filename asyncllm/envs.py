@@ -92,6 +92,15 @@ def detok_fast() -> bool:
     return _flag("ASYNCLLM_DETOK_FAST", True)
 
 
+def persistent_batch() -> bool:
+    """ASYNCLLM_PERSISTENT_BATCH: `0` makes the model runner build each step's inputs from Python
+    lists with one pinned copy per tensor, instead of its persistent batch (block-table rows
+    written only where they change, the inputs built with numpy into reused staging buffers, two
+    copies per step). Same tensors either way. Default off until it is measured on a GPU (its
+    pinned, double-buffered CUDA path has run on no GPU yet); `1` turns it on."""
+    return _flag("ASYNCLLM_PERSISTENT_BATCH", False)
+
+
 def gc_freeze() -> bool:
     """ASYNCLLM_GC_FREEZE: `0` leaves Python's garbage collector as it is; by default a CUDA engine,
     once built, moves the objects alive then into the collector's permanent generation
@@ -226,6 +235,7 @@ VARIABLES = {
     "ASYNCLLM_DETOK_FAST": detok_fast,
     "ASYNCLLM_GC_FREEZE": gc_freeze,
     "ASYNCLLM_GRAMMAR_THREADS": grammar_threads,
+    "ASYNCLLM_PERSISTENT_BATCH": persistent_batch,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,
     "ASYNCLLM_KERNEL_CACHE": kernel_cache,

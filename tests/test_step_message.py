@@ -47,11 +47,15 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "lists"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_runner_state_built_from_messages_gives_the_live_sequences_inputs(tiny_model_dir, config):
+def test_runner_state_built_from_messages_gives_the_live_sequences_inputs(
+    tiny_model_dir, config, persistent
+):
     llm = LLM(tiny_model_dir, **CONFIGS[config])
     engine = llm.llm_engine
     runner, scheduler = engine.runner, engine.scheduler
+    runner.persistent = persistent
     last: list = []
     checked = {"steps": 0, "cached": 0, "pending": 0, "copies": 0}
     real_schedule, real_prepare = scheduler.schedule, runner.prepare
@@ -70,6 +74,15 @@ def test_runner_state_built_from_messages_gives_the_live_sequences_inputs(tiny_m
         assert meta.slot_mapping.tolist() == want["slots"]
         assert meta.seq_lens.tolist() == want["lens"]
         assert meta.block_tables.tolist() == want["tables"]
+        # The persistent batch's tensors and the list-built ones agree field by field.
+        ids2, pos2, meta2 = runner._prepare_lists(step, prev_tokens)
+        assert ids2.tolist() == ids.tolist() and pos2.tolist() == pos.tolist()
+        for f in ("query_start_loc", "seq_lens", "slot_mapping", "block_tables"):
+            a, b = getattr(meta, f), getattr(meta2, f)
+            assert a.dtype == b.dtype and a.tolist() == b.tolist(), f
+        for f in ("max_query_len", "max_seq_len", "query_start_loc_cpu", "seq_lens_cpu"):
+            assert getattr(meta, f) == getattr(meta2, f), f
+        assert meta.decode_only == meta2.decode_only
         # A sequence the runner holds arrives as deltas only: at most the tokens the host
         # learned since its last step (two with async scheduling: it resolves one step late).
         assert all(len(t) <= 2 for t in step.cached.new_token_ids)
@@ -183,3 +196,18 @@ def test_a_decode_message_pickles_small():
     assert all(len(t) == 1 for t in msg.cached.new_token_ids)
     assert all(isinstance(v, list) for v in vars(msg.cached).values())
     assert not any(isinstance(v, torch.Tensor) for v in vars(msg).values())
+
+
+def test_the_persistent_table_grows_and_keeps_rows_past_their_length_zero():
+    from asyncllm.engine.input_batch import PersistentBatch
+
+    batch = PersistentBatch(4, torch.device("cpu"), rows=1, width=1)
+    a = batch.acquire([5, 6, 7])  # wider than the table
+    b = batch.acquire([9])  # more rows than it had
+    assert a != b and batch.tables[a, :3].tolist() == [5, 6, 7]
+    assert batch.tables[b].tolist()[:3] == [9, 0, 0]
+    batch.write(a, 1, [8], 3)  # copy-on-write from entry 1, the table shorter after it
+    assert batch.tables[a, :3].tolist() == [5, 8, 0]
+    batch.release(a, 2)
+    c = batch.acquire([1])
+    assert c == a and batch.tables[c, :3].tolist() == [1, 0, 0]

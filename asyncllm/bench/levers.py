@@ -9,7 +9,8 @@ environment variable sets at start-up:
 - `sampler` (ASYNCLLM_SAMPLER_FUSED): Sampler._fused, the Gumbel-max kernel;
 - `host` (ASYNCLLM_HOST_FASTPATH): the scheduler's and engine's bookkeeping shortcuts;
 - `detok` (ASYNCLLM_DETOK_FAST): read by each new detokenizer, i.e. each request;
-- `gc` (ASYNCLLM_GC_FREEZE): gc.freeze() / gc.unfreeze().
+- `gc` (ASYNCLLM_GC_FREEZE): gc.freeze() / gc.unfreeze();
+- `batch` (ASYNCLLM_PERSISTENT_BATCH): ModelRunner.persistent, the runner's persistent batch.
 
 A schedule entry is `on` (every lever), `off` (none) or `-NAME` (every lever but NAME). Each entry
 runs the throughput workload; `--latency` adds 1-stream latency (median of 3 after a warm-up) for
@@ -32,7 +33,7 @@ from asyncllm.bench import model
 from asyncllm.bench.peer import anchor_workload
 from asyncllm.bench.peer_run import _AsyncLLM
 
-LEVERS = ("sampler", "host", "detok", "gc")
+LEVERS = ("sampler", "host", "detok", "gc", "batch")
 
 
 def set_levers(eng: Any, on: set[str]) -> None:
@@ -41,6 +42,7 @@ def set_levers(eng: Any, on: set[str]) -> None:
     eng.sampler._fused = "sampler" in on and eng.model_config.device.type == "cuda"
     eng.scheduler.fastpath = eng._fastpath = "host" in on
     os.environ["ASYNCLLM_DETOK_FAST"] = "1" if "detok" in on else "0"
+    eng.runner.persistent = "batch" in on  # rank 0's runner: the A/B runs at world size 1
     # A collection after unfreezing too: it resets the collector's count of long-lived objects,
     # which decides when the next full pass runs (as in a process that never froze).
     gc.unfreeze()

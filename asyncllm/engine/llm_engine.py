@@ -41,13 +41,14 @@ from asyncllm.engine.sampler import (
     needs_history,
 )
 from asyncllm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from asyncllm.engine.sequence import Request, Sequence
+from asyncllm.engine.sequence import Request, Sequence, SequenceStatus
 from asyncllm.outputs import EngineStats, Logprob, RequestOutput
 from asyncllm.sampling_params import SamplingParams, default_sampling_params
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
+FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass
@@ -328,12 +329,20 @@ class LLMEngine:
             self._add_prompt_logprobs(scheduled[i].seq, lg, start)
 
         # Account the computed tokens before sampling adds new ones.
+        fast = self._fastpath
+        bm = self.block_manager
+        bs = bm.block_size
         for s in scheduled:
             seq = s.seq
-            if seq.num_output_tokens == 0 and seq.num_pending == 0:
+            if len(seq.token_ids) == seq.num_prompt_tokens and seq.num_pending == 0:
                 self.prompt_tokens_total += s.num_new_tokens
             seq.num_computed_tokens += s.num_new_tokens
-            self._register_computed(seq)
+            # _register_computed's check inlined, as in _resolve.
+            if (
+                not fast
+                or min(seq.num_computed_tokens, len(seq.token_ids)) // bs > seq.num_hashed_blocks
+            ):
+                bm.register_computed(seq)
 
         if logits.sample_logits is None:
             return _LaunchedStep([], None)
@@ -382,15 +391,23 @@ class LLMEngine:
         out = step.sample.result()
         now = time.monotonic()
         touched: dict[str, Request] = {}
+        fast = self._fastpath
+        bm = self.block_manager
+        bs = bm.block_size
+        append_token = self._append_token
         for j, seq in enumerate(step.row_seqs):
-            if seq.is_finished:
+            if seq.status is FINISHED:
                 continue  # finished or aborted while this step ran: its token is void
             seq.num_pending -= 1
-            self._append_token(
-                seq, out.token_ids[j], out.logprobs[j], out.ranks[j], out.top_logprobs[j]
-            )
-            if not seq.is_finished:
-                self._register_computed(seq)
+            append_token(seq, out.token_ids[j], out.logprobs[j], out.ranks[j], out.top_logprobs[j])
+            if seq.status is not FINISHED:
+                # _register_computed's check inlined (every token of every step passes here).
+                if (
+                    not fast
+                    or min(seq.num_computed_tokens, len(seq.token_ids)) // bs
+                    > seq.num_hashed_blocks
+                ):
+                    bm.register_computed(seq)
             req = seq.request
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -480,7 +497,7 @@ class LLMEngine:
                     entry[tid] = Logprob(lp, r, decode_token(self.tokenizer, tid))
             seq.logprobs.append(entry)
 
-        n_out = seq.num_output_tokens
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens
         reason: str | None = None
         stop_reason: int | str | None = None
         stop_token = False
@@ -500,8 +517,10 @@ class LLMEngine:
                 reason = "stop"
             elif seq.matcher.is_terminated():
                 reason = "stop"  # the grammar is complete: nothing more may follow
-        if reason is None and seq.ends_by_length(
-            self.model_config.max_model_len, count_pending=False
+        # Sequence.ends_by_length(count_pending=False), inlined: it runs for every token.
+        if reason is None and (
+            (p.max_tokens is not None and n_out >= p.max_tokens)
+            or len(seq.token_ids) >= self.model_config.max_model_len
         ):
             reason = "length"
         if reason is not None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import array
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from asyncllm import envs
 from asyncllm.config import CacheConfig, ModelConfig, SchedulerConfig
 from asyncllm.engine import distributed
+from asyncllm.engine.input_batch import PersistentBatch
 from asyncllm.engine.layers.attention import AttentionMetadata
 from asyncllm.engine.step_message import StepMessage
 
@@ -37,6 +40,7 @@ class SeqState:
     block_table: list[int]
     num_computed_tokens: int
     num_prompt_tokens: int
+    row: int = -1  # its row of the persistent batch's block table
 
 
 def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
@@ -71,6 +75,14 @@ class ModelRunner:
         self.graph_runner = None  # set by enable_cuda_graphs on CUDA
         self.states: dict[int, SeqState] = {}  # seq_id -> state, from the step messages
         self.tp_size = distributed.get_tp_size()  # this rank's share of the KV heads
+        # The table rows are kept up to date either way, so the switch may flip between steps.
+        self.batch = PersistentBatch(
+            self.block_size,
+            self.device,
+            scheduler_config.max_num_seqs,
+            -(-model_config.max_model_len // self.block_size),
+        )
+        self.persistent = envs.persistent_batch()
 
     # ---- KV cache ---------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -102,26 +114,42 @@ class ModelRunner:
 
     def update_states(self, step: StepMessage) -> None:
         """Bring the per-sequence state up to `step`: drops, new sequences, deltas."""
-        states = self.states
+        states, batch = self.states, self.batch
         for sid in step.dropped_seq_ids:
-            states.pop(sid, None)
+            st = states.pop(sid, None)
+            if st is not None:
+                batch.release(st.row, len(st.block_table))
         for new in step.new_seqs:
+            old = states.get(new.seq_id)
+            if old is not None:  # not dropped first (a test's hand-written message)
+                batch.release(old.row, len(old.block_table))
+            table = list(new.block_ids)
             states[new.seq_id] = SeqState(
                 list(new.token_ids),
-                list(new.block_ids),
+                table,
                 new.num_computed_tokens,
                 new.num_prompt_tokens,
+                batch.acquire(table),
             )
         c = step.cached
-        for i, sid in enumerate(c.seq_ids):
+        for sid, toks, frm, blocks, computed in zip(
+            c.seq_ids,
+            c.new_token_ids,
+            c.block_ids_from,
+            c.new_block_ids,
+            c.num_computed_tokens,
+            strict=True,
+        ):
             st = states[sid]
-            if c.new_token_ids[i]:
-                st.token_ids += c.new_token_ids[i]
-            frm, blocks = c.block_ids_from[i], c.new_block_ids[i]
-            if blocks or frm != len(st.block_table):
-                del st.block_table[frm:]
-                st.block_table += blocks
-            st.num_computed_tokens = c.num_computed_tokens[i]
+            if toks:
+                st.token_ids += toks
+            table = st.block_table
+            if blocks or frm != len(table):
+                old_len = len(table)
+                del table[frm:]
+                table += blocks
+                batch.write(st.row, frm, blocks, old_len)
+            st.num_computed_tokens = computed
 
     def prepare(
         self, step: StepMessage, prev_tokens: torch.Tensor | None = None
@@ -129,6 +157,32 @@ class ModelRunner:
         """Inputs of `step`'s batch from the runner's own state (update_states first).
         `prev_tokens`: the in-flight step's sampled tokens on the device (async scheduling); a
         row whose input is still pending reads it from `prev_tokens[step.pending_rows[i]]`."""
+        if not self.persistent:
+            return self._prepare_lists(step, prev_tokens)
+        states = self.states
+        rows = [states[sid] for sid in step.seq_ids]
+        n = len(rows)
+        table_rows = np.fromiter((st.row for st in rows), np.int64, n)
+        starts = np.fromiter((st.num_computed_tokens for st in rows), np.int64, n)
+        width = max(len(st.block_table) for st in rows)
+        pending = step.pending_rows
+        every_pending = min(pending) >= 0
+        if every_pending:
+            assert prev_tokens is not None
+        return self.batch.build(
+            table_rows,
+            starts,
+            step.num_new_tokens,
+            width,
+            pending,
+            None if every_pending else [st.token_ids for st in rows],
+            prev_tokens,
+        )
+
+    def _prepare_lists(
+        self, step: StepMessage, prev_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """`prepare` from Python lists, one pinned copy per tensor (ASYNCLLM_PERSISTENT_BATCH=0)."""
         bs = self.block_size
         input_ids: list[int] = []
         fill_dst: list[int] = []  # positions in input_ids whose token is still on the device

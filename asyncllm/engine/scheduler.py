@@ -146,7 +146,9 @@ class Scheduler:
         prefill: float = budget
         scale = None  # context pricing applies with the cap only: nobody to stall otherwise
         cap = self.config.max_prefill_tokens
-        if cap is not None and any(s.num_uncomputed_tokens == 1 for s in self.running):
+        if cap is not None and any(
+            len(s.token_ids) + s.num_pending - s.num_computed_tokens == 1 for s in self.running
+        ):
             prefill = cap
             scale = self.config.prefill_context_scale
         # One prompt token per step always goes, however deep its context: prompts progress.
@@ -154,11 +156,41 @@ class Scheduler:
         bm = self.block_manager
         scheduled_ids: set[int] = set()
         fast = self.fastpath
+        # The decode fast path's loop invariants, bound once (it runs for every running sequence).
+        running = self.running
+        max_len = self.config.max_model_len
+        bs = bm.block_size
+        blocks = bm.blocks
+        fast_decode = fast and bm.sliding_window is None
+        append, mark = out.scheduled.append, scheduled_ids.add
 
         # 1. Running sequences, highest priority first; preempt from the back when out of blocks.
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            if fast_decode:
+                # A decode whose token lands in a block it holds alone (BlockManager.fits) and
+                # that does not end by length (Sequence.ends_by_length, pending tokens counted),
+                # inlined: this is most sequences of most steps.
+                tokens, pend, c = seq.token_ids, seq.num_pending, seq.num_computed_tokens
+                total = len(tokens) + pend
+                if total - c == 1:
+                    if pend:
+                        mt = seq.request.params.max_tokens
+                        if total >= max_len or (
+                            mt is not None and total - seq.num_prompt_tokens >= mt
+                        ):
+                            i += 1
+                            continue
+                    table = seq.block_table
+                    if c < len(table) * bs and (
+                        c % bs == 0 or blocks[table[c // bs]].ref_count == 1
+                    ):
+                        append(ScheduledSeq(seq, 1))
+                        mark(seq.seq_id)
+                        budget -= 1
+                        i += 1
+                        continue
             is_prefill = seq.num_uncomputed_tokens > 1
             if is_prefill:
                 num_new = self._chunk(seq, budget, prefill, scale, first_chunk)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 17, persistent batch (ASYNCLLM_PERSISTENT_BATCH) and the inlined decode bookkeeping: one
+# call on the lent H200 (~4 min; limits 120 + 200 s).
+#   bash ops/bench/batch_device.sh        (writes $OUT/batch.log; RESULT lines as each run ends)
+# 1. the GPU-marked engine tests and the step-message tests (on CUDA: the pinned, double-buffered
+#    staging path, checked field by field against the list path);
+# 2. Qwen3-0.6B shape, the peer workload (256 requests, temperature 0.6, detokenized), asyncllm
+#    only, one engine: the persistent batch off/on interleaved (`-batch` = every lever but it),
+#    then all levers off and on. The inlined scheduler/_append_token paths ride on `host`.
+set -uo pipefail
+OUT=${OUT:-/tmp/asyncllm-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  git rev-parse --short HEAD 2>/dev/null || echo "${ASYNCLLM_COMMIT:-no-git}"
+  echo "=== gpu tests: engine, step message"
+  timeout -s INT 120 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+    tests/test_gpu_engine.py tests/test_step_message.py 2>&1 | tail -15
+  echo "=== qwen3-0.6b"
+  timeout -s INT 200 python3 -m asyncllm.bench.levers --shape qwen3-0.6b \
+    --schedule=-batch,on,-batch,on,off,on 2>&1 | grep -v Warning
+} 2>&1 | tee "$OUT/batch.log"
