@@ -4,7 +4,8 @@
 # repetitions one after the other (each: engine, engine-sink, ws in one machine), and a summary
 # line per repetition with the ratios ws/engine and ws/engine-sink. MODES_RUN="thread process"
 # adds the engine-thread mode; PROFILE=1 adds one profiled run (ASYNCLLM_PROFILE_DIR: the
-# server's loop, the engine process and its receiver). Estimated 4-5 min on an H200 (768 requests;
+# server's loop, the engine process and its receiver) at PROFILE_CONCURRENCY streams (default 64:
+# where the gateway's first-token gap is, ops/bench/NOTES.md "Serving, fourth round"). Estimated 4-5 min on an H200 (768 requests;
 # each repetition loads the model twice, engine-direct and server, ~1.5-2 min):
 #   ASYNCLLM_COMMIT=$(git rev-parse --short HEAD) timeout -s INT 350 bash ops/bench/device_serving.sh
 # Plots: redraw here with `python -m asyncllm.bench.serving --replot FILE.json`. Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
@@ -68,7 +69,8 @@ if [ -n "${PROFILE-}" ]; then  # PROFILE=1 adds it
   echo "=== profiled (process) $(date +%T)"
   ASYNCLLM_PROFILE_DIR="$OUT/prof" timeout 200 python3 -m asyncllm.bench.serving --model "$M" \
     --no-enable-prefix-caching --num-kv-blocks 8192 --rates inf --output-len 128 \
-    --num-requests 512 --concurrency 256 --engine-process --modes ws --warmup 0 --no-plot \
+    --num-requests 512 --concurrency ${PROFILE_CONCURRENCY:-64} --engine-process --modes ws \
+    --warmup 0 --no-plot \
     --out "$OUT/profiled.json" 2>&1 | grep -v " INFO " | tail -3
   # At most 8 files come back from the device: one text file of every profile's top entries.
   for f in "$OUT"/prof/*.pstats; do
