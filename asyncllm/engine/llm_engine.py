@@ -337,7 +337,8 @@ class LLMEngine:
             if len(seq.token_ids) == seq.num_prompt_tokens and seq.num_pending == 0:
                 self.prompt_tokens_total += s.num_new_tokens
             seq.num_computed_tokens += s.num_new_tokens
-            # _register_computed's check inlined, as in _resolve.
+            # Publish newly full blocks only when one may have been completed (a block fills
+            # once per block_size tokens); inlined, as in _resolve: it runs per row per step.
             if (
                 not fast
                 or min(seq.num_computed_tokens, len(seq.token_ids)) // bs > seq.num_hashed_blocks
@@ -401,7 +402,7 @@ class LLMEngine:
             seq.num_pending -= 1
             append_token(seq, out.token_ids[j], out.logprobs[j], out.ranks[j], out.top_logprobs[j])
             if seq.status is not FINISHED:
-                # _register_computed's check inlined (every token of every step passes here).
+                # The same check as in _launch (every token of every step passes here).
                 if (
                     not fast
                     or min(seq.num_computed_tokens, len(seq.token_ids)) // bs
@@ -413,18 +414,6 @@ class LLMEngine:
                 req.first_token_time = now
             touched[req.request_id] = req
         return collect_outputs(touched, self.requests)
-
-    def _register_computed(self, seq: Sequence) -> None:
-        """Publish `seq`'s newly full blocks; asked only when a block may have been completed
-        (twice per token otherwise, for nothing: a block fills once per block_size tokens)."""
-        bm = self.block_manager
-        if (
-            self._fastpath
-            and min(seq.num_computed_tokens, len(seq.token_ids)) // bm.block_size
-            <= seq.num_hashed_blocks
-        ):
-            return
-        bm.register_computed(seq)
 
     def _sampling_rows(
         self, scheduled: list[ScheduledSeq], sample_index: list[int]
