@@ -29,6 +29,21 @@ def tiny_model_dir(tiny_model_dirs) -> str:
     return tiny_model_dirs["llama"]
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    """After a GPU test, free what its engines held: an engine sized from free memory must not
+    see the previous test's KV cache (engines hold reference cycles, so only gc frees them)."""
+    yield
+    if "gpu" in request.keywords:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

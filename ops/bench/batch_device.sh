@@ -14,7 +14,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=
   TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  git rev-parse --short HEAD 2>/dev/null || echo "${ASYNCLLM_COMMIT:-no-git}"
+  echo "commit ${ASYNCLLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   # The engine tests run with the persistent batch on: that is what this call validates.
   # Progress bars of the tiny models' save/load go to the file, not the log.
   for pb in 1 0; do
