@@ -268,7 +268,8 @@ def _attend(
             hkv, group = kh.shape[1], qh.shape[1] // kh.shape[1]
             qg = qh.reshape(1, hkv, group * n, qh.shape[-1])
             out = _sdpa(qg, kh, vh, mask.repeat(group, 1), scale, softcap)
-            return out.view(qh.shape).squeeze(0).transpose(0, 1)
+            # reshape, not view: CUDA's SDPA kernels may return other strides
+            return out.reshape(qh.shape).squeeze(0).transpose(0, 1)
         out = _sdpa(qh, kh, vh, mask, scale, softcap)
     return out.squeeze(0).transpose(0, 1)
 
