@@ -96,9 +96,9 @@ def persistent_batch() -> bool:
     """ASYNCLLM_PERSISTENT_BATCH: `0` makes the model runner build each step's inputs from Python
     lists with one pinned copy per tensor, instead of its persistent batch (block-table rows
     written only where they change, the inputs built with numpy into reused staging buffers, two
-    copies per step). Same tensors either way. Default off until it is measured on a GPU (its
-    pinned, double-buffered CUDA path has run on no GPU yet); `1` turns it on."""
-    return _flag("ASYNCLLM_PERSISTENT_BATCH", False)
+    copies per step). Same tensors either way. Default on: on the H200 the GPU engine and
+    step-message tests pass with it and the 0.6B peer workload gains +1-6% (ops/bench/NOTES.md)."""
+    return _flag("ASYNCLLM_PERSISTENT_BATCH", True)
 
 
 def gc_freeze() -> bool:
