@@ -25,6 +25,8 @@ into AsyncLLMEngine (generate(sink=...), the device benchmark's engine-sink mode
   python -m asyncllm.bench.gateway_cost --streams 256 --tokens 64 [--engine-process]
   python -m asyncllm.bench.gateway_cost --streams 64 --requests 512 --tokens 128 --step-ms 2 \
       --engine-process [--anchor]
+The engine loop's admission window comes from the environment (ASYNCLLM_ADMIT_COALESCE_MS,
+ASYNCLLM_ADMIT_QUIET_MS), in both runs; the result records it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from asyncllm import envs
 from asyncllm.outputs import CompletionOutput, EngineStats, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind
 
@@ -359,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine_process": args.engine_process,
         "ws_batch_frames": not args.no_ws_batch,
         "switch_interval_ms": sys.getswitchinterval() * 1e3,
+        # The engine loop's admission window (the child reads the same environment).
+        "admit_coalesce_ms": envs.admit_coalesce_ms(),
+        "admit_quiet_ms": envs.admit_quiet_ms(),
     }
     if args.anchor:
         a = run_anchor(args)
