@@ -156,7 +156,12 @@ def test_a_lone_request_waits_the_quiet_time_and_a_trickle_at_most_the_window(mo
 
 def test_a_busy_engine_never_waits(monkeypatch):
     # r1 and r2 land while r0 runs: each is taken at the next step, no window.
-    timed = [(0.0, add("r0", 10)), (3 * MS, add("r1")), (3.1 * MS, add("r2")), (60 * MS, Shutdown())]
+    timed = [
+        (0.0, add("r0", 10)),
+        (3 * MS, add("r1")),
+        (3.1 * MS, add("r2")),
+        (60 * MS, Shutdown()),
+    ]
     eng, _, arrivals = run(timed, WINDOW, monkeypatch)
     assert eng.steps[1] == (pytest.approx(2.3 * MS), ["r0"])
     assert eng.steps[2] == (pytest.approx(4.3 * MS), ["r0", "r1", "r2"])
