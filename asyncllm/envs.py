@@ -186,6 +186,36 @@ def switch_interval_ms() -> float:
     return ms
 
 
+def _ms(name: str, default: float, hi: float) -> float:
+    """A number of milliseconds in [0, hi]; a bad value is an error, not ignored."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        ms = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of ms, got {value!r}") from None
+    if not 0 <= ms <= hi:
+        raise ValueError(f"{name} must be in [0, {hi:g}] ms, got {value!r}")
+    return ms
+
+
+def admit_coalesce_ms() -> float:
+    """ASYNCLLM_ADMIT_COALESCE_MS: when the engine loop wakes from idle with new requests, how
+    long at most it keeps taking commands before its first step (`0`: off, step at once), so a
+    wave of requests that reaches it in pieces is admitted in one (mixed, eager) step instead of
+    one per piece; it stops earlier after ASYNCLLM_ADMIT_QUIET_MS without a new command. A busy
+    engine never waits. See ops/bench/NOTES.md, "Serving, fifth round"."""
+    return _ms("ASYNCLLM_ADMIT_COALESCE_MS", 0.0, 1000.0)
+
+
+def admit_quiet_ms() -> float:
+    """ASYNCLLM_ADMIT_QUIET_MS: within ASYNCLLM_ADMIT_COALESCE_MS's window, the gap without a new
+    command after which the engine loop stops waiting and steps (default 0.3; a lone request
+    waits this long)."""
+    return _ms("ASYNCLLM_ADMIT_QUIET_MS", 0.3, 1000.0)
+
+
 def profile_dir() -> str | None:
     """ASYNCLLM_PROFILE_DIR: when set, cProfile the engine loop, the engine process's receiver and
     the gateway's event loop into `.pstats` files there."""
@@ -244,6 +274,8 @@ VARIABLES = {
     "ASYNCLLM_API_KEYS": api_keys,
     "ASYNCLLM_PROFILE_DIR": profile_dir,
     "ASYNCLLM_SWITCH_INTERVAL_MS": switch_interval_ms,
+    "ASYNCLLM_ADMIT_COALESCE_MS": admit_coalesce_ms,
+    "ASYNCLLM_ADMIT_QUIET_MS": admit_quiet_ms,
     "ASYNCLLM_API_KEY": api_key,
     "ASYNCLLM_URL": url,
     "ASYNCLLM_BENCH_DIR": bench_dir,

@@ -25,6 +25,8 @@ into AsyncLLMEngine (generate(sink=...), the device benchmark's engine-sink mode
   python -m asyncllm.bench.gateway_cost --streams 256 --tokens 64 [--engine-process]
   python -m asyncllm.bench.gateway_cost --streams 64 --requests 512 --tokens 128 --step-ms 2 \
       --engine-process [--anchor]
+The engine loop's admission window comes from the environment (ASYNCLLM_ADMIT_COALESCE_MS,
+ASYNCLLM_ADMIT_QUIET_MS), in both runs; the result records it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from asyncllm import envs
 from asyncllm.outputs import CompletionOutput, EngineStats, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind
 
@@ -171,6 +174,9 @@ def stub_engine(step_s: float, admit_step_s: float | None, args: Any) -> StubLLM
     return StubLLMEngine(step_s, admit_step_s)
 
 
+PIECE_GAP_MS = 0.1
+
+
 def turnover(before: Any, after: Any, streams: int) -> dict[str, Any]:
     """The stub's accounting over one run (differences of two StubStats snapshots)."""
     span = (after.last_finish or 0.0) - (after.first_add or 0.0)
@@ -182,8 +188,28 @@ def turnover(before: Any, after: Any, streams: int) -> dict[str, Any]:
     def q(f: float) -> float | None:
         return t[min(len(t) - 1, int(f * len(t)))] if t else None
 
+    # How a wave's replacements reach the engine: in arrival order their turnover grows within
+    # a wave and drops at the next; a gap over PIECE_GAP_MS starts a new piece (the commands of
+    # one pipe message arrive microseconds apart).
+    raw = after.turnover_ms
+    waves, pieces, gaps = 0, 0, []
+    for i, x in enumerate(raw):
+        d = x - raw[i - 1] if i else -1.0
+        if d < 0:
+            waves += 1
+            pieces += 1
+        elif d > PIECE_GAP_MS:
+            pieces += 1
+            gaps.append(d)
+    gaps.sort()
+
+    def g(f: float) -> float | None:
+        return gaps[min(len(gaps) - 1, int(f * len(gaps)))] if gaps else None
+
     return {
         "turnover_ms": {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": q(1.0)},
+        "pieces_per_wave": pieces / waves if waves else None,
+        "piece_gap_ms": {"p10": g(0.1), "p50": g(0.5), "p90": g(0.9), "max": g(1.0)},
         "engine_steps": steps,
         "admit_steps": after.admit_steps,
         "admitted": after.admitted,
@@ -359,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine_process": args.engine_process,
         "ws_batch_frames": not args.no_ws_batch,
         "switch_interval_ms": sys.getswitchinterval() * 1e3,
+        # The engine loop's admission window (the child reads the same environment).
+        "admit_coalesce_ms": envs.admit_coalesce_ms(),
+        "admit_quiet_ms": envs.admit_quiet_ms(),
     }
     if args.anchor:
         a = run_anchor(args)
@@ -367,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in (
                 "delivered_tok_s", "duration_s", "errors", "process_cpu_s", "engine_thread_cpu_s",
                 "engine_steps", "admit_steps", "engine_span_s", "occupancy", "turnover_ms",
+                "pieces_per_wave", "piece_gap_ms",
             )
         }  # fmt: skip
         res["anchor"]["ttft_p50_ms"] = a["ttft_ms"]["p50"]

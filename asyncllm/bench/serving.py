@@ -879,6 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             k: v for k, v in dataclasses.asdict(engine_args).items() if not k.startswith("_")
         },
         "server": ns.url or "asyncllm serve (subprocess, 127.0.0.1)",
+        # The engine loop's admission window, here and in the server it starts (inherited).
+        "admit_window_ms": {"max": envs.admit_coalesce_ms(), "quiet": envs.admit_quiet_ms()},
         "workload": {
             "num_requests": plan.num_requests,
             "prompt_words": plan.prompt_words,

@@ -2,16 +2,19 @@
 out, merged per request. AsyncLLMEngine runs it in a thread of its own process, or (with
 `engine_process`) in a child process (engine_process.py); the loop is the same either way.
 
-It blocks for a command only when the engine has nothing to compute, and it never waits for
-anyone to read its outputs: `post` hands them over and returns.
+It blocks for a command only when the engine has nothing to compute (and, with an admission
+window, briefly after waking with new requests: AdmitWindow), and it never waits for anyone to
+read its outputs: `post` hands them over and returns.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from asyncllm import envs
 from asyncllm.engine.stream import merge_outputs
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -52,35 +55,56 @@ Command = Add | Abort | Shutdown | Fail
 Item = RequestOutput | BaseException  # what the loop hands over per request
 
 
+@dataclass(frozen=True)
+class AdmitWindow:
+    """How long an idle loop that woke with new requests keeps taking commands before its first
+    step: until `quiet_s` pass without a new one, `max_s` at most. On a GPU every step that admits
+    a prompt is a mixed step (eager, several decode steps long); a wave of requests that reaches
+    an idle engine in pieces cost one such step per piece (ops/bench/NOTES.md, "Serving, fourth
+    round"). `max_s` 0: off."""
+
+    max_s: float = 0.0
+    quiet_s: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> AdmitWindow:
+        return cls(envs.admit_coalesce_ms() / 1e3, envs.admit_quiet_ms() / 1e3)
+
+
 def run_engine_loop(
     engine: Any,
-    get_commands: Callable[[bool], list[Command]],
+    get_commands: Callable[[float | None], list[Command]],
     post: Callable[[dict[str, Item], Any], bool],
     kinds: dict[str, RequestOutputKind] | None = None,
+    admit: AdmitWindow | None = None,
 ) -> None:
     """Until a Shutdown command (or `post` returning False: nobody is listening any more).
 
-    `get_commands(block)`: every queued command, waiting for at least one if `block`.
+    `get_commands(timeout)`: every queued command; if there is none, waits for one up to
+    `timeout` seconds (None: for ever, 0: not at all).
     `post(items, stats)`: this round's items by request id, and the engine's stats after it.
     `kinds`: the live requests' output kinds, kept here (a request's entry stays until after
     the post of its last item); pass a dict to read them from `post`, for merging.
+    `admit`: the admission window (default: from ASYNCLLM_ADMIT_COALESCE_MS / _QUIET_MS).
     Exceptions from a step propagate: the caller turns them into the engine's death."""
     if kinds is None:
         kinds = {}
+    if admit is None:
+        admit = AdmitWindow.from_env()
     while True:
-        cmds = get_commands(not engine.has_unfinished_requests())
+        idle = not engine.has_unfinished_requests()
+        cmds = get_commands(None if idle else 0.0)  # idle: sleep until there is work
         items: dict[str, Item] = {}
-        stop = False
-        for cmd in cmds:
-            if isinstance(cmd, Fail):
-                raise EngineFailure(cmd.message)
-            if isinstance(cmd, Add):
-                _add(engine, cmd, items, kinds)
-            elif isinstance(cmd, Abort):
-                if cmd.request_id in kinds:
-                    _emit(items, engine.abort_request(cmd.request_id), kinds)
-            else:
-                stop = True
+        stop = _apply(engine, cmds, items, kinds)
+        if idle and admit.max_s > 0 and not stop and engine.has_unfinished_requests():
+            # Woke with work: the rest of its wave is likely on its way. Add what arrives
+            # meanwhile (adding is work the step would wait for anyway), then step once.
+            deadline = time.monotonic() + admit.max_s
+            while not stop and (left := deadline - time.monotonic()) > 0:
+                more = get_commands(min(admit.quiet_s, left))
+                if not more:
+                    break
+                stop = _apply(engine, more, items, kinds)
         if stop:
             _emit(items, engine.abort_request(list(kinds)), kinds)
         elif engine.has_unfinished_requests():
@@ -92,6 +116,25 @@ def run_engine_loop(
                 kinds.pop(rid, None)
         if not posted or stop:
             return
+
+
+def _apply(
+    engine: Any, cmds: list[Command], items: dict[str, Item], kinds: dict[str, RequestOutputKind]
+) -> bool:
+    """Carry out `cmds` in order; True if one was a Shutdown (requests added after it are
+    aborted with the rest)."""
+    stop = False
+    for cmd in cmds:
+        if isinstance(cmd, Fail):
+            raise EngineFailure(cmd.message)
+        if isinstance(cmd, Add):
+            _add(engine, cmd, items, kinds)
+        elif isinstance(cmd, Abort):
+            if cmd.request_id in kinds:
+                _emit(items, engine.abort_request(cmd.request_id), kinds)
+        else:
+            stop = True
+    return stop
 
 
 def watch_engine(engine: Any, wake: Callable[[Fail], None]) -> None:

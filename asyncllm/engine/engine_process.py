@@ -27,7 +27,14 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_loop import Command, Item, merge_items, run_engine_loop, watch_engine
+from asyncllm.engine.engine_loop import (
+    AdmitWindow,
+    Command,
+    Item,
+    merge_items,
+    run_engine_loop,
+    watch_engine,
+)
 from asyncllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from asyncllm.profiling import profiled
 from asyncllm.sampling_params import RequestOutputKind
@@ -136,6 +143,7 @@ def child_main(
     """The child: build the engine, then run the engine loop over the pipe. A factory runs
     before torch is imported here (a data-parallel one first picks its GPU)."""
     try:
+        admit = AdmitWindow.from_env()  # a bad value fails the start, not the first request
         if factory is None:
             from asyncllm.engine.llm_engine import LLMEngine
 
@@ -178,9 +186,9 @@ def child_main(
 
     watch_engine(engine, rank_died)
 
-    def get_commands(block: bool) -> list[Command]:
-        if block:
-            wait([conn, fail_r])
+    def get_commands(timeout: float | None) -> list[Command]:
+        if timeout is None or timeout > 0:
+            wait([conn, fail_r], timeout)
         cmds: list[Command] = [fail_r.recv()] if fail_r.poll() else []
         while conn.poll():
             msg = conn.recv()  # a list: every command the parent's sender had queued
@@ -197,7 +205,7 @@ def child_main(
     sender = threading.Thread(target=outbox.run, name="asyncllm-engine-outbox", daemon=True)
     sender.start()
     try:
-        profiled("engine-process", run_engine_loop, engine, get_commands, post, kinds)
+        profiled("engine-process", run_engine_loop, engine, get_commands, post, kinds, admit)
     except BaseException as e:  # noqa: BLE001
         logger.exception("asyncllm: the engine process died")
         last: tuple[str, Any] = ("dead", f"{type(e).__name__}: {e}")

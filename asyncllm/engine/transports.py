@@ -24,6 +24,7 @@ import anyio
 
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_loop import (
+    AdmitWindow,
     Command,
     Fail,
     Item,
@@ -99,6 +100,7 @@ class ThreadTransport:
         return None if self.engine is None else _info_of(self.engine)
 
     async def start(self, post: Post, die: Die) -> EngineInfo:
+        admit = AdmitWindow.from_env()  # a bad value fails the start, not the first request
         if self.engine is None:
             from asyncllm.engine.llm_engine import LLMEngine
 
@@ -106,7 +108,7 @@ class ThreadTransport:
             self.engine = await anyio.to_thread.run_sync(LLMEngine.from_engine_args, self.args)
         info = _info_of(self.engine)
         self.thread = threading.Thread(
-            target=self._run, args=(post, die), name="asyncllm-engine", daemon=True
+            target=self._run, args=(post, die, admit), name="asyncllm-engine", daemon=True
         )
         self.thread.start()
         return info
@@ -130,7 +132,7 @@ class ThreadTransport:
     def release(self) -> None:
         self.engine = None
 
-    def _run(self, post: Post, die: Die) -> None:
+    def _run(self, post: Post, die: Die, admit: AdmitWindow) -> None:
         inbox = self._inbox
         lock = threading.Lock()
 
@@ -150,8 +152,13 @@ class ThreadTransport:
 
         watch_engine(self.engine, rank_died)
 
-        def get_commands(block: bool) -> list[Command]:
-            cmds = [inbox.get()] if block else []  # idle: sleep until there is work
+        def get_commands(timeout: float | None) -> list[Command]:
+            cmds: list[Command] = []
+            if timeout is None or timeout > 0:
+                try:
+                    cmds.append(inbox.get(timeout=timeout))
+                except queue.Empty:
+                    return cmds
             while True:
                 try:
                     cmds.append(inbox.get_nowait())
@@ -159,7 +166,7 @@ class ThreadTransport:
                     return cmds
 
         try:
-            profiled("engine-thread", run_engine_loop, self.engine, get_commands, post)
+            profiled("engine-thread", run_engine_loop, self.engine, get_commands, post, admit=admit)
         except BaseException as e:
             logger.exception("asyncllm: the engine thread died")
             die_once(f"the engine thread died: {type(e).__name__}: {e}", e)

@@ -5,7 +5,8 @@
 # line per repetition with the ratios ws/engine and ws/engine-sink. MODES_RUN="thread process"
 # adds the engine-thread mode; PROFILE=1 adds one profiled run (ASYNCLLM_PROFILE_DIR: the
 # server's loop, the engine process and its receiver) at PROFILE_CONCURRENCY streams (default 64:
-# where the gateway's first-token gap is, ops/bench/NOTES.md "Serving, fourth round"). Estimated 4-5 min on an H200 (768 requests;
+# where the gateway's first-token gap is, ops/bench/NOTES.md "Serving, fourth round"); ADMIT_AB
+# (below) runs each repetition once per admission window. Estimated 4-5 min on an H200 (768 requests;
 # each repetition loads the model twice, engine-direct and server, ~1.5-2 min):
 #   ASYNCLLM_COMMIT=$(git rev-parse --short HEAD) timeout -s INT 350 bash ops/bench/device_serving.sh
 # Plots: redraw here with `python -m asyncllm.bench.serving --replot FILE.json`. Needs the server's wheels in .whl/ (the image lacks starlette, websockets, orjson, uvicorn,
@@ -25,14 +26,20 @@ COMMON="--model $M --no-enable-prefix-caching --num-kv-blocks 8192 --output-len 
 COMMON="$COMMON --num-requests ${NUM_REQUESTS:-768} --concurrency ${CONCURRENCY:-64,256}"
 COMMON="$COMMON --rates ${RATES:-inf}"
 NOTE="H200 lent machine; Qwen3-0.6B shape, random bf16 weights; word-level tokenizer"
+echo "ASYNCLLM_ADMIT_COALESCE_MS=${ASYNCLLM_ADMIT_COALESCE_MS-} ASYNCLLM_ADMIT_QUIET_MS=${ASYNCLLM_ADMIT_QUIET_MS-} ADMIT_AB=${ADMIT_AB-}" | tee -a "$OUT/env.txt"
+# ADMIT_AB="0 2": each repetition once per value of ASYNCLLM_ADMIT_COALESCE_MS (the engine loop's
+# admission window; files serving-MODE-aVALUE-repN.json), interleaved. Unset: the environment's.
 for rep in $(seq 1 "${REPS:-2}"); do
   for mode in ${MODES_RUN:-process}; do
-    flag=""
-    [ "$mode" = process ] && flag="--engine-process"
-    echo "=== rep $rep $mode $(date +%T)"
-    timeout -s INT ${RUN_TIMEOUT:-150} python3 -m asyncllm.bench.serving $COMMON $flag \
-      --modes ${MODES:-engine,engine-sink,ws} --note "$NOTE; engine $mode; rep $rep" --no-plot \
-      --out "$OUT/serving-$mode-rep$rep.json" 2>&1 | grep -v " INFO " | tail -8
+    for adm in ${ADMIT_AB:-env}; do
+      flag="" tag="$mode" set_adm=""
+      [ "$mode" = process ] && flag="--engine-process"
+      [ "$adm" != env ] && tag="$mode-a$adm" set_adm="ASYNCLLM_ADMIT_COALESCE_MS=$adm"
+      echo "=== rep $rep $tag $(date +%T)"
+      env $set_adm timeout -s INT ${RUN_TIMEOUT:-150} python3 -m asyncllm.bench.serving $COMMON \
+        $flag --modes ${MODES:-engine,engine-sink,ws} --note "$NOTE; engine $tag; rep $rep" \
+        --no-plot --out "$OUT/serving-$tag-rep$rep.json" 2>&1 | grep -v " INFO " | tail -8
+    done
   done
 done
 # One line per repetition and load point: the ratios, and the client's share of a core (the
