@@ -4,18 +4,23 @@ A request's `SamplingParams.structured_outputs` is compiled once per distinct co
 of compiled grammars beside xgrammar's own cache) when the request is added; each of its sequences
 gets a `GrammarMatcher`. Before a step samples, the matchers of its constrained rows fill one
 int32 bitmask (a bit per token, the model's vocabulary padded to 32) on the host; the sampler
-applies it to those rows in one batched pass. The matcher advances when a sampled token reaches
-the host, and a matcher that has accepted a stop token (or has nothing left to match) ends its
-sequence with "stop". Rows without a constraint are never touched, and a step without
-constrained rows does none of this.
+applies it to those rows in one batched pass. The matchers advance, in one call, when a step's
+sampled tokens reach the host, and a matcher that has accepted a stop token (or refuses a token)
+ends its sequence with "stop". With async scheduling the next step's fill then runs on a worker
+thread (xgrammar's calls release the GIL) while the engine thread does the rest of the step's
+per-token work. Rows without a constraint are never touched, and a step without constrained rows
+does none of this.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import sys
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +39,10 @@ _ROWS_PER_THREAD = 8
 _CACHE_SIZE = 256
 
 
+# GrammarBackend.accept's outcome per matcher
+ACCEPTED, TERMINATED, REJECTED = 0, 1, 2
+
+
 def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -44,9 +53,12 @@ class StepBitmask:
     whose bit is set in the same row of `mask` (other rows of `mask` are unused)."""
 
     mask: torch.Tensor  # int32 [rows of the step, bitmask_width(vocab)], on the host
-    indices: list[int]
+    indices: list[int]  # distinct rows, increasing
     # pinned int32 copy of `indices` (GPU engines only), for an async copy without a host sync
     pinned_indices: torch.Tensor | None = None
+    # whether `indices` is every row of the step; None: apply_bitmask works it out. The fill
+    # knows it for free (distinct increasing rows, as many as the step has).
+    all_rows: bool | None = None
 
 
 def fill_threads(num_rows: int) -> int:
@@ -81,6 +93,76 @@ class _PinnedRing:
         return buf[:rows]
 
 
+# While a fill runs on the worker thread, the GIL changes hands after this long instead of
+# CPython's 5 ms: the worker needs the GIL for a few microseconds to start the fill and to return
+# from it, and with 5 ms it would wait out the whole Python work it is meant to overlap.
+_FILL_SWITCH_INTERVAL_S = 5e-5
+
+
+class PendingFill:
+    """A step's bitmask being filled on the backend's worker thread; `result()` waits for it."""
+
+    def __init__(self, fn: Callable[[], StepBitmask], saved_interval: float) -> None:
+        self._fn = fn
+        self._saved_interval = saved_interval
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._value: StepBitmask | None = None
+        self._error: BaseException | None = None
+        self._joined = False
+
+    def _run(self) -> None:  # on the worker thread
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # handed to the engine's thread by result()
+            self._error = e
+        finally:
+            self._done.release()
+
+    def join(self) -> None:
+        """Waits for the fill (its error, if any, stays for result())."""
+        if not self._joined:
+            self._done.acquire()  # releases the GIL while it waits
+            self._joined = True
+            sys.setswitchinterval(self._saved_interval)
+
+    def result(self) -> StepBitmask:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+class _FillWorker:
+    """One daemon thread that runs fills handed to it. xgrammar's calls release the GIL
+    (tvm-ffi's default), so the engine thread's Python work runs meanwhile."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()  # a forked child has no such thread: it starts its own
+        self._jobs: queue.SimpleQueue[PendingFill | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._loop, name="asyncllm-grammar-fill", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job._run()
+
+    def submit(self, fn: Callable[[], StepBitmask]) -> PendingFill:
+        job = PendingFill(fn, sys.getswitchinterval())
+        sys.setswitchinterval(_FILL_SWITCH_INTERVAL_S)
+        self._jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 class GrammarBackend:
     """The xgrammar objects of one tokenizer and model vocabulary."""
 
@@ -106,6 +188,10 @@ class GrammarBackend:
         self._batches: dict[int, Any] = {}  # threads -> BatchGrammarMatcher
         self._masks = _PinnedRing() if pinned else None
         self._index_bufs = _PinnedRing() if pinned else None
+        self._worker: _FillWorker | None = None  # started at the first fill_async
+        # A matcher terminates only by accepting one of these (GrammarMatcher's default,
+        # terminate_without_stop_token=False), so accept() asks is_terminated() only then.
+        self._stop_ids = frozenset(int(t) for t in self.info.stop_token_ids)
         self.num_compiled = 0  # compilations done (cache misses), for tests and stats
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
@@ -146,23 +232,52 @@ class GrammarBackend:
         return self._xgr.GrammarMatcher(compiled)
 
     def fill(self, num_rows: int, matchers: list[Any], indices: list[int]) -> StepBitmask:
-        """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j]."""
+        """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j] (distinct
+        rows, increasing)."""
         width = bitmask_width(self.vocab_size)
         if self._masks is None:
             mask = torch.empty(num_rows, width, dtype=torch.int32)
         else:
             mask = self._masks.take(num_rows, width)
+        all_rows = len(indices) == num_rows
         if len(matchers) == 1:
             matchers[0].fill_next_token_bitmask(mask, indices[0])
         else:
+            # indices=None: rows 0..n-1, without handing xgrammar a list to convert
             self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask(
-                matchers, mask, indices
+                matchers, mask, None if all_rows else indices
             )
         pinned_idx = None
-        if self._index_bufs is not None and indices != list(range(num_rows)):
+        if self._index_bufs is not None and not all_rows:
             pinned_idx = self._index_bufs.take(len(indices), 1)[:, 0]
-            pinned_idx.copy_(torch.tensor(indices, dtype=torch.int32))
-        return StepBitmask(mask, indices, pinned_idx)
+            pinned_idx.numpy()[:] = indices
+        return StepBitmask(mask, indices, pinned_idx, all_rows)
+
+    def fill_async(self, num_rows: int, matchers: list[Any], indices: list[int]) -> PendingFill:
+        """fill() on the worker thread: the caller's Python work runs while xgrammar fills.
+        The matchers must not be touched until result() has returned."""
+        if self._worker is None or self._worker.pid != os.getpid():
+            self._worker = _FillWorker()
+        return self._worker.submit(lambda: self.fill(num_rows, matchers, indices))
+
+    def accept(self, matchers: list[Any], tokens: list[int]) -> list[int]:
+        """Each matcher accepts its token, in one call into xgrammar; per matcher: ACCEPTED,
+        TERMINATED (it took a stop token: the grammar is complete) or REJECTED."""
+        if len(matchers) == 1:
+            ok = [matchers[0].accept_token(tokens[0])]
+        else:
+            ok = self._xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        stop = self._stop_ids
+        return [
+            (TERMINATED if t in stop and m.is_terminated() else ACCEPTED) if a else REJECTED
+            for m, t, a in zip(matchers, tokens, ok, strict=True)
+        ]
+
+    def close(self) -> None:
+        """Stops the fill worker, if one was started (idempotent)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
     def _batch(self, threads: int) -> Any:
         b = self._batches.get(threads)
@@ -180,7 +295,10 @@ def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
 
     mask = bm.mask
     indices: list[int] | torch.Tensor | None = bm.indices
-    if bm.indices == list(range(logits.shape[0])):
+    all_rows = bm.all_rows
+    if all_rows is None:
+        all_rows = bm.indices == list(range(logits.shape[0]))
+    if all_rows:
         indices = None
     if logits.device.type == "cuda":
         if not mask.is_pinned():
