@@ -276,6 +276,26 @@ def test_gpu_pinned_fill_alternates_buffers_and_matches_the_cpu(tiny_model_dir):
 
 
 def test_forward_is_queued_before_the_fill_and_the_fill_runs_beside_the_resolve(llms, monkeypatch):
+    _check_constrained_step_order(llms[True], monkeypatch)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_forward_is_queued_before_the_fill(tiny_model_dir, monkeypatch):
+    import gc
+
+    gc.collect()  # an earlier test's engine still holding the GPU's memory
+    torch.cuda.empty_cache()
+    llm = LLM(tiny_model_dir, device="cuda", max_model_len=256, gpu_memory_utilization=0.3)
+    try:
+        _check_constrained_step_order(llm, monkeypatch)
+    finally:
+        llm.llm_engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+
+
+def _check_constrained_step_order(llm, monkeypatch) -> None:
     """The async order of a constrained step: forward N+1 is queued, step N's ids are synced and
     accepted by the matchers, N+1's mask is filled on the worker thread while N's tokens go
     through the host's per-token work, and only then is N+1 sampled with it."""
@@ -284,7 +304,7 @@ def test_forward_is_queued_before_the_fill_and_the_fill_runs_beside_the_resolve(
     from asyncllm.engine import sampler as sampler_mod
     from asyncllm.engine.grammar import PendingFill
 
-    engine = llms[True].llm_engine
+    engine = llm.llm_engine
     assert engine.async_scheduling and engine._grammar_overlap
     g = engine.grammar
     log: list[str] = []
@@ -322,7 +342,7 @@ def test_forward_is_queued_before_the_fill_and_the_fill_runs_beside_the_resolve(
     )
 
     ps = [_params(StructuredOutputsParams(json=SCHEMA), seed=s, max_tokens=12) for s in (1, 2)]
-    outs = llms[True].generate(["a b", "c"], ps, use_tqdm=False)
+    outs = llm.generate(["a b", "c"], ps, use_tqdm=False)
     assert all(o.outputs[0].text.startswith("{") for o in outs)
 
     overlapped = 0
