@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -258,6 +259,8 @@ class GrammarBackend:
         The matchers must not be touched until result() has returned."""
         if self._worker is None or self._worker.pid != os.getpid():
             self._worker = _FillWorker()
+            # An engine dropped without shutdown() (tests, notebooks) takes its thread along.
+            weakref.finalize(self, self._worker.stop)
         return self._worker.submit(lambda: self.fill(num_rows, matchers, indices))
 
     def accept(self, matchers: list[Any], tokens: list[int]) -> list[int]:

@@ -324,13 +324,13 @@ class LLMEngine:
         try:
             if prev is not None:
                 outputs = self._resolve(prev, launched if deferred else None)
+            if deferred and launched is not None:
+                self._sample(launched)  # it needed the tokens `prev` just delivered
         except BaseException:
             if launched is not None and isinstance(launched.mask, PendingFill):
-                launched.mask.join()  # the worker must not outlive the step with our matchers
+                launched.mask.join()  # no fill may outlive the step that started it
             raise
         if launched is not None:
-            if deferred:
-                self._sample(launched)  # it needed the tokens `prev` just delivered
             if self.async_scheduling:
                 self._in_flight = launched
             else:
