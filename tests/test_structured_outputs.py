@@ -324,9 +324,11 @@ def _check_constrained_step_order(llm, monkeypatch) -> None:
     )
     monkeypatch.setattr(g, "accept", spy("accept", g.accept))
     monkeypatch.setattr(g, "fill_async", spy("fill_start", g.fill_async))
-    fill = g.fill
+    run = PendingFill._run  # the xgrammar call, on the worker
     monkeypatch.setattr(
-        g, "fill", lambda *a: (log.append(f"fill@{threading.current_thread().name}"), fill(*a))[1]
+        PendingFill,
+        "_run",
+        lambda self: (log.append(f"fill@{threading.current_thread().name}"), run(self))[1],
     )
     join = PendingFill.join
     monkeypatch.setattr(PendingFill, "join", lambda self: (log.append("join"), join(self))[1])

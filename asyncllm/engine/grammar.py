@@ -23,6 +23,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -103,21 +104,25 @@ _FILL_SWITCH_INTERVAL_S = 5e-5
 class PendingFill:
     """A step's bitmask being filled on the backend's worker thread; `result()` waits for it."""
 
-    def __init__(self, fn: Callable[[], StepBitmask], saved_interval: float) -> None:
-        self._fn = fn
+    def __init__(self, call: Callable[[], Any], value: StepBitmask, saved_interval: float) -> None:
+        # the xgrammar call alone: any other work on the worker waits for the GIL
+        self._call: Callable[[], Any] | None = call
+        self._value = value
         self._saved_interval = saved_interval
         self._done = threading.Lock()
         self._done.acquire()
-        self._value: StepBitmask | None = None
         self._error: BaseException | None = None
         self._joined = False
 
     def _run(self) -> None:  # on the worker thread
+        call, self._call = self._call, None
+        assert call is not None
         try:
-            self._value = self._fn()
+            call()
         except BaseException as e:  # handed to the engine's thread by result()
             self._error = e
         finally:
+            del call  # before the release: no xgrammar object is freed on this thread
             self._done.release()
 
     def join(self) -> None:
@@ -131,7 +136,6 @@ class PendingFill:
         self.join()
         if self._error is not None:
             raise self._error
-        assert self._value is not None
         return self._value
 
 
@@ -153,9 +157,10 @@ class _FillWorker:
             if job is None:
                 return
             job._run()
+            del job
 
-    def submit(self, fn: Callable[[], StepBitmask]) -> PendingFill:
-        job = PendingFill(fn, sys.getswitchinterval())
+    def submit(self, call: Callable[[], Any], value: StepBitmask) -> PendingFill:
+        job = PendingFill(call, value, sys.getswitchinterval())
         sys.setswitchinterval(_FILL_SWITCH_INTERVAL_S)
         self._jobs.put(job)
         return job
@@ -190,6 +195,12 @@ class GrammarBackend:
         self._masks = _PinnedRing() if pinned else None
         self._index_bufs = _PinnedRing() if pinned else None
         self._worker: _FillWorker | None = None  # started at the first fill_async
+        # xgrammar's batch accept without its wrapper, which reads every item of the result;
+        # None (per-matcher accepts) should a later xgrammar move it.
+        core = getattr(getattr(xgr, "base", None), "_core", None)
+        self._batch_accept = getattr(
+            getattr(core, "BatchGrammarMatcher", None), "batch_accept_token", None
+        )
         # A matcher terminates only by accepting one of these (GrammarMatcher's default,
         # terminate_without_stop_token=False), so accept() asks is_terminated() only then.
         self._stop_ids = frozenset(int(t) for t in self.info.stop_token_ids)
@@ -235,24 +246,9 @@ class GrammarBackend:
     def fill(self, num_rows: int, matchers: list[Any], indices: list[int]) -> StepBitmask:
         """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j] (distinct
         rows, increasing)."""
-        width = bitmask_width(self.vocab_size)
-        if self._masks is None:
-            mask = torch.empty(num_rows, width, dtype=torch.int32)
-        else:
-            mask = self._masks.take(num_rows, width)
-        all_rows = len(indices) == num_rows
-        if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(mask, indices[0])
-        else:
-            # indices=None: rows 0..n-1, without handing xgrammar a list to convert
-            self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask(
-                matchers, mask, None if all_rows else indices
-            )
-        pinned_idx = None
-        if self._index_bufs is not None and not all_rows:
-            pinned_idx = self._index_bufs.take(len(indices), 1)[:, 0]
-            pinned_idx.numpy()[:] = indices
-        return StepBitmask(mask, indices, pinned_idx, all_rows)
+        bm, call = self._fill_job(num_rows, matchers, indices)
+        call()
+        return bm
 
     def fill_async(self, num_rows: int, matchers: list[Any], indices: list[int]) -> PendingFill:
         """fill() on the worker thread: the caller's Python work runs while xgrammar fills.
@@ -261,16 +257,54 @@ class GrammarBackend:
             self._worker = _FillWorker()
             # An engine dropped without shutdown() (tests, notebooks) takes its thread along.
             weakref.finalize(self, self._worker.stop)
-        return self._worker.submit(lambda: self.fill(num_rows, matchers, indices))
+        bm, call = self._fill_job(num_rows, matchers, indices)
+        return self._worker.submit(call, bm)
+
+    def _fill_job(
+        self, num_rows: int, matchers: list[Any], indices: list[int]
+    ) -> tuple[StepBitmask, Callable[[], Any]]:
+        """The step's mask (its buffer taken, its indices copied) and the xgrammar call that
+        fills it. Everything but the call is done by the caller's thread: on the worker, each
+        torch call that drops the GIL would wait up to a switch interval to get it back."""
+        width = bitmask_width(self.vocab_size)
+        if self._masks is None:
+            mask = torch.empty(num_rows, width, dtype=torch.int32)
+        else:
+            mask = self._masks.take(num_rows, width)
+        all_rows = len(indices) == num_rows
+        if len(matchers) == 1:
+            call = partial(matchers[0].fill_next_token_bitmask, mask, indices[0])
+        else:
+            # indices=None: rows 0..n-1, without handing xgrammar a list to convert
+            call = partial(
+                self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask,
+                matchers,
+                mask,
+                None if all_rows else indices,
+            )
+        pinned_idx = None
+        if self._index_bufs is not None and not all_rows:
+            pinned_idx = self._index_bufs.take(len(indices), 1)[:, 0]
+            pinned_idx.numpy()[:] = indices
+        return StepBitmask(mask, indices, pinned_idx, all_rows), call
 
     def accept(self, matchers: list[Any], tokens: list[int]) -> list[int]:
         """Each matcher accepts its token, in one call into xgrammar; per matcher: ACCEPTED,
         TERMINATED (it took a stop token: the grammar is complete) or REJECTED."""
-        if len(matchers) == 1:
-            ok = [matchers[0].accept_token(tokens[0])]
-        else:
-            ok = self._xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
         stop = self._stop_ids
+        raw = self._batch_accept
+        if raw is None or len(matchers) == 1:
+            ok = [m.accept_token(t) for m, t in zip(matchers, tokens, strict=True)]
+        else:
+            res = raw([m._handle for m in matchers], tokens, False)
+            # Reading the result's items costs ~0.6 us each; `0 in` is one C call, and a
+            # refused token (never, under the mask) is the only reason to read them.
+            if 0 not in res:
+                return [
+                    TERMINATED if t in stop and m.is_terminated() else ACCEPTED
+                    for m, t in zip(matchers, tokens, strict=True)
+                ]
+            ok = [bool(x) for x in res]
         return [
             (TERMINATED if t in stop and m.is_terminated() else ACCEPTED) if a else REJECTED
             for m, t, a in zip(matchers, tokens, ok, strict=True)
