@@ -125,6 +125,13 @@ def grammar_threads() -> int | None:
     return n
 
 
+def grammar_overlap() -> bool:
+    """ASYNCLLM_GRAMMAR_OVERLAP: `0` fills a step's grammar bitmask on the engine's thread, after
+    the previous step's host work, instead of on a worker thread beside that work (xgrammar
+    releases the GIL while it fills). Same masks and tokens either way; default on."""
+    return _flag("ASYNCLLM_GRAMMAR_OVERLAP", True)
+
+
 def moe_config() -> str | None:
     """ASYNCLLM_MOE_CONFIG: a JSON table of fused-MoE block sizes by token count (what
     `python -m asyncllm.bench.moe_tune` writes) used instead of the tuned or default tables."""

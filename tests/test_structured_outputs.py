@@ -273,3 +273,161 @@ def test_gpu_pinned_fill_alternates_buffers_and_matches_the_cpu(tiny_model_dir):
     got = logits.cuda()
     apply_bitmask(got, a)
     assert torch.equal(got.cpu(), want)
+
+
+def test_forward_is_queued_before_the_fill_and_the_fill_runs_beside_the_resolve(llms, monkeypatch):
+    _check_constrained_step_order(llms[True], monkeypatch)
+
+
+@pytest.mark.gpu
+@_needs_cuda
+def test_gpu_forward_is_queued_before_the_fill(tiny_model_dir, monkeypatch):
+    import gc
+
+    gc.collect()  # an earlier test's engine still holding the GPU's memory
+    torch.cuda.empty_cache()
+    llm = LLM(tiny_model_dir, device="cuda", max_model_len=256, gpu_memory_utilization=0.3)
+    try:
+        _check_constrained_step_order(llm, monkeypatch)
+    finally:
+        llm.llm_engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+
+
+def _check_constrained_step_order(llm, monkeypatch) -> None:
+    """The async order of a constrained step: forward N+1 is queued, step N's ids are synced and
+    accepted by the matchers, N+1's mask is filled on the worker thread while N's tokens go
+    through the host's per-token work, and only then is N+1 sampled with it."""
+    import threading
+
+    from asyncllm.engine import sampler as sampler_mod
+    from asyncllm.engine.grammar import PendingFill
+
+    engine = llm.llm_engine
+    assert engine.async_scheduling and engine._grammar_overlap
+    g = engine.grammar
+    log: list[str] = []
+
+    def spy(name, fn, label=None):
+        def wrapped(*a, **kw):
+            log.append(label(a) if label else name)
+            return fn(*a, **kw)
+
+        return wrapped
+
+    ex = engine.executor
+    monkeypatch.setattr(ex, "execute", spy("forward", ex.execute))
+    result = sampler_mod.PendingSample.result
+    monkeypatch.setattr(
+        sampler_mod.PendingSample, "result", lambda self: (log.append("sync"), result(self))[1]
+    )
+    monkeypatch.setattr(g, "accept", spy("accept", g.accept))
+    monkeypatch.setattr(g, "fill_async", spy("fill_start", g.fill_async))
+    run = PendingFill._run  # the xgrammar call, on the worker
+    monkeypatch.setattr(
+        PendingFill,
+        "_run",
+        lambda self: (log.append(f"fill@{threading.current_thread().name}"), run(self))[1],
+    )
+    join = PendingFill.join
+    monkeypatch.setattr(PendingFill, "join", lambda self: (log.append("join"), join(self))[1])
+    monkeypatch.setattr(engine, "_append_token", spy("token", engine._append_token))
+    launch = engine.sampler.launch
+    monkeypatch.setattr(
+        engine.sampler,
+        "launch",
+        lambda lg, rows, bm=None: (
+            log.append("sample+mask" if bm else "sample"),
+            launch(lg, rows, bm),
+        )[1],
+    )
+
+    ps = [_params(StructuredOutputsParams(json=SCHEMA), seed=s, max_tokens=12) for s in (1, 2)]
+    outs = llm.generate(["a b", "c"], ps, use_tqdm=False)
+    assert all(o.outputs[0].text.startswith("{") for o in outs)
+
+    overlapped = 0
+    for i, ev in enumerate(log):
+        if ev != "fill_start":
+            continue
+        start = max(k for k in range(i) if log[k] == "forward")
+        seg = log[start : log.index("sample+mask", i) + 1]
+        # forward N+1, then N's sync and accept, then N+1's fill, then its sampling
+        assert (
+            seg.index("forward") < seg.index("sync") < seg.index("accept") < seg.index("fill_start")
+        )
+        mid = seg[seg.index("fill_start") : seg.index("join")]
+        assert "token" in mid  # step N's per-token work ran while the mask was filled
+        assert "fill@asyncllm-grammar-fill" in seg  # on the worker thread
+        assert seg.index("join") < seg.index("sample+mask")
+        overlapped += 1
+    assert overlapped >= 5
+
+
+def test_overlap_off_gives_the_same_tokens(tiny_model_dir, llms, monkeypatch):
+    """ASYNCLLM_GRAMMAR_OVERLAP=0 fills on the engine's thread: same tokens as the worker."""
+    monkeypatch.setenv("ASYNCLLM_GRAMMAR_OVERLAP", "0")
+    off = LLM(tiny_model_dir, async_scheduling=True, max_model_len=256)
+    assert not off.llm_engine._grammar_overlap
+    got = []
+    for llm in (off, llms[True]):
+        ps = [_params(StructuredOutputsParams(json=SCHEMA), seed=s) for s in range(3)]
+        ps.append(SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True))
+        outs = llm.generate(["a", "b c", "d e f", "free"], ps, use_tqdm=False)
+        got.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
+    assert got[0] == got[1]
+    assert off.llm_engine._grammar._worker is None  # the thread is never started
+
+
+@pytest.mark.parametrize("async_mode", [False, True])
+def test_a_complete_grammar_ends_the_request_under_ignore_eos(llms, async_mode):
+    """With ignore_eos the EOS rule stops nothing: the matcher's termination (it accepted the
+    stop token) must end the request."""
+    so = StructuredOutputsParams(choice=["yes", "no"])
+    outs = llms[async_mode].generate(
+        ["p", "q", "r"],
+        [_params(so, seed=s, ignore_eos=True, max_tokens=20) for s in range(3)],
+        use_tqdm=False,
+    )
+    for o in outs:
+        assert o.outputs[0].finish_reason == "stop" and o.outputs[0].text in ("yes", "no")
+
+
+def test_accept_reports_each_matchers_outcome(llms):
+    from asyncllm.engine.grammar import ACCEPTED, REJECTED, TERMINATED
+
+    backend = llms[False].llm_engine.grammar
+    tok = llms[False].llm_engine.tokenizer
+    compiled = backend.compile(StructuredOutputsParams(regex="ab"))
+    eos = tok.eos_token_id
+    ms = [backend.matcher(compiled) for _ in range(3)]
+    a = tok.encode("a", add_special_tokens=False)
+    assert len(a) == 1
+    assert ms[1].accept_string("ab") and ms[2].accept_string("ab")
+    states = backend.accept(ms, [a[0], eos, a[0]])
+    # row 0 may go on; row 1 took the stop token of a complete match; row 2 has nothing left
+    assert states == [ACCEPTED, TERMINATED, REJECTED]
+    assert ms[1].is_terminated() and not ms[0].is_terminated()
+    assert backend.accept(ms[:1], [eos]) == [REJECTED]  # "a" alone is not a match
+
+
+def test_fill_async_equals_fill_and_hands_errors_back(llms):
+    import sys
+
+    backend = llms[False].llm_engine.grammar
+    compiled = backend.compile(StructuredOutputsParams(json=SCHEMA))
+    matchers = [backend.matcher(compiled) for _ in range(3)]
+    matchers[1].accept_string('{"name": "a')
+    interval = sys.getswitchinterval()
+    want = backend.fill(5, matchers, [0, 2, 4])
+    got = backend.fill_async(5, matchers, [0, 2, 4]).result()
+    assert got.all_rows is False and want.all_rows is False
+    assert torch.equal(got.mask[[0, 2, 4]], want.mask[[0, 2, 4]])
+    assert sys.getswitchinterval() == interval  # restored once joined
+    bad = backend.fill_async(2, matchers, [0, 1, 9])  # row 9 of a 2-row mask
+    with pytest.raises(Exception):  # noqa: B017 (xgrammar's own error type)
+        bad.result()
+    assert sys.getswitchinterval() == interval
+    full = backend.fill(3, matchers, [0, 1, 2])
+    assert full.all_rows is True

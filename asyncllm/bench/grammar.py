@@ -118,7 +118,79 @@ def _micro(g: Any, vocab_size: int, device: Any, streams: int, reps: int = 20) -
         for m in matchers:
             m.accept_string(prefix)
         out.update(_time_step(g, matchers, vocab_size, device, streams, reps, where))
+    out.update(_accept_and_overlap(g, compiled, streams, reps))
     return out
+
+
+def _busy(n: int) -> int:
+    """Pure-Python work holding the GIL, the stand-in for a resolve's per-token work."""
+    x = 0
+    for i in range(n):
+        x += i & 7
+    return x
+
+
+def _accept_and_overlap(g: Any, compiled: Any, streams: int, reps: int) -> dict[str, float]:
+    """Inside a JSON string, per step of `streams` rows: the tokens' accept one matcher at a
+    time (with is_terminated, as the engine did) against GrammarBackend.accept's one call; and
+    the fill beside Python work of about the fill's own length, serial against fill_async (the
+    worker thread: xgrammar releases the GIL, the GIL's switch interval is lowered meanwhile)."""
+    matchers = [g.matcher(compiled) for _ in range(streams)]
+    for m in matchers:
+        m.accept_string('{"story": "Once')
+
+    def stays_in_string(t: int) -> bool:  # a closing quote would be refused the second time
+        f = matchers[0].fork()
+        return all(f.accept_token(t) for _ in range(3))
+
+    tok = next(t for t in range(300, g.vocab_size) if stays_in_string(t))
+    toks = [tok] * streams
+    idx = list(range(streams))
+    rowwise, batch, fill, serial, overlap, work = [], [], [], [], [], []
+    g.fill(streams, matchers, idx)
+    n_busy = 1000
+    for r in range(reps):
+        t0 = time.perf_counter()
+        for m in matchers[: streams // 2]:
+            m.accept_token(tok)
+            m.is_terminated()
+        t1 = time.perf_counter()
+        g.accept(matchers[streams // 2 :], toks[streams // 2 :])
+        t2 = time.perf_counter()
+        g.accept(matchers[: streams // 2], toks[: streams // 2])  # all rows at the same place
+        for m in matchers[streams // 2 :]:
+            m.accept_token(tok)
+            m.is_terminated()
+        rowwise.append(t1 - t0)
+        batch.append(t2 - t1)
+        t0 = time.perf_counter()
+        g.fill(streams, matchers, idx)
+        t1 = time.perf_counter()
+        _busy(n_busy)
+        t2 = time.perf_counter()
+        pending = g.fill_async(streams, matchers, idx)
+        _busy(n_busy)
+        pending.result()
+        t3 = time.perf_counter()
+        fill.append(t1 - t0)
+        work.append(t2 - t1)
+        serial.append(t2 - t0)
+        overlap.append(t3 - t2)
+        if r == 2:  # calibrate the work to the fill's length
+            n_busy = max(100, int(n_busy * statistics.median(fill) / statistics.median(work)))
+    k = slice(3, None)
+
+    def ms(xs: list[float], scale: float = 1.0) -> float:
+        return round(statistics.median(xs[k]) * 1e3 * scale, 3)
+
+    return {
+        "accept_rowwise_ms": ms(rowwise, 2.0),  # timed on half the rows
+        "accept_batch_ms": ms(batch, 2.0),
+        "overlap_fill_ms": ms(fill),
+        "overlap_work_ms": ms(work),
+        "overlap_serial_ms": ms(serial),
+        "overlap_async_ms": ms(overlap),
+    }
 
 
 def _profile(llm: Any, prompts: list, max_tokens: int) -> None:

@@ -4,19 +4,26 @@ A request's `SamplingParams.structured_outputs` is compiled once per distinct co
 of compiled grammars beside xgrammar's own cache) when the request is added; each of its sequences
 gets a `GrammarMatcher`. Before a step samples, the matchers of its constrained rows fill one
 int32 bitmask (a bit per token, the model's vocabulary padded to 32) on the host; the sampler
-applies it to those rows in one batched pass. The matcher advances when a sampled token reaches
-the host, and a matcher that has accepted a stop token (or has nothing left to match) ends its
-sequence with "stop". Rows without a constraint are never touched, and a step without
-constrained rows does none of this.
+applies it to those rows in one batched pass. The matchers advance, in one call, when a step's
+sampled tokens reach the host, and a matcher that has accepted a stop token (or refuses a token)
+ends its sequence with "stop". With async scheduling the next step's fill then runs on a worker
+thread (xgrammar's calls release the GIL) while the engine thread does the rest of the step's
+per-token work. Rows without a constraint are never touched, and a step without constrained rows
+does none of this.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import sys
+import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +41,10 @@ _ROWS_PER_THREAD = 8
 _CACHE_SIZE = 256
 
 
+# GrammarBackend.accept's outcome per matcher
+ACCEPTED, TERMINATED, REJECTED = 0, 1, 2
+
+
 def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -44,9 +55,12 @@ class StepBitmask:
     whose bit is set in the same row of `mask` (other rows of `mask` are unused)."""
 
     mask: torch.Tensor  # int32 [rows of the step, bitmask_width(vocab)], on the host
-    indices: list[int]
+    indices: list[int]  # distinct rows, increasing
     # pinned int32 copy of `indices` (GPU engines only), for an async copy without a host sync
     pinned_indices: torch.Tensor | None = None
+    # whether `indices` is every row of the step; None: apply_bitmask works it out. The fill
+    # knows it for free (distinct increasing rows, as many as the step has).
+    all_rows: bool | None = None
 
 
 def fill_threads(num_rows: int) -> int:
@@ -81,6 +95,80 @@ class _PinnedRing:
         return buf[:rows]
 
 
+# While a fill runs on the worker thread, the GIL changes hands after this long instead of
+# CPython's 5 ms: the worker needs the GIL for a few microseconds to start the fill and to return
+# from it, and with 5 ms it would wait out the whole Python work it is meant to overlap.
+_FILL_SWITCH_INTERVAL_S = 5e-5
+
+
+class PendingFill:
+    """A step's bitmask being filled on the backend's worker thread; `result()` waits for it."""
+
+    def __init__(self, call: Callable[[], Any], value: StepBitmask, saved_interval: float) -> None:
+        # the xgrammar call alone: any other work on the worker waits for the GIL
+        self._call: Callable[[], Any] | None = call
+        self._value = value
+        self._saved_interval = saved_interval
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._error: BaseException | None = None
+        self._joined = False
+
+    def _run(self) -> None:  # on the worker thread
+        call, self._call = self._call, None
+        assert call is not None
+        try:
+            call()
+        except BaseException as e:  # handed to the engine's thread by result()
+            self._error = e
+        finally:
+            del call  # before the release: no xgrammar object is freed on this thread
+            self._done.release()
+
+    def join(self) -> None:
+        """Waits for the fill (its error, if any, stays for result())."""
+        if not self._joined:
+            self._done.acquire()  # releases the GIL while it waits
+            self._joined = True
+            sys.setswitchinterval(self._saved_interval)
+
+    def result(self) -> StepBitmask:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _FillWorker:
+    """One daemon thread that runs fills handed to it. xgrammar's calls release the GIL
+    (tvm-ffi's default), so the engine thread's Python work runs meanwhile."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()  # a forked child has no such thread: it starts its own
+        self._jobs: queue.SimpleQueue[PendingFill | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._loop, name="asyncllm-grammar-fill", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job._run()
+            del job
+
+    def submit(self, call: Callable[[], Any], value: StepBitmask) -> PendingFill:
+        job = PendingFill(call, value, sys.getswitchinterval())
+        sys.setswitchinterval(_FILL_SWITCH_INTERVAL_S)
+        self._jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 class GrammarBackend:
     """The xgrammar objects of one tokenizer and model vocabulary."""
 
@@ -106,6 +194,16 @@ class GrammarBackend:
         self._batches: dict[int, Any] = {}  # threads -> BatchGrammarMatcher
         self._masks = _PinnedRing() if pinned else None
         self._index_bufs = _PinnedRing() if pinned else None
+        self._worker: _FillWorker | None = None  # started at the first fill_async
+        # xgrammar's batch accept without its wrapper, which reads every item of the result;
+        # None (per-matcher accepts) should a later xgrammar move it.
+        core = getattr(getattr(xgr, "base", None), "_core", None)
+        self._batch_accept = getattr(
+            getattr(core, "BatchGrammarMatcher", None), "batch_accept_token", None
+        )
+        # A matcher terminates only by accepting one of these (GrammarMatcher's default,
+        # terminate_without_stop_token=False), so accept() asks is_terminated() only then.
+        self._stop_ids = frozenset(int(t) for t in self.info.stop_token_ids)
         self.num_compiled = 0  # compilations done (cache misses), for tests and stats
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
@@ -146,23 +244,77 @@ class GrammarBackend:
         return self._xgr.GrammarMatcher(compiled)
 
     def fill(self, num_rows: int, matchers: list[Any], indices: list[int]) -> StepBitmask:
-        """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j]."""
+        """The bitmask of a step of `num_rows` rows: matcher j fills row indices[j] (distinct
+        rows, increasing)."""
+        bm, call = self._fill_job(num_rows, matchers, indices)
+        call()
+        return bm
+
+    def fill_async(self, num_rows: int, matchers: list[Any], indices: list[int]) -> PendingFill:
+        """fill() on the worker thread: the caller's Python work runs while xgrammar fills.
+        The matchers must not be touched until result() has returned."""
+        if self._worker is None or self._worker.pid != os.getpid():
+            self._worker = _FillWorker()
+            # An engine dropped without shutdown() (tests, notebooks) takes its thread along.
+            weakref.finalize(self, self._worker.stop)
+        bm, call = self._fill_job(num_rows, matchers, indices)
+        return self._worker.submit(call, bm)
+
+    def _fill_job(
+        self, num_rows: int, matchers: list[Any], indices: list[int]
+    ) -> tuple[StepBitmask, Callable[[], Any]]:
+        """The step's mask (its buffer taken, its indices copied) and the xgrammar call that
+        fills it. Everything but the call is done by the caller's thread: on the worker, each
+        torch call that drops the GIL would wait up to a switch interval to get it back."""
         width = bitmask_width(self.vocab_size)
         if self._masks is None:
             mask = torch.empty(num_rows, width, dtype=torch.int32)
         else:
             mask = self._masks.take(num_rows, width)
+        all_rows = len(indices) == num_rows
         if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(mask, indices[0])
+            call = partial(matchers[0].fill_next_token_bitmask, mask, indices[0])
         else:
-            self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask(
-                matchers, mask, indices
+            # indices=None: rows 0..n-1, without handing xgrammar a list to convert
+            call = partial(
+                self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask,
+                matchers,
+                mask,
+                None if all_rows else indices,
             )
         pinned_idx = None
-        if self._index_bufs is not None and indices != list(range(num_rows)):
+        if self._index_bufs is not None and not all_rows:
             pinned_idx = self._index_bufs.take(len(indices), 1)[:, 0]
-            pinned_idx.copy_(torch.tensor(indices, dtype=torch.int32))
-        return StepBitmask(mask, indices, pinned_idx)
+            pinned_idx.numpy()[:] = indices
+        return StepBitmask(mask, indices, pinned_idx, all_rows), call
+
+    def accept(self, matchers: list[Any], tokens: list[int]) -> list[int]:
+        """Each matcher accepts its token, in one call into xgrammar; per matcher: ACCEPTED,
+        TERMINATED (it took a stop token: the grammar is complete) or REJECTED."""
+        stop = self._stop_ids
+        raw = self._batch_accept
+        if raw is None or len(matchers) == 1:
+            ok = [m.accept_token(t) for m, t in zip(matchers, tokens, strict=True)]
+        else:
+            res = raw([m._handle for m in matchers], tokens, False)
+            # Reading the result's items costs ~0.6 us each; `0 in` is one C call, and a
+            # refused token (never, under the mask) is the only reason to read them.
+            if 0 not in res:
+                return [
+                    TERMINATED if t in stop and m.is_terminated() else ACCEPTED
+                    for m, t in zip(matchers, tokens, strict=True)
+                ]
+            ok = [bool(x) for x in res]
+        return [
+            (TERMINATED if t in stop and m.is_terminated() else ACCEPTED) if a else REJECTED
+            for m, t, a in zip(matchers, tokens, ok, strict=True)
+        ]
+
+    def close(self) -> None:
+        """Stops the fill worker, if one was started (idempotent)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
     def _batch(self, threads: int) -> Any:
         b = self._batches.get(threads)
@@ -180,7 +332,10 @@ def apply_bitmask(logits: torch.Tensor, bm: StepBitmask) -> None:
 
     mask = bm.mask
     indices: list[int] | torch.Tensor | None = bm.indices
-    if bm.indices == list(range(logits.shape[0])):
+    all_rows = bm.all_rows
+    if all_rows is None:
+        all_rows = bm.indices == list(range(logits.shape[0]))
+    if all_rows:
         indices = None
     if logits.device.type == "cuda":
         if not mask.is_pinned():

@@ -11,7 +11,9 @@ work (finish rules, detokenizing, outputs). With async scheduling one step stays
 N+1 is launched (its decodes read step N's tokens on the device) before step N is resolved, so
 the host's work for N overlaps the GPU's for N+1. A sequence that finished at N has wasted one row
 of N+1, whose token is dropped; sampling that reads a request's generated tokens (penalties,
-min_tokens) waits for N to resolve, after N+1's forward is queued.
+min_tokens) waits for N to resolve, after N+1's forward is queued; so does a constrained row's,
+whose bitmask needs N's token in its matcher: N's tokens are accepted first, then N+1's mask is
+filled on the grammar's worker thread while the rest of N's host work runs, then N+1 samples.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from asyncllm.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfi
 from asyncllm.engine.block_manager import BlockManager
 from asyncllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from asyncllm.engine.executor import Executor, UniProcExecutor
-from asyncllm.engine.grammar import GrammarBackend, StepBitmask
+from asyncllm.engine.grammar import ACCEPTED, REJECTED, GrammarBackend, PendingFill, StepBitmask
 from asyncllm.engine.model_runner import ModelRunner
 from asyncllm.engine.models import kv_cache_window
 from asyncllm.engine.output_builder import collect_outputs, make_output
@@ -58,6 +60,10 @@ class _LaunchedStep:
     row_seqs: list[Sequence]  # one per sampled row
     logits: torch.Tensor | None  # sample logits, kept only while sampling is deferred
     sample: PendingSample | None = None
+    # A deferred sampling's bitmask, started while the previous step was resolved: a fill on
+    # the grammar's worker thread, a mask filled in place, or None (no grammar rows).
+    mask: PendingFill | StepBitmask | None = None
+    mask_started: bool = False
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
@@ -104,6 +110,7 @@ class LLMEngine:
         self._fastpath = envs.host_fastpath()
         self._in_flight: _LaunchedStep | None = None
         self._grammar: GrammarBackend | None = None  # built at the first constrained request
+        self._grammar_overlap = envs.grammar_overlap()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
@@ -128,8 +135,10 @@ class LLMEngine:
         return self._grammar
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel ranks, if any (idempotent; nothing to do at world size 1)."""
+        """Stop the tensor-parallel ranks and the grammar's fill thread, if any (idempotent)."""
         self.executor.shutdown()
+        if self._grammar is not None:
+            self._grammar.close()
 
     # ---- requests ---------------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
@@ -306,12 +315,22 @@ class LLMEngine:
         """Run one step; returns the outputs of the step it resolves (with async scheduling, the
         one launched by the previous call)."""
         sched = self.scheduler.schedule()
+        # The forward of the new step is queued first: it needs no bitmask, and the GPU runs
+        # it while the host resolves `prev`, accepts its tokens and fills the new step's mask.
         launched = self._launch(sched) if not sched.empty else None
         prev, self._in_flight = self._in_flight, None
-        outputs = self._resolve(prev) if prev is not None else []
+        deferred = launched is not None and launched.sample is None and launched.logits is not None
+        outputs: list[RequestOutput] = []
+        try:
+            if prev is not None:
+                outputs = self._resolve(prev, launched if deferred else None)
+            if deferred and launched is not None:
+                self._sample(launched)  # it needed the tokens `prev` just delivered
+        except BaseException:
+            if launched is not None and isinstance(launched.mask, PendingFill):
+                launched.mask.join()  # no fill may outlive the step that started it
+            raise
         if launched is not None:
-            if launched.sample is None and launched.logits is not None:
-                self._sample(launched)  # deferred: it needed the tokens `prev` just delivered
             if self.async_scheduling:
                 self._in_flight = launched
             else:
@@ -366,30 +385,82 @@ class LLMEngine:
     def _sample(self, step: _LaunchedStep) -> None:
         assert step.logits is not None
         rows = [self._row(s) for s in step.row_seqs]
-        bitmask = self._bitmask(step.row_seqs)
+        if step.mask_started:
+            mask = step.mask
+            bitmask = mask.result() if isinstance(mask, PendingFill) else mask
+            step.mask = None
+        else:
+            bitmask = self._bitmask(step.row_seqs)
         step.sample = self.sampler.launch(step.logits, rows, bitmask)
         step.logits = None
         for j, seq in enumerate(step.row_seqs):
             seq.pending_row = j
 
+    def _grammar_rows(self, row_seqs: list[Sequence]) -> tuple[list[int], list[Any]]:
+        """The rows that get a mask, and their matchers. A sequence that finished while its
+        step was in flight keeps its row unmasked (its token is void), as does one whose
+        matcher has ended (it finishes with the token just accepted)."""
+        idx: list[int] = []
+        matchers: list[Any] = []
+        for j, s in enumerate(row_seqs):
+            m = s.matcher
+            if m is not None and s.status is not FINISHED and s.grammar_state == ACCEPTED:
+                idx.append(j)
+                matchers.append(m)
+        return idx, matchers
+
     def _bitmask(self, row_seqs: list[Sequence]) -> StepBitmask | None:
-        """The grammar rows' token bitmask, filled on the host; None (no cost) without any.
-        A sequence that finished while this step was in flight keeps its row unmasked: its
-        token is void."""
-        idx = [
-            j
-            for j, s in enumerate(row_seqs)
-            if s.matcher is not None and not s.is_finished and not s.matcher.is_terminated()
-        ]
+        """The grammar rows' token bitmask, filled on the host; None (no cost) without any."""
+        if self._grammar is None:
+            return None  # no request was ever constrained
+        idx, matchers = self._grammar_rows(row_seqs)
         if not idx:
             return None
-        return self.grammar.fill(len(row_seqs), [row_seqs[j].matcher for j in idx], idx)
+        return self._grammar.fill(len(row_seqs), matchers, idx)
 
-    def _resolve(self, step: _LaunchedStep) -> list[RequestOutput]:
-        """Wait for `step`'s sampled ids and do the host's work for them."""
+    def _start_mask(self, step: _LaunchedStep) -> None:
+        """Starts the deferred `step`'s bitmask once the matchers have the tokens just resolved:
+        on the grammar's worker thread, so the rest of the resolve runs beside it
+        (ASYNCLLM_GRAMMAR_OVERLAP=0: here, at once)."""
+        step.mask_started = True
+        idx, matchers = self._grammar_rows(step.row_seqs)
+        if not idx:
+            return
+        g = self.grammar
+        if self._grammar_overlap:
+            step.mask = g.fill_async(len(step.row_seqs), matchers, idx)
+        else:
+            step.mask = g.fill(len(step.row_seqs), matchers, idx)
+
+    def _accept_grammar(self, row_seqs: list[Sequence], token_ids: list[int]) -> None:
+        """The constrained rows' matchers accept their new tokens, in one call. Every such token
+        was drawn under its row's mask, so a matcher takes it even where another rule (EOS, a
+        stop string, max_tokens) ends the sequence with it: its state then no longer matters."""
+        matchers: list[Any] = []
+        tokens: list[int] = []
+        seqs: list[Sequence] = []
+        for j, seq in enumerate(row_seqs):
+            if seq.matcher is not None and seq.status is not FINISHED:
+                matchers.append(seq.matcher)
+                tokens.append(token_ids[j])
+                seqs.append(seq)
+        if matchers:
+            for seq, state in zip(seqs, self.grammar.accept(matchers, tokens), strict=True):
+                seq.grammar_state = state
+
+    def _resolve(
+        self, step: _LaunchedStep, deferred: _LaunchedStep | None = None
+    ) -> list[RequestOutput]:
+        """Wait for `step`'s sampled ids and do the host's work for them. `deferred`: the step
+        launched after it, whose sampling waits for these tokens: its bitmask is started as
+        soon as the matchers have them, before the per-token work below."""
         if step.sample is None:
             return []  # prompt chunks only: nothing was sampled
         out = step.sample.result()
+        if self._grammar is not None:
+            self._accept_grammar(step.row_seqs, out.token_ids)
+            if deferred is not None:
+                self._start_mask(deferred)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         fast = self._fastpath
@@ -499,13 +570,12 @@ class LLMEngine:
             matched = seq.detokenizer.add_tokens([tok])
             if matched is not None and reason is None:
                 reason, stop_reason = "stop", matched
-        if seq.matcher is not None and reason is None:
-            if not seq.matcher.accept_token(tok):
+        # The matcher took `tok` in _accept_grammar, before the mask of the next step.
+        if seq.grammar_state != ACCEPTED and reason is None:
+            if seq.grammar_state == REJECTED:
                 # Cannot happen for a token drawn under the mask; end rather than emit garbage.
                 logger.error("request %s: token %d breaks its grammar", seq.request.request_id, tok)
-                reason = "stop"
-            elif seq.matcher.is_terminated():
-                reason = "stop"  # the grammar is complete: nothing more may follow
+            reason = "stop"  # REJECTED, or TERMINATED: the grammar is complete
         # Sequence.ends_by_length(count_pending=False), inlined: it runs for every token.
         if reason is None and (
             (p.max_tokens is not None and n_out >= p.max_tokens)

@@ -51,6 +51,9 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     # xgrammar GrammarMatcher of a constrained request; it has accepted every known output token.
     matcher: Any = None
+    # grammar.ACCEPTED, or TERMINATED / REJECTED once the matcher has ended with the last token
+    # (it gets no more masks; the sequence ends "stop" unless another rule ended it first)
+    grammar_state: int = 0
     cumulative_logprob: float = 0.0
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None

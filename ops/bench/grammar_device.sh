@@ -37,7 +37,17 @@ for f in Path(".carry/xg/smollm2-tokenizer").iterdir():
 print(sorted(p.name for p in out.iterdir()))
 PY
 
-echo "== benchmark: 64 streams, 256 tokens, 2 rounds"
+echo "== benchmark: 64 streams, 256 tokens, ${ROUNDS:-2} rounds"
 timeout -s INT 240 python3 -m asyncllm.bench.grammar --device cuda --model "$MODEL" \
     --streams 64 --max-tokens 256 --rounds ${ROUNDS:-2} ${PROFILE:+--profile} --out "$OUT"
 echo "rc=$?"
+# OVERLAP_AB=1: the same benchmark with the fill back on the engine thread (the A/B of the
+# worker-thread fill), into $OUT/overlap-off.
+if [ -n "${OVERLAP_AB:-}" ]; then
+    echo "== benchmark again, ASYNCLLM_GRAMMAR_OVERLAP=0"
+    mkdir -p "$OUT/overlap-off"
+    ASYNCLLM_GRAMMAR_OVERLAP=0 timeout -s INT 240 python3 -m asyncllm.bench.grammar \
+        --device cuda --model "$MODEL" --streams 64 --max-tokens 256 --rounds ${ROUNDS:-2} \
+        --out "$OUT/overlap-off"
+    echo "rc=$?"
+fi
