@@ -40,6 +40,8 @@ def test_kernel_matches_the_dequantized_product(qtype):
     gen = torch.Generator().manual_seed(qtype)
     n, k = 37, 96  # a partial panel of rows; three blocks per row
     w = cpu_quant.GGUFWeight.from_blocks(qtype, _random_blocks(qtype, n, k, gen), k)
+    # the float32-activation path at every M (the int8 one: tests/test_gguf_cpu_quant_int8.py)
+    w = dataclasses.replace(w, int8_rows=0)
     dense = w.dequantize()
     # the split blocks dequantize as the float32 path's loader does (q*d + m in one rounding
     # here, two there: within an ulp)
