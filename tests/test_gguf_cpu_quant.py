@@ -68,6 +68,8 @@ def test_kernel_rejects_what_it_cannot_run():
     w = cpu_quant.GGUFWeight.from_blocks(cpu_quant.Q8_0, _random_blocks(8, 4, 64, gen), 64)
     with pytest.raises(ValueError, match="float32 CPU"):
         cpu_quant.gguf_linear(torch.randn(2, 64, dtype=torch.float64), w)
+    with pytest.raises(ValueError, match="has 32 features, the weight 64"):
+        cpu_quant.gguf_linear(torch.randn(4, 32), w)  # same numel as [2, 64]: no silent reshape
     with pytest.raises(ValueError, match="no compact CPU kernel"):
         cpu_quant.GGUFWeight.from_blocks(12, torch.zeros(4, 144, dtype=torch.uint8), 256)
 
