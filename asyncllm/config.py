@@ -60,8 +60,9 @@ class EngineArgs:
     # A GGUF file's quantized weights on the CPU: "float32" dequantizes every tensor at load
     # (oneDNN float32 products: the exact path tests compare with transformers), "quantized"
     # keeps Q4_0/Q4_1/Q8_0 tensors in their blocks and multiplies them with a C kernel of ours
-    # (float32 activations; 4-5x less weight memory; faster at one stream, slower batched on
-    # the 2-core VM: ops/bench/NOTES.md "CPU"), "auto": float32 (see there why).
+    # (float32 activations, int8 per block at <= ASYNCLLM_CPU_INT8_ROWS rows on AVX512-VNNI;
+    # 4-5x less weight memory; faster at one stream, slower batched on the 2-core VM:
+    # ops/bench/NOTES.md "CPU"), "auto": float32 (see there why).
     cpu_weights: str = "auto"
     # vLLM's --generation-config: "auto" reads the model's generation_config.json for default
     # sampling values (a request's own values win), "vllm" ignores them, or a folder holding one.

@@ -39,6 +39,23 @@ def cpu_fused() -> bool:
     return _flag("ASYNCLLM_CPU_FUSED", True)
 
 
+def cpu_int8_rows() -> int:
+    """ASYNCLLM_CPU_INT8_ROWS: the compact GGUF kernel (cpu_weights="quantized") quantizes the
+    activations to int8 per block of 32 (llama.cpp's q8) for calls of at most this many rows, on
+    a CPU with AVX512-VNNI (default 4); `0` keeps float32 activations everywhere (the exact
+    path). Read when a layer's weights are processed at load."""
+    value = _str("ASYNCLLM_CPU_INT8_ROWS")
+    if value is None:
+        return 4
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"ASYNCLLM_CPU_INT8_ROWS must be an integer, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"ASYNCLLM_CPU_INT8_ROWS must be >= 0, got {value!r}")
+    return n
+
+
 def cpu_attention() -> str:
     """ASYNCLLM_CPU_ATTENTION: `torch` forces the gather + SDPA decode path on the CPU instead of
     the paged C kernel; `auto` (default) uses the kernel where it builds."""
@@ -263,6 +280,7 @@ def peer_path() -> str | None:
 VARIABLES = {
     "ASYNCLLM_FUSED": fused,
     "ASYNCLLM_CPU_FUSED": cpu_fused,
+    "ASYNCLLM_CPU_INT8_ROWS": cpu_int8_rows,
     "ASYNCLLM_CPU_ATTENTION": cpu_attention,
     "ASYNCLLM_QUANT_KERNELS": quant_kernels,
     "ASYNCLLM_DECODE_ATTENTION": decode_attention,

@@ -15,7 +15,7 @@ def test_every_variable_in_the_source_is_in_envs():
     used: set[str] = set()
     for d in ("asyncllm", "ops", "examples"):
         for f in (ROOT / d).rglob("*.py"):
-            used |= set(re.findall(r"ASYNCLLM_[A-Z][A-Z_]*[A-Z]", f.read_text()))
+            used |= set(re.findall(r"ASYNCLLM_[A-Z][A-Z0-9_]*[A-Z0-9]", f.read_text()))
     assert used and used <= set(envs.VARIABLES), sorted(used - set(envs.VARIABLES))
     for fn in envs.VARIABLES.values():
         assert fn.__doc__ and fn.__doc__.startswith("ASYNCLLM_")

@@ -40,6 +40,8 @@ def test_kernel_matches_the_dequantized_product(qtype):
     gen = torch.Generator().manual_seed(qtype)
     n, k = 37, 96  # a partial panel of rows; three blocks per row
     w = cpu_quant.GGUFWeight.from_blocks(qtype, _random_blocks(qtype, n, k, gen), k)
+    # the float32-activation path at every M (the int8 one: tests/test_gguf_cpu_quant_int8.py)
+    w = dataclasses.replace(w, int8_rows=0)
     dense = w.dequantize()
     # the split blocks dequantize as the float32 path's loader does (q*d + m in one rounding
     # here, two there: within an ulp)
@@ -66,6 +68,8 @@ def test_kernel_rejects_what_it_cannot_run():
     w = cpu_quant.GGUFWeight.from_blocks(cpu_quant.Q8_0, _random_blocks(8, 4, 64, gen), 64)
     with pytest.raises(ValueError, match="float32 CPU"):
         cpu_quant.gguf_linear(torch.randn(2, 64, dtype=torch.float64), w)
+    with pytest.raises(ValueError, match="has 32 features, the weight 64"):
+        cpu_quant.gguf_linear(torch.randn(4, 32), w)  # same numel as [2, 64]: no silent reshape
     with pytest.raises(ValueError, match="no compact CPU kernel"):
         cpu_quant.GGUFWeight.from_blocks(12, torch.zeros(4, 144, dtype=torch.uint8), 256)
 

@@ -57,7 +57,11 @@ class GGUFLinearMethod(LinearMethod):
         return cpu_quant.gguf_linear(x, layer.gguf, bias)
 
     def describe(self, device: torch.device, dtype: torch.dtype) -> str:
-        return f"gguf {cpu_quant.TYPE_NAMES[self.qtype]} (CPU C kernel, float32 activations)"
+        rows = cpu_quant.default_int8_rows()
+        act = (
+            f"int8 activations up to {rows} rows, float32 above" if rows else "float32 activations"
+        )
+        return f"gguf {cpu_quant.TYPE_NAMES[self.qtype]} (CPU C kernel, {act})"
 
 
 class GGUFConfig(QuantizationConfig):
