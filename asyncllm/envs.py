@@ -145,8 +145,9 @@ def grammar_threads() -> int | None:
 def grammar_overlap() -> bool:
     """ASYNCLLM_GRAMMAR_OVERLAP: `0` fills a step's grammar bitmask on the engine's thread, after
     the previous step's host work, instead of on a worker thread beside that work (xgrammar
-    releases the GIL while it fills). Same masks and tokens either way; default on."""
-    return _flag("ASYNCLLM_GRAMMAR_OVERLAP", True)
+    releases the GIL while it fills). Same masks and tokens either way. Default off: on the H200
+    it gained nothing measurable (ops/bench/NOTES.md, issue 16 third round); `1` turns it on."""
+    return _flag("ASYNCLLM_GRAMMAR_OVERLAP", False)
 
 
 def moe_config() -> str | None:
