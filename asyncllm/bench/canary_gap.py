@@ -32,21 +32,29 @@ async def run(args: argparse.Namespace) -> list[dict]:
     vocab = getattr(engine, "vocab_size", None) or len(engine.tokenizer)
     stamps: list[float] = []
 
-    async def canary() -> None:
-        sp = SamplingParams(temperature=0, max_tokens=args.canary_tokens, ignore_eos=True)
-        async for out in engine.generate({"prompt_token_ids": [1, 2, 3, 4]}, sp, "canary"):
+    async def canary(tag: str) -> None:
+        # As long as the model allows: a canary that ends while the long prompt is prefilled
+        # would turn the rest of the prefill into one "gap" (an 8000-token prompt beside a
+        # decode takes minutes on the CPU).
+        room = llm_engine.model_config.max_model_len - 4
+        sp = SamplingParams(temperature=0, max_tokens=room, ignore_eos=True)
+        async for out in engine.generate({"prompt_token_ids": [1, 2, 3, 4]}, sp, tag):
             stamps.append(time.perf_counter())
             if out.finished:
                 return
 
-    task = asyncio.ensure_future(canary())
     rows = []
+    task: asyncio.Future | None = None
     try:
-        await asyncio.sleep(args.warm)
         rng = random.Random(0)
-        for n in args.prompt_tokens:
-            # The normal gap from tokens after the previous long prompt is done (the last 20
-            # stamps would still hold that prompt's gaps one second after it).
+        for i, n in enumerate(args.prompt_tokens):
+            # A fresh canary per long prompt: its context starts short each time.
+            if task is not None:
+                task.cancel()
+            stamps.clear()
+            task = asyncio.ensure_future(canary(f"canary-{i}"))
+            await asyncio.sleep(args.warm)
+            # The normal gap: this canary's next tokens, before the long prompt arrives.
             s0 = len(stamps)
             deadline = time.perf_counter() + 120
             while len(stamps) < s0 + args.normal_tokens + 1 and time.perf_counter() < deadline:
@@ -59,6 +67,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
             async for _ in engine.generate({"prompt_token_ids": ids}, sp, f"long-{n}"):
                 pass
             t1 = time.perf_counter()
+            if task.done():
+                raise RuntimeError(f"the canary ended before the {n}-token prompt's first token")
             during = [t0] + [t for t in stamps[start:] if t <= t1] + [t1]
             worst = max(_gaps(during))
             med = statistics.median(normal)
@@ -74,7 +84,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        task.cancel()
+        if task is not None:
+            task.cancel()
         await engine.shutdown()
     return rows
 
