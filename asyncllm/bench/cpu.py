@@ -569,7 +569,9 @@ def outputs(
                     ),
                 }
     # every engine's outputs, for a closer look (not part of the record)
-    (envs.bench_dir() / "cpu-token-ids.json").write_text(json.dumps(tok))
+    bench_dir = envs.bench_dir()
+    bench_dir.mkdir(parents=True, exist_ok=True)  # a fresh machine has none yet
+    (bench_dir / "cpu-token-ids.json").write_text(json.dumps(tok))
     return agree, lpdiff
 
 
