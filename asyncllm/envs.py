@@ -291,6 +291,7 @@ VARIABLES = {
     "ASYNCLLM_DETOK_FAST": detok_fast,
     "ASYNCLLM_GC_FREEZE": gc_freeze,
     "ASYNCLLM_GRAMMAR_THREADS": grammar_threads,
+    "ASYNCLLM_GRAMMAR_OVERLAP": grammar_overlap,
     "ASYNCLLM_PERSISTENT_BATCH": persistent_batch,
     "ASYNCLLM_MOE_CONFIG": moe_config,
     "ASYNCLLM_CC": cc,

@@ -305,7 +305,9 @@ def _check_constrained_step_order(llm, monkeypatch) -> None:
     from asyncllm.engine.grammar import PendingFill
 
     engine = llm.llm_engine
-    assert engine.async_scheduling and engine._grammar_overlap
+    # the worker is opt-in (ASYNCLLM_GRAMMAR_OVERLAP); this checks its order when it is on
+    monkeypatch.setattr(engine, "_grammar_overlap", True)
+    assert engine.async_scheduling
     g = engine.grammar
     log: list[str] = []
 

@@ -37,6 +37,8 @@ for f in Path(".carry/xg/smollm2-tokenizer").iterdir():
 print(sorted(p.name for p in out.iterdir()))
 PY
 
+# OVERLAP_AB=1: this run with the fill's worker thread on (opt-in since a9c218e), the one below off
+[ -n "${OVERLAP_AB:-}" ] && export ASYNCLLM_GRAMMAR_OVERLAP=1
 echo "== benchmark: 64 streams, 256 tokens, ${ROUNDS:-2} rounds"
 timeout -s INT 240 python3 -m asyncllm.bench.grammar --device cuda --model "$MODEL" \
     --streams 64 --max-tokens 256 --rounds ${ROUNDS:-2} ${PROFILE:+--profile} --out "$OUT"
