@@ -24,6 +24,20 @@ def _flag(name: str, default: bool) -> bool:
     return value.strip() != "0"
 
 
+def _int(name: str, minimum: int) -> int | None:
+    """An integer variable of at least `minimum`; None where it is unset."""
+    value = _str(name)
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return n
+
+
 def _xdg_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
 
@@ -44,16 +58,8 @@ def cpu_int8_rows() -> int:
     activations to int8 per block of 32 (llama.cpp's q8) for calls of at most this many rows, on
     a CPU with AVX512-VNNI (default 4); `0` keeps float32 activations everywhere (the exact
     path). Read when a layer's weights are processed at load."""
-    value = _str("ASYNCLLM_CPU_INT8_ROWS")
-    if value is None:
-        return 4
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"ASYNCLLM_CPU_INT8_ROWS must be an integer, got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"ASYNCLLM_CPU_INT8_ROWS must be >= 0, got {value!r}")
-    return n
+    n = _int("ASYNCLLM_CPU_INT8_ROWS", 0)
+    return 4 if n is None else n
 
 
 def cpu_attention() -> str:
@@ -130,16 +136,7 @@ def grammar_threads() -> int | None:
     cores this process may use, at most 8, at least 8 rows a thread). xgrammar's own
     default is half of the host's hardware threads, which on a large host is more than a
     container's share (on the H200 host, 64 rows: 16 threads as slow as 1, 4 threads twice as fast)."""
-    value = _str("ASYNCLLM_GRAMMAR_THREADS")
-    if value is None:
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"ASYNCLLM_GRAMMAR_THREADS must be an integer, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"ASYNCLLM_GRAMMAR_THREADS must be >= 1, got {value!r}")
-    return n
+    return _int("ASYNCLLM_GRAMMAR_THREADS", 1)
 
 
 def grammar_overlap() -> bool:
