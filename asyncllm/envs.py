@@ -132,8 +132,9 @@ def gc_freeze() -> bool:
 
 
 def grammar_threads() -> int | None:
-    """ASYNCLLM_GRAMMAR_THREADS: threads xgrammar fills a step's bitmask with (default: half the
-    cores this process may use, at most 8, at least 8 rows a thread). xgrammar's own
+    """ASYNCLLM_GRAMMAR_THREADS: threads xgrammar fills a step's bitmask with (default: one, or
+    half the cores this process may use, at most 8, at least 8 rows a thread, whichever fills
+    faster per row as measured; grammar.FillThreadChooser). xgrammar's own
     default is half of the host's hardware threads, which on a large host is more than a
     container's share (on the H200 host, 64 rows: 16 threads as slow as 1, 4 threads twice as fast)."""
     return _int("ASYNCLLM_GRAMMAR_THREADS", 1)

@@ -232,6 +232,40 @@ def test_fill_threads_rule_and_override(monkeypatch):
         fill_threads(64)
 
 
+def test_fill_thread_chooser_follows_measured_cost(monkeypatch):
+    """One thread when its fills are faster per row, the rule's count when those are, and both
+    probed again every probe_every fills (rows move between structure and strings)."""
+    from asyncllm.engine import grammar
+
+    monkeypatch.delenv("ASYNCLLM_GRAMMAR_THREADS", raising=False)
+    monkeypatch.setattr(grammar.os, "sched_getaffinity", lambda pid: set(range(16)))
+    many = grammar.fill_threads(64)
+    assert many == 8
+    ch = grammar.FillThreadChooser(probe_every=16)
+    cost = {1: 2e-6, many: 8e-6}  # structure rows: one thread is faster
+
+    def run(n: int) -> list[int]:
+        picks = []
+        for _ in range(n):
+            t = ch.pick(64)
+            ch.record(t, 64, cost[t] * 64)
+            picks.append(t)
+        return picks
+
+    picks = run(48)
+    assert set(picks[:2]) == {1, many}  # the first fills probe both
+    assert picks[16:].count(1) >= 44 - 16  # then one thread, bar the probes
+    cost.update({1: 10e-6, many: 3e-6})  # the rows entered strings: threads pay
+    picks = run(64)
+    assert picks[-16:].count(many) >= 14
+    # forced by the env: no choice
+    monkeypatch.setenv("ASYNCLLM_GRAMMAR_THREADS", "4")
+    assert {ch.pick(64) for _ in range(40)} == {4}
+    # too few rows for threads: always one
+    monkeypatch.delenv("ASYNCLLM_GRAMMAR_THREADS")
+    assert {ch.pick(7) for _ in range(40)} == {1}
+
+
 def test_threaded_fill_equals_single_thread(llms, monkeypatch):
     """Every thread count fills the same mask (rows past the threshold use several threads)."""
     backend = llms[False].llm_engine.grammar

@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -72,6 +73,41 @@ def fill_threads(num_rows: int) -> int:
     # H200 host (16 cores), 64 rows inside a JSON string: 1 thread 0.83 ms, 2: 0.51, 4: 0.43,
     # 8: 0.46, 16: 0.82; 256 rows: 3.17 / 1.67 / 1.11 / 0.97 / 1.45 (fill_threads_ms).
     return max(1, min(8, len(os.sched_getaffinity(0)) // 2, num_rows // _ROWS_PER_THREAD))
+
+
+class FillThreadChooser:
+    """Chooses, fill by fill, between one thread and fill_threads()' count, by measured time.
+
+    A row inside a JSON string takes 5-13 us to fill and gains from xgrammar's threads; a row in
+    the schema's structure takes well under 1 us, and handing it to threads costs more than the
+    fill (the `items` schema read 0.96 of unconstrained with one thread, 0.86 with eight, on the
+    H200). Which one a step has depends on where its rows are in their grammars, so the choice
+    is measured: each count's time per row is kept as a moving average, the faster is used, and
+    both are probed again every `probe_every` fills as the rows move through their grammars."""
+
+    def __init__(self, probe_every: int = 64, weight: float = 0.25) -> None:
+        self.probe_every = probe_every
+        self.weight = weight
+        self.cost: dict[int, float] = {}  # threads -> seconds per row (moving average)
+        self._fills = 0
+
+    def pick(self, num_rows: int) -> int:
+        many = fill_threads(num_rows)
+        if many == 1 or envs.grammar_threads() is not None:
+            return many
+        phase = self._fills % self.probe_every
+        self._fills += 1
+        if phase < 2:  # the probe: one fill with each count
+            return 1 if phase == 0 else many
+        one, best = self.cost.get(1), self.cost.get(many)
+        if one is None or best is None:
+            return many
+        return 1 if one < best else many
+
+    def record(self, threads: int, num_rows: int, seconds: float) -> None:
+        per_row = seconds / max(1, num_rows)
+        old = self.cost.get(threads)
+        self.cost[threads] = per_row if old is None else old + self.weight * (per_row - old)
 
 
 class _PinnedRing:
@@ -195,6 +231,7 @@ class GrammarBackend:
         self._masks = _PinnedRing() if pinned else None
         self._index_bufs = _PinnedRing() if pinned else None
         self._worker: _FillWorker | None = None  # started at the first fill_async
+        self.threads = FillThreadChooser()
         # xgrammar's batch accept without its wrapper, which reads every item of the result;
         # None (per-matcher accepts) should a later xgrammar move it.
         core = getattr(getattr(xgr, "base", None), "_core", None)
@@ -276,8 +313,11 @@ class GrammarBackend:
             call = partial(matchers[0].fill_next_token_bitmask, mask, indices[0])
         else:
             # indices=None: rows 0..n-1, without handing xgrammar a list to convert
+            threads = self.threads.pick(len(matchers))
             call = partial(
-                self._batch(fill_threads(len(matchers))).batch_fill_next_token_bitmask,
+                self._timed_fill,
+                self._batch(threads).batch_fill_next_token_bitmask,
+                threads,
                 matchers,
                 mask,
                 None if all_rows else indices,
@@ -287,6 +327,13 @@ class GrammarBackend:
             pinned_idx = self._index_bufs.take(len(indices), 1)[:, 0]
             pinned_idx.numpy()[:] = indices
         return StepBitmask(mask, indices, pinned_idx, all_rows), call
+
+    def _timed_fill(
+        self, fill: Callable[..., Any], threads: int, matchers: list[Any], mask: Any, idx: Any
+    ) -> None:
+        t0 = time.perf_counter()
+        fill(matchers, mask, idx)
+        self.threads.record(threads, len(matchers), time.perf_counter() - t0)
 
     def accept(self, matchers: list[Any], tokens: list[int]) -> list[int]:
         """Each matcher accepts its token, in one call into xgrammar; per matcher: ACCEPTED,
